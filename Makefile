@@ -1,0 +1,26 @@
+# The two commands of the README, and the checks.
+#   make serve   set up (first time) and run the gateway on the default model
+#   make test    set up (first time) and run the test suite
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: serve test lint setup
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+serve: $(VENV)/.installed
+	$(VENV)/bin/gateway serve
+
+# pytest exits 5 when it collects no tests: not a failure of the code under test.
+test: $(VENV)/.installed
+	$(VENV)/bin/pytest -q -p no:cacheprovider; rc=$$?; [ $$rc -eq 5 ] && rc=0; exit $$rc
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy

@@ -1,0 +1,136 @@
+"""The typed schema of one served model, as written in models.yaml.
+
+This is the contract between the gateway (which loads and validates models.yaml) and the
+engines (which launch or attach what a spec describes). It owns field names, types,
+defaults and engine-independent checks. It does not own file loading or error formatting
+(`gateway.catalog`), nor what a particular engine can or cannot do (each engine's
+`check_spec`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Quantization = Literal["none", "awq", "gptq", "fp8"]
+EngineName = Literal["transformers", "vllm", "lmdeploy", "openai", "sim"]
+
+
+class _Strict(BaseModel):
+    """Every section refuses unknown keys: a typo in models.yaml is an error, not a no-op."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SpeculativeSpec(_Strict):
+    method: Literal["ngram", "draft", "eagle", "eagle3"]
+    num_speculative_tokens: int = Field(ge=1, le=32)
+    # ngram: how long an n-gram of the prompt is looked up
+    prompt_lookup_max: int | None = Field(default=None, ge=1)
+    prompt_lookup_min: int | None = Field(default=None, ge=1)
+    # draft / eagle: the draft model or head
+    model: str | None = None
+    draft_tensor_parallel_size: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _method_needs(self) -> SpeculativeSpec:
+        if self.method == "ngram":
+            if self.model is not None:
+                raise ValueError("model: not used by method ngram (remove it)")
+            lo, hi = self.prompt_lookup_min, self.prompt_lookup_max
+            if lo is not None and hi is not None and lo > hi:
+                raise ValueError("prompt_lookup_min: must be ≤ prompt_lookup_max")
+        elif self.model is None:
+            raise ValueError(f"model: method {self.method} needs a draft model or head")
+        return self
+
+
+class AdapterSpec(_Strict):
+    name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:/-]+$")
+    path: str = Field(min_length=1)
+
+
+class LoraSpec(_Strict):
+    max_adapters: int = Field(default=4, ge=1, le=256)
+    max_rank: int = Field(default=16, ge=1, le=512)
+    # Adapters loaded when the model starts.
+    adapters: list[AdapterSpec] = Field(default_factory=list)
+    # Directories runtime-loaded adapter paths must resolve inside (after symlinks).
+    roots: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _fits(self) -> LoraSpec:
+        if len(self.adapters) > self.max_adapters:
+            raise ValueError(
+                f"adapters: {len(self.adapters)} listed but max_adapters is {self.max_adapters}"
+            )
+        names = [a.name for a in self.adapters]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"adapters: duplicate name {sorted(dup)[0]!r}")
+        return self
+
+
+class BatchingSpec(_Strict):
+    max_sequences: int = Field(default=16, ge=1, le=4096)
+    max_batched_tokens: int | None = Field(default=None, ge=16)
+
+
+class ModelSpec(_Strict):
+    """One entry of `models:` in models.yaml."""
+
+    name: str = Field(min_length=1, max_length=256, pattern=r"^[A-Za-z0-9._:/-]+$")
+    engine: EngineName
+    # A local path, a hub id, or `pypi:PACKAGE==VERSION/path/inside/the/wheel` for models
+    # shipped on PyPI (the default model). Unused by `openai`/`sim` attach-only engines.
+    model: str | None = None
+    task: Literal["generate", "embed"] = "generate"
+    # The model name the upstream worker serves under, when it differs from `name`.
+    served_model_name: str | None = None
+    max_model_len: int = Field(default=2048, ge=16)
+    # Default and ceiling for max_tokens when a request gives none.
+    max_tokens_default: int = Field(default=256, ge=1)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    quantization: Quantization = "none"
+    speculative: SpeculativeSpec | None = None
+    lora: LoraSpec | None = None
+    batching: BatchingSpec = Field(default_factory=BatchingSpec)
+    # Launch mode: how many worker processes; attach mode: the worker base URLs.
+    replicas: int = Field(default=1, ge=1, le=64)
+    endpoints: list[str] = Field(default_factory=list)
+    gpus_per_replica: int = Field(default=1, ge=0, le=16)
+    # Environment variable holding the upstream API key (attach mode).
+    api_key_env: str | None = None
+    # Engine-specific knobs (LMDeploy backend, sim latencies, ...): typed by each engine.
+    options: dict[str, Any] = Field(default_factory=dict)
+    # Raw extra flags passed through to the engine's launcher, e.g. {"enforce-eager": true}.
+    engine_args: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _general(self) -> ModelSpec:
+        if self.endpoints and self.replicas != 1:
+            raise ValueError("replicas: give either endpoints (attach) or replicas (launch)")
+        for i, url in enumerate(self.endpoints):
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"endpoints[{i}]: must be an http(s) URL, got {url!r}")
+        if self.max_tokens_default > self.max_model_len:
+            raise ValueError("max_tokens_default: must be ≤ max_model_len")
+        if self.task == "embed" and (self.speculative or self.lora):
+            raise ValueError("task: an embedding model takes no speculative or lora section")
+        return self
+
+    @property
+    def upstream_name(self) -> str:
+        return self.served_model_name or self.name
+
+    @property
+    def attach(self) -> bool:
+        return bool(self.endpoints)
+
+
+class SpecIssue(BaseModel):
+    """An engine's objection to a spec: `path` is relative to the model entry."""
+
+    path: str
+    message: str

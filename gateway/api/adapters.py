@@ -1,0 +1,57 @@
+"""`POST /v1/load_lora_adapter` and `POST /v1/unload_lora_adapter`, with vLLM's bodies.
+
+Admin-key protected. The path is checked against the model's adapter roots before any
+worker sees it; loading reaches every worker of the base model through its engine.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse
+
+from gateway.adapters import resolve_adapter_path
+from gateway.api.common import check_admin_key, read_json
+from gateway.errors import InvalidRequest
+
+if TYPE_CHECKING:
+    from gateway.app import Gateway
+
+
+def _str_field(body: dict[str, Any], name: str, *, required: bool = True) -> str | None:
+    value = body.get(name)
+    if value is None and not required:
+        return None
+    if not isinstance(value, str) or not value:
+        raise InvalidRequest(f"'{name}' must be a non-empty string.", param=name)
+    return value
+
+
+async def load_lora_adapter(request: Request) -> Any:
+    gw: Gateway = request.app.state.gateway
+    check_admin_key(gw, request)
+    body = await read_json(request, 64 * 1024)
+    name = _str_field(body, "lora_name")
+    raw_path = _str_field(body, "lora_path")
+    base_name = _str_field(body, "base_model", required=False) or _str_field(
+        body, "model", required=False)
+    assert name is not None and raw_path is not None
+    base = gw.served.base_for_adapter(base_name)
+    path = resolve_adapter_path(base.spec, raw_path, gw.served.catalog.base_dir)
+    t0 = time.perf_counter()
+    await gw.served.load_adapter(base, name, str(path))
+    took = time.perf_counter() - t0
+    return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.",
+                             headers={"server-timing": f"load;dur={took * 1000:.1f}"})
+
+
+async def unload_lora_adapter(request: Request) -> Any:
+    gw: Gateway = request.app.state.gateway
+    check_admin_key(gw, request)
+    body = await read_json(request, 64 * 1024)
+    name = _str_field(body, "lora_name")
+    assert name is not None
+    await gw.served.unload_adapter(name)
+    return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")

@@ -1,0 +1,30 @@
+"""`GET /v1/models` and `GET /v1/models/{id}`: base models, then loaded adapters."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from gateway.api.common import check_client_key
+from gateway.errors import ModelNotFound
+
+if TYPE_CHECKING:
+    from gateway.app import Gateway
+
+
+async def list_models(request: Request) -> Any:
+    gw: Gateway = request.app.state.gateway
+    check_client_key(gw, request)
+    return JSONResponse({"object": "list", "data": gw.served.listing()})
+
+
+async def get_model(request: Request) -> Any:
+    gw: Gateway = request.app.state.gateway
+    check_client_key(gw, request)
+    model_id = request.path_params["model_id"]
+    for entry in gw.served.listing():
+        if entry["id"] == model_id:
+            return JSONResponse(entry)
+    raise ModelNotFound(model_id)

@@ -1,0 +1,116 @@
+"""`create_app()`: the FastAPI application, and the lifespan that owns every resource.
+
+The `Gateway` object built here holds the settings, the served models (engines) and the
+metrics; the lifespan starts and stops them, and routes reach it as
+`request.app.state.gateway`. No module-level state anywhere. Errors of every kind, raised
+anywhere, are rendered here by one handler into the OpenAI envelope.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from engines.base import EngineContext, ServingError
+from gateway.api import adapters, embeddings, generate, models, ops
+from gateway.catalog import Catalog, load_catalog
+from gateway.errors import InvalidRequest, NotFound, error_body, error_headers
+from gateway.metrics import Metrics
+from gateway.served import ServedModels
+from gateway.settings import Settings
+
+log = logging.getLogger("gateway")
+
+
+class Gateway:
+    """Everything one running gateway owns."""
+
+    def __init__(self, settings: Settings, catalog: Catalog):
+        self.settings = settings
+        self.client_keys = settings.client_keys
+        self.served = ServedModels(
+            catalog=catalog,
+            context=EngineContext(cache_dir=settings.cache_dir, config_dir=catalog.base_dir,
+                                  progress=_progress))
+        self.metrics = Metrics(self.served.statuses, self.served.adapter_counts)
+
+
+def _progress(line: str) -> None:
+    log.info("%s", line)
+
+
+def _error_response(exc: ServingError) -> Response:
+    headers = {k.decode(): v.decode() for k, v in error_headers(exc)}
+    return Response(error_body(exc), status_code=exc.status, headers=headers)
+
+
+async def _on_serving_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ServingError)
+    return _error_response(exc)
+
+
+async def _on_http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 404:
+        return _error_response(NotFound(f"Unknown path {request.url.path}."))
+    err = ServingError(str(exc.detail))
+    err.status = exc.status_code  # type: ignore[misc]
+    err.type = "invalid_request_error"  # type: ignore[misc]
+    return _error_response(err)
+
+
+async def _on_validation_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid"}
+    param = ".".join(str(p) for p in first["loc"][1:]) or None
+    return _error_response(InvalidRequest(f"Invalid request: {first['msg']}.", param=param))
+
+
+async def _on_unexpected(request: Request, exc: Exception) -> Response:
+    log.exception("unhandled error on %s", request.url.path, exc_info=exc)
+    return _error_response(ServingError("The server had an error while processing the request."))
+
+
+def create_app(settings: Settings | None = None, catalog: Catalog | None = None) -> FastAPI:
+    settings = settings or Settings()
+    catalog = catalog or load_catalog(settings.config)
+    gateway = Gateway(settings, catalog)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await gateway.served.start()
+        try:
+            yield
+        finally:
+            await gateway.served.stop()
+
+    routes: list[Any] = [
+        # The hot path: plain Starlette routes, no dependency injection.
+        Route("/v1/chat/completions", generate.chat_completions, methods=["POST"]),
+        Route("/v1/completions", generate.completions, methods=["POST"]),
+        Route("/v1/embeddings", embeddings.embeddings, methods=["POST"]),
+        Route("/v1/models", models.list_models, methods=["GET"]),
+        Route("/v1/models/{model_id:path}", models.get_model, methods=["GET"]),
+        Route("/v1/load_lora_adapter", adapters.load_lora_adapter, methods=["POST"]),
+        Route("/v1/unload_lora_adapter", adapters.unload_lora_adapter, methods=["POST"]),
+        Route("/health", ops.health, methods=["GET"]),
+        Route("/metrics", ops.metrics, methods=["GET"]),
+    ]
+    app = FastAPI(title="LLM gateway", lifespan=lifespan, routes=routes,
+                  exception_handlers={
+                      ServingError: _on_serving_error,
+                      HTTPException: _on_http_error,
+                      RequestValidationError: _on_validation_error,
+                      Exception: _on_unexpected,
+                  })
+    app.state.gateway = gateway
+    return app

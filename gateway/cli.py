@@ -1,0 +1,91 @@
+"""The `gateway` command: `serve`, `check`, `sim`, `bench`.
+
+Owns argument parsing and process set-up (logging, event loop, server). Each sub-command
+hands over to the module that does the work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shlex
+import sys
+from pathlib import Path
+
+from engines import engine_class
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from gateway.app import create_app
+    from gateway.catalog import CatalogError
+    from gateway.settings import Settings
+
+    overrides = {k: v for k, v in (("config", args.config), ("host", args.host),
+                                   ("port", args.port)) if v is not None}
+    settings = Settings(**overrides)
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        app = create_app(settings)
+    except CatalogError as e:
+        print(e, file=sys.stderr)
+        return 2
+    uvicorn.run(app, host=settings.host, port=settings.port, loop="uvloop", http="httptools",
+                log_level=settings.log_level.lower(), access_log=False,
+                timeout_graceful_shutdown=30)
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    from gateway.catalog import CatalogError, load_catalog
+
+    path = Path(args.config or os.environ.get("GATEWAY_CONFIG", "models.yaml"))
+    try:
+        catalog = load_catalog(path)
+    except CatalogError as e:
+        print(e, file=sys.stderr)
+        return 1
+    print(f"{path}: {len(catalog.models)} model(s), valid")
+    for spec in catalog.models:
+        where = (f"attach {', '.join(spec.endpoints)}" if spec.endpoints
+                 else f"{spec.replicas} replica(s)")
+        print(f"- {spec.name}: engine {spec.engine}, {spec.task}, {where}")
+        for argv in engine_class(spec.engine).launch_commands(spec):
+            print(f"    $ {shlex.join(argv)}")
+    return 0
+
+
+def _sim(argv: list[str]) -> int:
+    return int(engine_class("sim").serve_main(argv))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # `sim` and `bench` own their flags entirely.
+    if argv and argv[0] == "sim":
+        return _sim(argv[1:])
+    parser = argparse.ArgumentParser(prog="gateway", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the gateway")
+    serve.add_argument("--config", type=Path, help="models.yaml (default: $GATEWAY_CONFIG "
+                       "or ./models.yaml)")
+    serve.add_argument("--host", help="listen address (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="listen port (default 8000)")
+    check = sub.add_parser("check", help="validate models.yaml and show worker commands")
+    check.add_argument("--config", type=Path)
+    sub.add_parser("sim", help="run the vLLM-compatible simulator (see `gateway sim -h`)")
+    sub.add_parser("bench", help="load-test an OpenAI-compatible URL (see `gateway bench -h`)")
+    if argv and argv[0] == "bench":
+        from gateway.loadgen.cli import add_arguments, run
+
+        bench = argparse.ArgumentParser(prog="gateway bench",
+                                        description="Load-test an OpenAI-compatible URL.")
+        add_arguments(bench)
+        return run(bench.parse_args(argv[1:]))
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        return _serve(args)
+    return _check(args)

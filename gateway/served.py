@@ -1,0 +1,122 @@
+"""What is served right now: the engines built from models.yaml and the adapters on them.
+
+Owns the name → engine table (base models and their loaded adapters), starting and
+stopping the engines, and adapter load/unload bookkeeping. It does not validate adapter
+paths (`gateway.adapters`) nor speak HTTP (`gateway.api`). The app's lifespan owns the one
+instance.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from engines import engine_class
+from engines.base import AdapterError, Engine, EngineContext, EngineStatus
+from engines.spec import ModelSpec
+from gateway.catalog import Catalog
+from gateway.errors import ModelNotFound
+
+log = logging.getLogger("gateway.served")
+
+
+@dataclass(slots=True)
+class Target:
+    """Where a model name leads: the engine, its spec, and the adapter if it is one."""
+
+    engine: Engine
+    spec: ModelSpec
+    adapter: str | None = None
+
+
+@dataclass
+class ServedModels:
+    catalog: Catalog
+    context: EngineContext
+    engines: dict[str, Engine] = field(default_factory=dict)
+    _targets: dict[str, Target] = field(default_factory=dict)
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    async def start(self) -> None:
+        for spec in self.catalog.models:
+            cls = engine_class(spec.engine)
+            engine: Engine = cls(spec, self.context)
+            self.context.progress(f"starting model {spec.name!r} on engine {spec.engine}")
+            t0 = time.perf_counter()
+            await engine.start()
+            self.context.progress(
+                f"model {spec.name!r} ready in {time.perf_counter() - t0:.1f} s")
+            self.engines[spec.name] = engine
+            self._targets[spec.name] = Target(engine, spec)
+            for name in engine.adapters():
+                self._targets[name] = Target(engine, spec, name)
+
+    async def stop(self) -> None:
+        engines, self.engines = list(self.engines.values()), {}
+        self._targets.clear()
+        results = await asyncio.gather(*(e.stop() for e in engines), return_exceptions=True)
+        for r in results:
+            if isinstance(r, BaseException):
+                log.error("engine stop failed: %r", r)
+
+    def resolve(self, name: Any) -> Target:
+        target = self._targets.get(name) if isinstance(name, str) else None
+        if target is None:
+            raise ModelNotFound(str(name))
+        return target
+
+    def base_for_adapter(self, base_model: str | None) -> Target:
+        """The base model an adapter request names, or the only LoRA-enabled one."""
+        if base_model is not None:
+            target = self.resolve(base_model)
+            if target.adapter is not None:
+                raise AdapterError("'base_model' names an adapter, not a base model.",
+                                   param="base_model")
+            return target
+        lora = [t for n, t in self._targets.items() if t.adapter is None and t.spec.lora]
+        if len(lora) == 1:
+            return lora[0]
+        if not lora:
+            raise AdapterError("No served model is configured for LoRA adapters.",
+                               param="base_model")
+        raise AdapterError("Several models take adapters; name one in 'base_model'.",
+                           param="base_model")
+
+    async def load_adapter(self, base: Target, name: str, path: str) -> None:
+        if name in self._targets:
+            raise AdapterError(f"The name `{name}` is already served; unload it first.",
+                               param="lora_name")
+        await base.engine.load_adapter(name, path)
+        self._targets[name] = Target(base.engine, base.spec, name)
+
+    async def unload_adapter(self, name: str) -> None:
+        target = self._targets.get(name)
+        if target is None or target.adapter is None:
+            raise AdapterError(f"No adapter named `{name}` is loaded.", param="lora_name",
+                               code="adapter_not_found")
+        await target.engine.unload_adapter(name)
+        del self._targets[name]
+
+    def listing(self) -> list[dict[str, Any]]:
+        """`/v1/models` entries: base models, then adapters with `parent` set."""
+        out = []
+        for name, t in self._targets.items():
+            out.append({
+                "id": name,
+                "object": "model",
+                "created": self.created,
+                "owned_by": "gateway",
+                "root": name if t.adapter is not None else (t.spec.model or t.spec.upstream_name),
+                "parent": t.spec.name if t.adapter is not None else None,
+                "max_model_len": t.spec.max_model_len,
+            })
+        return out
+
+    def statuses(self) -> dict[str, EngineStatus]:
+        return {name: e.status() for name, e in self.engines.items()}
+
+    def adapter_counts(self) -> dict[str, int]:
+        return {name: len(e.adapters()) for name, e in self.engines.items()}

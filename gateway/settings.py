@@ -1,0 +1,43 @@
+"""How the process runs: every `GATEWAY_*` environment variable, typed, in one place.
+
+What is served lives in models.yaml (`gateway.catalog`); this module owns only process
+settings and request bounds. The app receives one `Settings` instance from its creator;
+nothing reads the environment elsewhere.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _default_cache() -> Path:
+    return Path.home() / ".cache" / "llm-gateway"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="GATEWAY_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    config: Path = Path("models.yaml")
+    cache_dir: Path = Field(default_factory=_default_cache)
+    log_level: str = "info"
+    # Comma-separated client API keys; empty means no key is required.
+    api_keys: str = ""
+    # Key for the admin routes (adapter load/unload); empty means they are disabled.
+    admin_key: str = ""
+
+    # Request bounds, checked before anything reaches an engine.
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    max_n: int = Field(default=16, ge=1)
+    max_prompts: int = Field(default=64, ge=1)
+    max_stop_sequences: int = Field(default=16, ge=1)
+    max_stop_length: int = Field(default=256, ge=1)
+    max_embedding_inputs: int = Field(default=2048, ge=1)
+
+    @property
+    def client_keys(self) -> frozenset[str]:
+        return frozenset(k.strip() for k in self.api_keys.split(",") if k.strip())

