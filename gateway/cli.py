@@ -1,4 +1,4 @@
-"""The `gateway` command: `serve`, `check`, `sim`, `bench`.
+"""The `gateway` command: `serve`, `check`, `pull`, `sim`, `bench`.
 
 Owns argument parsing and process set-up (logging, event loop, server). Each sub-command
 hands over to the module that does the work.
@@ -58,6 +58,29 @@ def _check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pull(args: argparse.Namespace) -> int:
+    """Fetch and convert what every model needs, without serving (image builds, CI)."""
+    from engines.base import EngineContext
+    from gateway.catalog import CatalogError, load_catalog
+    from gateway.settings import Settings
+
+    path = Path(args.config or os.environ.get("GATEWAY_CONFIG", "models.yaml"))
+    try:
+        catalog = load_catalog(path)
+    except CatalogError as e:
+        print(e, file=sys.stderr)
+        return 1
+    ctx = EngineContext(cache_dir=Settings().cache_dir, config_dir=catalog.base_dir,
+                        progress=lambda line: print(line, flush=True))
+    for spec in catalog.models:
+        prefetch = getattr(engine_class(spec.engine), "prefetch", None)
+        if prefetch is None:
+            print(f"- {spec.name}: engine {spec.engine} fetches nothing ahead")
+            continue
+        print(f"- {spec.name}: {prefetch(spec, ctx)}")
+    return 0
+
+
 def _sim(argv: list[str]) -> int:
     return int(engine_class("sim").serve_main(argv))
 
@@ -76,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--port", type=int, help="listen port (default 8000)")
     check = sub.add_parser("check", help="validate models.yaml and show worker commands")
     check.add_argument("--config", type=Path)
+    pull = sub.add_parser("pull", help="fetch and convert the models ahead of serving")
+    pull.add_argument("--config", type=Path)
     sub.add_parser("sim", help="run the vLLM-compatible simulator (see `gateway sim -h`)")
     sub.add_parser("bench", help="load-test an OpenAI-compatible URL (see `gateway bench -h`)")
     if argv and argv[0] == "bench":
@@ -88,4 +113,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "serve":
         return _serve(args)
+    if args.command == "pull":
+        return _pull(args)
     return _check(args)

@@ -41,18 +41,32 @@ class ServedModels:
     created: int = field(default_factory=lambda: int(time.time()))
 
     async def start(self) -> None:
+        """Start every engine at once (GPU workers take minutes each; they overlap)."""
+        engines: list[Engine] = []
         for spec in self.catalog.models:
             cls = engine_class(spec.engine)
-            engine: Engine = cls(spec, self.context)
-            self.context.progress(f"starting model {spec.name!r} on engine {spec.engine}")
-            t0 = time.perf_counter()
-            await engine.start()
-            self.context.progress(
-                f"model {spec.name!r} ready in {time.perf_counter() - t0:.1f} s")
+            engines.append(cls(spec, self.context))
+        results = await asyncio.gather(*(self._start_one(e) for e in engines),
+                                       return_exceptions=True)
+        failed = [(e, r) for e, r in zip(engines, results, strict=True)
+                  if isinstance(r, BaseException)]
+        if failed:
+            await asyncio.gather(*(e.stop() for e in engines), return_exceptions=True)
+            engine, exc = failed[0]
+            raise RuntimeError(f"model {engine.spec.name!r} failed to start: {exc}") from exc
+        for engine in engines:
+            spec = engine.spec
             self.engines[spec.name] = engine
             self._targets[spec.name] = Target(engine, spec)
             for name in engine.adapters():
                 self._targets[name] = Target(engine, spec, name)
+
+    async def _start_one(self, engine: Engine) -> None:
+        spec = engine.spec
+        self.context.progress(f"starting model {spec.name!r} on engine {spec.engine}")
+        t0 = time.perf_counter()
+        await engine.start()
+        self.context.progress(f"model {spec.name!r} ready in {time.perf_counter() - t0:.1f} s")
 
     async def stop(self) -> None:
         engines, self.engines = list(self.engines.values()), {}
