@@ -42,6 +42,7 @@ class SimThread:
     def close(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout=10)
+        self.loop.close()
 
 
 @pytest.fixture(scope="module")
