@@ -2,16 +2,18 @@
 
 The `Gateway` object built here holds the settings, the served models (engines) and the
 metrics; the lifespan starts and stops them, and routes reach it as
-`request.app.state.gateway`. No module-level state anywhere. Errors of every kind, raised
+`request.app.state.gateway` (the hot routes get it from the front door). No module-level
+state anywhere. Errors of every kind, raised
 anywhere, are rendered here by one handler into the OpenAI envelope.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, ClassVar
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
@@ -80,7 +82,7 @@ async def _on_unexpected(request: Request, exc: Exception) -> Response:
     return _error_response(ServingError("The server had an error while processing the request."))
 
 
-def create_app(settings: Settings | None = None, catalog: Catalog | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, catalog: Catalog | None = None) -> FrontDoor:
     settings = settings or Settings()
     catalog = catalog or load_catalog(settings.config)
     gateway = Gateway(settings, catalog)
@@ -94,10 +96,6 @@ def create_app(settings: Settings | None = None, catalog: Catalog | None = None)
             await gateway.served.stop()
 
     routes: list[Any] = [
-        # The hot path: plain Starlette routes, no dependency injection.
-        Route("/v1/chat/completions", generate.chat_completions, methods=["POST"]),
-        Route("/v1/completions", generate.completions, methods=["POST"]),
-        Route("/v1/embeddings", embeddings.embeddings, methods=["POST"]),
         Route("/v1/models", models.list_models, methods=["GET"]),
         Route("/v1/models/{model_id:path}", models.get_model, methods=["GET"]),
         Route("/v1/load_lora_adapter", adapters.load_lora_adapter, methods=["POST"]),
@@ -113,4 +111,41 @@ def create_app(settings: Settings | None = None, catalog: Catalog | None = None)
                       Exception: _on_unexpected,
                   })
     app.state.gateway = gateway
-    return app
+    return FrontDoor(app, gateway)
+
+
+HotHandler = Callable[[Gateway, MutableMapping[str, Any], Any, Any], Awaitable[None]]
+
+
+class FrontDoor:
+    """The ASGI entry point: POSTs to the generate and embedding routes go straight to
+    their raw handlers; everything else (lifespan included) goes to the FastAPI app.
+
+    Measured reason: with FastAPI's middleware stack and router in front, a quarter of
+    the gateway's CPU under load went to the framework rather than to the request.
+    """
+
+    HOT: ClassVar[dict[str, HotHandler]] = {
+        "/v1/chat/completions": generate.chat_completions,
+        "/v1/completions": generate.completions,
+        "/v1/embeddings": embeddings.embeddings,
+    }
+
+    def __init__(self, app: FastAPI, gateway: Gateway):
+        self.app = app
+        self.state = app.state
+        self.gateway = gateway
+
+    async def __call__(self, scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            handler = self.HOT.get(scope["path"])
+            if handler is not None:
+                try:
+                    await handler(self.gateway, scope, receive, send)
+                except Exception as exc:
+                    log.exception("unhandled error on %s", scope["path"], exc_info=exc)
+                    err = ServingError("The server had an error while processing the request.")
+                    with contextlib.suppress(Exception):  # the response may have started
+                        await generate._error(err, "-")(scope, receive, send)
+                return
+        await self.app(scope, receive, send)

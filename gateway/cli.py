@@ -34,7 +34,7 @@ def _serve(args: argparse.Namespace) -> int:
         print(e, file=sys.stderr)
         return 2
     uvicorn.run(app, host=settings.host, port=settings.port, loop="uvloop", http="httptools",
-                log_level=settings.log_level.lower(), access_log=False,
+                log_level=settings.log_level.lower(), access_log=False, proxy_headers=False,
                 timeout_graceful_shutdown=30)
     return 0
 

@@ -13,7 +13,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 
 from gateway.adapters import resolve_adapter_path
-from gateway.api.common import check_admin_key, read_json
+from gateway.api.common import Incoming, check_admin_key, read_json
 from gateway.errors import InvalidRequest
 
 if TYPE_CHECKING:
@@ -31,8 +31,9 @@ def _str_field(body: dict[str, Any], name: str, *, required: bool = True) -> str
 
 async def load_lora_adapter(request: Request) -> Any:
     gw: Gateway = request.app.state.gateway
-    check_admin_key(gw, request)
-    body = await read_json(request, 64 * 1024)
+    inc = Incoming(request.scope, request.receive)
+    check_admin_key(gw, inc)
+    body = await read_json(inc, 64 * 1024)
     name = _str_field(body, "lora_name")
     raw_path = _str_field(body, "lora_path")
     base_name = _str_field(body, "base_model", required=False) or _str_field(
@@ -49,8 +50,9 @@ async def load_lora_adapter(request: Request) -> Any:
 
 async def unload_lora_adapter(request: Request) -> Any:
     gw: Gateway = request.app.state.gateway
-    check_admin_key(gw, request)
-    body = await read_json(request, 64 * 1024)
+    inc = Incoming(request.scope, request.receive)
+    check_admin_key(gw, inc)
+    body = await read_json(inc, 64 * 1024)
     name = _str_field(body, "lora_name")
     assert name is not None
     await gw.served.unload_adapter(name)

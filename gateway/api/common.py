@@ -1,8 +1,9 @@
 """What every API route does before and after its own work: read a bounded JSON body,
 check the client's key, name the request, and account for it in the metrics.
 
-Kept free of FastAPI dependency injection: the generate routes are the hot path and
-call these as plain functions.
+Works on the raw ASGI scope and `receive` channel (`Incoming`), not Starlette's Request:
+the generate routes are the hot path and skip the framework entirely (`gateway.app`'s
+front door); the cold routes wrap their Request the same way.
 """
 
 from __future__ import annotations
@@ -10,10 +11,10 @@ from __future__ import annotations
 import hmac
 import time
 import uuid
+from collections.abc import Awaitable, Callable, MutableMapping
 from typing import TYPE_CHECKING, Any
 
 import orjson
-from starlette.requests import Request
 
 from engines.base import ServingError, Usage
 from gateway.errors import AuthenticationError, InvalidRequest, PayloadTooLarge, PermissionDenied
@@ -22,45 +23,71 @@ from gateway.streaming import StreamObserver
 if TYPE_CHECKING:
     from gateway.app import Gateway
 
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 
-def request_id(request: Request) -> str:
-    rid = request.headers.get("x-request-id")
-    if rid and len(rid) <= 128 and rid.isascii():
+
+class Incoming:
+    """The parts of a request the routes read: headers (lower-case bytes) and the body."""
+
+    __slots__ = ("headers", "receive")
+
+    def __init__(self, scope: MutableMapping[str, Any], receive: Receive):
+        self.headers: dict[bytes, bytes] = dict(scope["headers"])
+        self.receive = receive
+
+    def header(self, name: bytes) -> str | None:
+        value = self.headers.get(name)
+        return value.decode("latin-1") if value is not None else None
+
+
+def request_id(inc: Incoming) -> str:
+    rid = inc.header(b"x-request-id")
+    if rid and len(rid) <= 128 and rid.isascii() and rid.isprintable():
         return rid
     return uuid.uuid4().hex
 
 
-def check_client_key(gw: Gateway, request: Request) -> None:
+def _bearer(inc: Incoming) -> str | None:
+    auth = inc.header(b"authorization") or ""
+    scheme, _, token = auth.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else None
+
+
+def check_client_key(gw: Gateway, inc: Incoming) -> None:
     keys = gw.client_keys
     if not keys:
         return
-    auth = request.headers.get("authorization", "")
-    scheme, _, token = auth.partition(" ")
-    if scheme.lower() != "bearer" or not any(
-            hmac.compare_digest(token.strip(), k) for k in keys):
+    token = _bearer(inc)
+    # Compare against every key in constant time: no early exit that leaks which matched.
+    if token is None or not sum(hmac.compare_digest(token, k) for k in keys):
         raise AuthenticationError()
 
 
-def check_admin_key(gw: Gateway, request: Request) -> None:
+def check_admin_key(gw: Gateway, inc: Incoming) -> None:
     admin = gw.settings.admin_key
     if not admin:
         raise PermissionDenied("The admin API is disabled: set GATEWAY_ADMIN_KEY to enable it.")
-    auth = request.headers.get("authorization", "")
-    scheme, _, token = auth.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip(), admin):
+    token = _bearer(inc)
+    if token is None or not hmac.compare_digest(token, admin):
         raise AuthenticationError("The admin API needs the admin key as a Bearer token.")
 
 
-async def read_json(request: Request, limit: int) -> dict[str, Any]:
-    """The body as a JSON object; 413 past `limit` bytes, 400 if it is not JSON."""
-    length = request.headers.get("content-length")
+async def read_json(inc: Incoming, limit: int) -> dict[str, Any]:
+    """The body as a JSON object; 413 past `limit` bytes (checked as it arrives, so a
+    chunked body cannot grow past it either), 400 if it is not a JSON object."""
+    length = inc.headers.get(b"content-length")
     if length is not None and length.isdigit() and int(length) > limit:
-        raise PayloadTooLarge(f"The request body is {length} bytes; at most {limit} allowed.")
-    if length is not None:
-        body = await request.body()
-    else:  # chunked: count as it arrives, stop early
-        parts, size = [], 0
-        async for part in request.stream():
+        raise PayloadTooLarge(
+            f"The request body is {int(length)} bytes; at most {limit} allowed.")
+    message = await inc.receive()
+    body = message.get("body", b"")
+    if message.get("more_body"):
+        parts, size = [body], len(body)
+        while message.get("more_body"):
+            message = await inc.receive()
+            if message["type"] == "http.disconnect":
+                break
+            part = message.get("body", b"")
             size += len(part)
             if size > limit:
                 raise PayloadTooLarge(f"The request body exceeds {limit} bytes.")

@@ -1,30 +1,36 @@
-"""`POST /v1/embeddings`."""
+"""`POST /v1/embeddings`: a raw ASGI handler like the generate routes."""
 
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
-
-from starlette.requests import Request
+from typing import TYPE_CHECKING
 
 from engines.base import EmbedRequest, ServingError
-from gateway.api.common import RequestRecord, check_client_key, read_json, request_id
-from gateway.api.generate import _error, _Raw
+from gateway.api.common import (
+    Incoming,
+    Receive,
+    RequestRecord,
+    check_client_key,
+    read_json,
+    request_id,
+)
+from gateway.api.generate import Scope, _error, _Raw
 from gateway.errors import InvalidRequest
 from gateway.protocol import embedding_inputs, validate_embedding
+from gateway.streaming import Send
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
 
 
-async def embeddings(request: Request) -> Any:
+async def embeddings(gw: Gateway, scope: Scope, receive: Receive, send: Send) -> None:
     start = time.perf_counter()
-    gw: Gateway = request.app.state.gateway
     record = RequestRecord(gw, "embeddings", start)
-    rid = request_id(request)
+    inc = Incoming(scope, receive)
+    rid = request_id(inc)
     try:
-        check_client_key(gw, request)
-        body = await read_json(request, gw.settings.max_body_bytes)
+        check_client_key(gw, inc)
+        body = await read_json(inc, gw.settings.max_body_bytes)
         target = gw.served.resolve(body.get("model"))
         record.model = target.spec.name
         if target.spec.task != "embed":
@@ -37,7 +43,8 @@ async def embeddings(request: Request) -> Any:
             inputs=embedding_inputs(parsed)))
     except ServingError as exc:
         record.finished(None, exc, False)
-        return _error(exc, rid)
+        await _error(exc, rid)(scope, receive, send)
+        return
     record.finished(done.usage, None, False)
-    return _Raw(200, done.body, [(b"content-type", b"application/json"),
-                                 (b"x-request-id", rid.encode())])
+    await _Raw(200, done.body, [(b"content-type", b"application/json"),
+                                (b"x-request-id", rid.encode())])(scope, receive, send)

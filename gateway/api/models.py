@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from gateway.api.common import check_client_key
+from gateway.api.common import Incoming, check_client_key
 from gateway.errors import ModelNotFound
 
 if TYPE_CHECKING:
@@ -16,13 +16,13 @@ if TYPE_CHECKING:
 
 async def list_models(request: Request) -> Any:
     gw: Gateway = request.app.state.gateway
-    check_client_key(gw, request)
+    check_client_key(gw, Incoming(request.scope, request.receive))
     return JSONResponse({"object": "list", "data": gw.served.listing()})
 
 
 async def get_model(request: Request) -> Any:
     gw: Gateway = request.app.state.gateway
-    check_client_key(gw, request)
+    check_client_key(gw, Incoming(request.scope, request.receive))
     model_id = request.path_params["model_id"]
     for entry in gw.served.listing():
         if entry["id"] == model_id:
