@@ -149,3 +149,10 @@ class FrontDoor:
                         await generate._error(err, "-")(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+def app_from_env() -> FrontDoor:
+    """An app configured from GATEWAY_* alone: the factory for other ASGI servers
+    (e.g. `granian --interface asgi --factory gateway.app:app_from_env`)."""
+    logging.basicConfig(level=Settings().log_level.upper())
+    return create_app()

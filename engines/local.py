@@ -1,0 +1,749 @@
+"""The embedded `transformers` engine: a real model served in process, on CPU or GPU.
+
+Owns: the `Engine` implementation registered as "transformers": spec checks, start-up
+(fetch/convert through `engines.model_source`, load, warm up), turning OpenAI request
+bodies into prompts and sampling parameters, turning the decode loop's per-sequence events
+into OpenAI's exact response and SSE chunk shapes, embeddings' response shape, and LoRA
+adapter bookkeeping. Does not own the decode loop (`engines.local_batcher`), text deltas
+and stop strings (`engines.local_text`), encoders (`engines.local_embed`), nor any HTTP.
+
+This module imports neither torch nor transformers at import time: `gateway check` imports
+engine classes only to call `check_spec`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import threading
+import time
+from collections.abc import AsyncGenerator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import orjson
+
+from engines import model_source
+from engines.base import (
+    AdapterError,
+    Completed,
+    EmbedRequest,
+    EngineContext,
+    EngineOverloaded,
+    EngineStatus,
+    EngineUnavailable,
+    GenerateRequest,
+    InvalidRequest,
+    ModelSpec,
+    ServingError,
+    SpecIssue,
+    Usage,
+)
+
+if TYPE_CHECKING:
+    from engines.local_batcher import Batcher, SeqEvent, Sequence, TokenLogprob
+    from engines.local_embed import Embedder
+
+__all__ = ["LocalEngine"]
+
+_MAX_TOP_LOGPROBS = 20
+
+
+@dataclass(slots=True)
+class _Choice:
+    """What the engine accumulates for one choice while it streams or completes."""
+
+    index: int
+    prompt_index: int
+    echo: str = ""
+    text: list[str] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+    completion_tokens: int = 0
+    started: bool = False
+    offset: int = 0  # characters emitted so far (completions' text_offset)
+
+
+class _Job:
+    """One request's sequences in the batcher and the asyncio side of their events."""
+
+    def __init__(self, engine: LocalEngine, seqs: list[Sequence], choices: list[_Choice]):
+        self.engine = engine
+        self.seqs = seqs
+        self.choices = choices
+        self.queue: asyncio.Queue[tuple[int, SeqEvent]] = asyncio.Queue()
+        self.pending = len(seqs)
+        self.prompt_tokens = 0
+
+    async def next_events(self) -> list[tuple[int, SeqEvent]]:
+        """Every event available now (waits for at least one)."""
+        first = await self.queue.get()
+        batch = [first]
+        while not self.queue.empty():
+            batch.append(self.queue.get_nowait())
+        for _, ev in batch:
+            if ev.error is not None:
+                self.pending = 0
+                raise ev.error
+            if ev.finish_reason is not None:
+                self.pending -= 1
+        return batch
+
+    def cancel(self) -> None:
+        """Consumer gone: unfinished sequences leave the batch at the next step."""
+        live = [s for s in self.seqs if not s.done]
+        if live and self.engine._batcher is not None:
+            self.engine._batcher.cancel(live)
+
+
+class LocalEngine:
+    """The embedded transformers engine (`engine: transformers` in models.yaml).
+
+    `task: generate` serves chat and completions through a continuous batcher (requests
+    join and leave a running batch between decode steps; `batching.max_sequences` caps
+    the batch, `batching.max_batched_tokens` one step's prefill, the rest wait) with
+    PEFT LoRA adapters loaded and unloaded at runtime. `task: embed` serves
+    sentence-transformers style embeddings.
+
+    `options` (all optional):
+      device: "cpu" (default), "cuda", "cuda:N" or "auto" (cuda when available);
+      threads: torch intra-op threads (default: the CPUs this process may use);
+      max_waiting: sequences allowed to wait for a batch slot before requests are
+        refused with 429 (default 1024).
+    `dtype: auto` means bfloat16 on GPUs and on CPUs with native bf16 (AVX512-BF16/AMX,
+    measured faster there), float32 otherwise.
+
+    Requests may carry the vLLM extension `ignore_eos: true` (benchmarks use it).
+    """
+
+    OPTIONS: ClassVar[dict[str, type]] = {"device": str, "threads": int, "max_waiting": int}
+
+    def __init__(self, spec: ModelSpec, ctx: EngineContext) -> None:
+        self.spec = spec
+        self.ctx = ctx
+        opts = spec.options
+        self._device_opt = str(opts.get("device", "cpu"))
+        self._threads: int | None = opts.get("threads")
+        self._max_waiting = int(opts.get("max_waiting", 1024))
+        self._batcher: Batcher | None = None
+        self._embedder: Embedder | None = None
+        self._tok: Any = None
+        self._token_info: Callable[[int], tuple[str, list[int]]] | None = None
+        self._context_len = spec.max_model_len
+        self._vocab = 0
+        self._adapters: dict[str, str] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._ready = False
+        self._detail = "not started"
+
+    # ------------------------------------------------------------------ spec
+
+    @classmethod
+    def check_spec(cls, spec: ModelSpec) -> list[SpecIssue]:
+        issues: list[SpecIssue] = []
+
+        def no(path: str, message: str) -> None:
+            issues.append(SpecIssue(path=path, message=message))
+
+        if not spec.model:
+            no("model", "required: a local path, a hub id or pypi:PACKAGE==VERSION/path")
+        else:
+            try:
+                model_source.parse_ref(spec.model, Path("."))
+            except ValueError as e:
+                no("model", str(e))
+        if spec.quantization != "none":
+            no("quantization", f"{spec.quantization} is not supported by the transformers engine")
+        if spec.speculative is not None:
+            no("speculative", "speculative decoding is not supported by the transformers engine")
+        if spec.endpoints:
+            no("endpoints", "the transformers engine runs in process; it attaches to nothing")
+        if spec.replicas != 1:
+            no("replicas", "the transformers engine runs one in-process replica")
+        if spec.task == "embed" and spec.lora is not None:
+            no("lora", "an embedding model takes no adapters")
+        if spec.engine_args:
+            no("engine_args", "not used by the transformers engine (use options)")
+        for key, value in spec.options.items():
+            want = cls.OPTIONS.get(key)
+            if want is None:
+                no(f"options.{key}", f"unknown option; known: {', '.join(sorted(cls.OPTIONS))}")
+            elif not isinstance(value, want) or isinstance(value, bool):
+                no(f"options.{key}", f"must be {want.__name__}")
+            elif isinstance(value, int) and value < 1:
+                no(f"options.{key}", "must be ≥ 1")
+        dev = spec.options.get("device", "cpu")
+        if isinstance(dev, str) and not (dev in ("cpu", "auto", "cuda") or dev.startswith("cuda:")):
+            no("options.device", "must be cpu, cuda, cuda:N or auto")
+        return issues
+
+    @classmethod
+    def launch_commands(cls, spec: ModelSpec) -> list[list[str]]:
+        return []
+
+    @classmethod
+    def prefetch(cls, spec: ModelSpec, ctx: EngineContext) -> str:
+        """Fetch and convert the model into the cache without serving (`gateway pull`);
+        returns where it is. Blocking."""
+        if not spec.model:
+            return "no model to fetch"
+        return model_source.resolve(
+            spec.model, config_dir=ctx.config_dir, cache_dir=ctx.cache_dir, progress=ctx.progress
+        )
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        assert self.spec.model is not None
+        self._detail = "fetching the model"
+        path = await asyncio.to_thread(
+            model_source.resolve,
+            self.spec.model,
+            config_dir=self.ctx.config_dir,
+            cache_dir=self.ctx.cache_dir,
+            progress=self.ctx.progress,
+        )
+        self._detail = "loading the model"
+        t0 = time.monotonic()
+        load = self._load_embedder if self.spec.task == "embed" else self._load_generator
+        await asyncio.to_thread(_serialised, load, path)
+        self.ctx.progress(f"{self.spec.name}: loaded {path} in {time.monotonic() - t0:.1f}s")
+        if self.spec.lora is not None:
+            for a in self.spec.lora.adapters:
+                await self.load_adapter(a.name, str(self.ctx.config_dir / a.path))
+        self._ready = True
+        self._detail = ""
+
+    async def stop(self) -> None:
+        self._ready = False
+        self._detail = "stopped"
+        if self._batcher is not None:
+            await asyncio.to_thread(self._batcher.stop)
+            self._batcher = None
+        self._embedder = None
+
+    def _setup_torch(self) -> Any:
+        import torch
+
+        if self._threads is not None:
+            torch.set_num_threads(self._threads)
+        else:
+            torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
+        dev = self._device_opt
+        if dev == "auto":
+            dev = "cuda" if torch.cuda.is_available() else "cpu"
+        device = torch.device(dev)
+        dtype = {
+            "float32": torch.float32,
+            "bfloat16": torch.bfloat16,
+            "float16": torch.float16,
+        }.get(self.spec.dtype)
+        if dtype is None:  # auto
+            native_bf16 = device.type == "cuda" or torch.ops.mkldnn._is_mkldnn_bf16_supported()
+            dtype = torch.bfloat16 if native_bf16 else torch.float32
+        return torch, device, dtype
+
+    def _load_generator(self, path: str) -> None:
+        torch, device, dtype = self._setup_torch()
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from engines.local_batcher import Batcher
+        from engines.local_text import token_bytes_fn
+
+        tok = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+        cfg = model.config
+        self._context_len = min(
+            self.spec.max_model_len, int(getattr(cfg, "max_position_embeddings", 1 << 30))
+        )
+        self._vocab = int(cfg.vocab_size)
+        eos: set[int] = set()
+        for src in (getattr(model.generation_config, "eos_token_id", None), tok.eos_token_id):
+            if isinstance(src, int):
+                eos.add(src)
+            elif isinstance(src, list):
+                eos.update(int(x) for x in src)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else min(eos, default=0)
+        with torch.inference_mode():  # warm the kernels so the first request is not slow
+            model(input_ids=torch.tensor([[pad, pad]], device=device))
+        batching = self.spec.batching
+        self._batcher = Batcher(
+            model,
+            eos_ids=eos,
+            pad_id=int(pad),
+            max_sequences=batching.max_sequences,
+            max_batched_tokens=batching.max_batched_tokens or max(2048, self._context_len),
+            device=device,
+            name=self.spec.name,
+        )
+        self._tok = tok
+        self._token_info = token_bytes_fn(tok)
+        self._batcher.start()
+
+    def _load_embedder(self, path: str) -> None:
+        _, device, _ = self._setup_torch()
+        from engines.local_embed import Embedder
+
+        self._embedder = Embedder(path, device)
+
+    # ------------------------------------------------------------------ status
+
+    def status(self) -> EngineStatus:
+        b = self._batcher
+        return EngineStatus(
+            ready=self._ready,
+            detail=self._detail,
+            running=b.running if b else 0,
+            waiting=b.waiting if b else 0,
+            max_batch_seen=b.max_batch_seen if b else 0,
+        )
+
+    # ------------------------------------------------------------------ generate
+
+    async def complete(self, req: GenerateRequest) -> Completed:
+        job = self._submit(req)
+        try:
+            while job.pending:
+                for i, ev in await job.next_events():
+                    self._absorb(job.choices[i], ev)
+        finally:
+            job.cancel()
+        usage = self._usage(job)
+        chat = req.route == "chat"
+        choices: list[dict[str, Any]] = []
+        for c in job.choices:
+            text = c.echo + "".join(c.text)
+            lp = self._logprobs_obj(chat, c, c.logprobs, c.echo) if c.logprobs else None
+            if chat:
+                msg = {"role": "assistant", "content": text, "refusal": None}
+                choices.append(
+                    {
+                        "index": c.index,
+                        "message": msg,
+                        "logprobs": lp,
+                        "finish_reason": c.finish_reason,
+                    }
+                )
+            else:
+                choices.append(
+                    {
+                        "index": c.index,
+                        "text": text,
+                        "logprobs": lp,
+                        "finish_reason": c.finish_reason,
+                    }
+                )
+        body = {
+            "id": _response_id(req),
+            "object": "chat.completion" if chat else "text_completion",
+            "created": req.created,
+            "model": req.model,
+            "choices": choices,
+            "usage": _usage_obj(usage),
+        }
+        return Completed(body=orjson.dumps(body), usage=usage)
+
+    async def stream(self, req: GenerateRequest) -> AsyncGenerator[bytes, None]:
+        job = self._submit(req)
+        chat = req.route == "chat"
+        head: dict[str, Any] = {
+            "id": _response_id(req),
+            "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": req.created,
+            "model": req.model,
+        }
+        try:
+            while job.pending:
+                events = await job.next_events()
+                out: list[bytes] = []
+                for i, ev in events:
+                    c = job.choices[i]
+                    offset = c.offset
+                    first = not c.started
+                    self._absorb(c, ev)
+                    out.extend(self._chunks(head, chat, c, ev, first, offset))
+                if out:
+                    yield b"".join(out)
+            usage = self._usage(job)
+            final = {**head, "choices": [], "usage": _usage_obj(usage)}
+            yield _sse(final)
+        finally:
+            job.cancel()
+
+    def _submit(self, req: GenerateRequest) -> _Job:
+        from engines.local_batcher import SamplingParams, Sequence
+        from engines.local_text import Detokenizer
+
+        batcher, loop = self._batcher, self._loop
+        if self.spec.task != "generate":
+            raise InvalidRequest(
+                f"model {req.model!r} is an embedding model; use /v1/embeddings", param="model"
+            )
+        if batcher is None or loop is None or not self._ready:
+            raise EngineUnavailable(f"model {self.spec.name!r} is not ready")
+        if req.adapter is not None and req.adapter not in self._adapters:
+            raise AdapterError(f"adapter {req.adapter!r} is not loaded", param="model")
+        body = req.body
+        chat = req.route == "chat"
+        param = "messages" if chat else "prompt"
+        prompts = self._chat_prompt(body) if chat else self._completion_prompts(body)
+        n = int(body.get("n") or 1)
+        if batcher.waiting + n * len(prompts) > self._max_waiting:
+            raise EngineOverloaded(f"{batcher.waiting} sequences already wait for a slot")
+        max_new = body.get("max_completion_tokens") or body.get("max_tokens")
+        max_new = int(max_new) if max_new is not None else self.spec.max_tokens_default
+        temperature = body.get("temperature")
+        temperature = 1.0 if temperature is None else float(temperature)
+        top_p = body.get("top_p")
+        top_p = 1.0 if top_p is None else float(top_p)
+        seed = body.get("seed")
+        stop = body.get("stop") or []
+        stop = [stop] if isinstance(stop, str) else [str(s) for s in stop]
+        logprobs = self._logprobs_k(chat, body)
+        echo = bool(body.get("echo")) and not chat
+        if echo and logprobs is not None:
+            raise InvalidRequest("echo with logprobs is not supported by this engine", param="echo")
+
+        choices: list[_Choice] = []
+        seqs: list[Sequence] = []
+        job = _Job(self, seqs, choices)
+        put = job.queue.put_nowait
+        for p, ids in enumerate(prompts):
+            if len(ids) >= self._context_len:
+                raise InvalidRequest(
+                    f"This model's maximum context length is {self._context_len} tokens. "
+                    f"However, your {param} has {len(ids)} tokens.",
+                    param=param,
+                    code="context_length_exceeded",
+                )
+            room = self._context_len - len(ids)
+            echo_text = self._tok.decode(ids, skip_special_tokens=True) if echo else ""
+            for j in range(n):
+                index = p * n + j
+                params = SamplingParams(
+                    max_new_tokens=max(1, min(max_new, room)),
+                    temperature=temperature,
+                    top_p=top_p,
+                    seed=None if seed is None else int(seed) + index,
+                    stop=stop,
+                    ignore_eos=bool(body.get("ignore_eos", False)),
+                    logprobs=logprobs,
+                )
+
+                def sink(ev: SeqEvent, index: int = index) -> None:
+                    loop.call_soon_threadsafe(put, (index, ev))
+
+                seqs.append(Sequence(ids, params, sink, Detokenizer(self._tok, ids), req.adapter))
+                choices.append(_Choice(index, p, echo=echo_text))
+        job.prompt_tokens = sum(len(ids) for ids in prompts)
+        job.pending = len(seqs)
+        batcher.submit(seqs)
+        return job
+
+    def _chat_prompt(self, body: dict[str, Any]) -> list[list[int]]:
+        messages = []
+        for i, m in enumerate(body.get("messages") or []):
+            content = m.get("content")
+            if isinstance(content, list):  # content parts: text only
+                parts = []
+                for part in content:
+                    if part.get("type") != "text":
+                        raise InvalidRequest(
+                            f"content part type {part.get('type')!r} is not supported",
+                            param=f"messages[{i}].content",
+                        )
+                    parts.append(str(part.get("text", "")))
+                content = "".join(parts)
+            messages.append({**m, "content": content if content is not None else ""})
+        if not messages:
+            raise InvalidRequest("messages must not be empty", param="messages")
+        text = self._tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        ids: list[int] = self._tok(text, add_special_tokens=False)["input_ids"]
+        return [ids]
+
+    def _completion_prompts(self, body: dict[str, Any]) -> list[list[int]]:
+        prompt = body.get("prompt")
+        if isinstance(prompt, str):
+            raw: list[Any] = [prompt]
+        elif isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+            raw = [prompt]
+        elif isinstance(prompt, list) and prompt:
+            raw = prompt
+        else:
+            raise InvalidRequest("prompt must be a non-empty string or list", param="prompt")
+        out: list[list[int]] = []
+        for item in raw:
+            if isinstance(item, str):
+                ids = self._tok(item)["input_ids"]
+            elif isinstance(item, list) and all(isinstance(t, int) for t in item):
+                if any(not 0 <= t < self._vocab for t in item):
+                    raise InvalidRequest("prompt: token id out of range", param="prompt")
+                ids = list(item)
+            else:
+                raise InvalidRequest("prompt: mixed or nested prompt types", param="prompt")
+            if not ids:
+                raise InvalidRequest("prompt: a prompt is empty", param="prompt")
+            out.append(ids)
+        return out
+
+    @staticmethod
+    def _logprobs_k(chat: bool, body: dict[str, Any]) -> int | None:
+        if chat:
+            if not body.get("logprobs"):
+                return None
+            k = int(body.get("top_logprobs") or 0)
+            name = "top_logprobs"
+        else:
+            raw = body.get("logprobs")
+            if raw is None or raw is False:
+                return None
+            k = int(raw)
+            name = "logprobs"
+        if not 0 <= k <= _MAX_TOP_LOGPROBS:
+            raise InvalidRequest(f"{name} must be between 0 and {_MAX_TOP_LOGPROBS}", param=name)
+        return k
+
+    @staticmethod
+    def _absorb(c: _Choice, ev: SeqEvent) -> None:
+        c.started = True
+        if ev.text:
+            c.text.append(ev.text)
+        if ev.logprobs:
+            c.logprobs.extend(ev.logprobs)
+        c.completion_tokens = max(c.completion_tokens, ev.completion_tokens)
+        if ev.finish_reason is not None:
+            c.finish_reason = ev.finish_reason
+
+    def _usage(self, job: _Job) -> Usage:
+        return Usage(
+            prompt_tokens=job.prompt_tokens,
+            completion_tokens=sum(c.completion_tokens for c in job.choices),
+        )
+
+    def _chunks(
+        self,
+        head: dict[str, Any],
+        chat: bool,
+        c: _Choice,
+        ev: SeqEvent,
+        first: bool,
+        offset: int,
+    ) -> list[bytes]:
+        out: list[bytes] = []
+
+        def chunk(choice: dict[str, Any]) -> None:
+            out.append(_sse({**head, "choices": [choice], "usage": None}))
+
+        lp = self._logprobs_obj(chat, c, ev.logprobs, "", offset) if ev.logprobs else None
+        if chat:
+            if first:
+                delta = {"role": "assistant", "content": "", "refusal": None}
+                chunk({"index": c.index, "delta": delta, "logprobs": None, "finish_reason": None})
+            if ev.text or lp:
+                delta = {"content": ev.text}
+                chunk({"index": c.index, "delta": delta, "logprobs": lp, "finish_reason": None})
+            if ev.finish_reason:
+                chunk(
+                    {
+                        "index": c.index,
+                        "delta": {},
+                        "logprobs": None,
+                        "finish_reason": ev.finish_reason,
+                    }
+                )
+        else:
+            text = (c.echo if first else "") + ev.text
+            if text or lp:
+                chunk({"index": c.index, "text": text, "logprobs": lp, "finish_reason": None})
+            if ev.finish_reason:
+                chunk(
+                    {
+                        "index": c.index,
+                        "text": "",
+                        "logprobs": None,
+                        "finish_reason": ev.finish_reason,
+                    }
+                )
+        return out
+
+    def _logprobs_obj(
+        self, chat: bool, c: _Choice, lps: list[TokenLogprob], echo: str, offset: int = 0
+    ) -> dict[str, Any]:
+        info = self._token_info
+        assert info is not None
+        if chat:
+            content = []
+            for t in lps:
+                tok, raw = info(t.token_id)
+                top = []
+                for tid, lp in t.top:
+                    s, b = info(tid)
+                    top.append({"token": s, "logprob": lp, "bytes": b})
+                content.append(
+                    {"token": tok, "logprob": t.logprob, "bytes": raw, "top_logprobs": top}
+                )
+            return {"content": content, "refusal": None}
+        tokens, token_lps, tops, offsets = [], [], [], []
+        pos = offset + len(echo)
+        for t in lps:
+            tok, _ = info(t.token_id)
+            tokens.append(tok)
+            token_lps.append(t.logprob)
+            tops.append({info(tid)[0]: lp for tid, lp in t.top})
+            offsets.append(pos)
+            pos += len(tok)
+        return {
+            "tokens": tokens,
+            "token_logprobs": token_lps,
+            "top_logprobs": tops,
+            "text_offset": offsets,
+        }
+
+    # ------------------------------------------------------------------ embed
+
+    async def embed(self, req: EmbedRequest) -> Completed:
+        emb = self._embedder
+        if self.spec.task != "embed":
+            raise InvalidRequest(
+                f"model {req.model!r} generates text; it does not serve embeddings", param="model"
+            )
+        if emb is None or not self._ready:
+            raise EngineUnavailable(f"model {self.spec.name!r} is not ready")
+        dims = req.body.get("dimensions")
+        if dims is not None and int(dims) != emb.dimensions:
+            raise InvalidRequest(
+                f"this model's embeddings have {emb.dimensions} dimensions and cannot be "
+                f"shortened to {dims}",
+                param="dimensions",
+            )
+        fmt = req.body.get("encoding_format") or "float"
+        if fmt not in ("float", "base64"):
+            raise InvalidRequest("encoding_format must be float or base64", param="encoding_format")
+        if not req.inputs:
+            raise InvalidRequest("input must not be empty", param="input")
+        ids = emb.tokenize(req.inputs)
+        vectors = await asyncio.to_thread(emb.embed, ids)
+        data: list[dict[str, Any]] = []
+        for i in range(vectors.shape[0]):
+            row = vectors[i]
+            value: Any
+            if fmt == "base64":
+                value = base64.b64encode(row.numpy().astype("<f4").tobytes()).decode("ascii")
+            else:
+                value = row.tolist()
+            data.append({"object": "embedding", "index": i, "embedding": value})
+        n_tokens = sum(len(x) for x in ids)
+        usage = Usage(prompt_tokens=n_tokens)
+        body = {
+            "object": "list",
+            "data": data,
+            "model": req.model,
+            "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens},
+        }
+        return Completed(body=orjson.dumps(body), usage=usage)
+
+    # ------------------------------------------------------------------ adapters
+
+    def adapters(self) -> list[str]:
+        return sorted(self._adapters)
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        batcher = self._batcher
+        if self.spec.task != "generate" or batcher is None:
+            raise AdapterError("this model takes no adapters", param="model")
+        lora = self.spec.lora
+        if lora is None:
+            raise AdapterError(f"model {self.spec.name!r} has no lora section", param="model")
+        if name in self._adapters:
+            raise AdapterError(f"adapter {name!r} is already loaded", param="lora_name")
+        if len(self._adapters) >= lora.max_adapters:
+            raise AdapterError(
+                f"{len(self._adapters)} adapters loaded; max_adapters is {lora.max_adapters}",
+                param="lora_name",
+            )
+        cfg_path = Path(path) / "adapter_config.json"
+        try:
+            cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise AdapterError(f"cannot read {cfg_path}: {e}", param="lora_path") from e
+        if cfg.get("peft_type", "LORA") != "LORA":
+            raise AdapterError(
+                f"adapter {name!r} is {cfg.get('peft_type')}, not LoRA", param="lora_path"
+            )
+        rank = int(cfg.get("r", 0))
+        if rank > lora.max_rank:
+            raise AdapterError(
+                f"adapter {name!r} has rank {rank}; max_rank is {lora.max_rank}", param="lora_path"
+            )
+
+        def load() -> None:
+            from peft import PeftModel
+
+            if not batcher.peft:
+                batcher.model = PeftModel.from_pretrained(batcher.model, path, adapter_name=name)
+                batcher.peft = True
+            else:
+                batcher.model.load_adapter(path, adapter_name=name)
+            batcher.model.eval()
+
+        try:
+            await asyncio.wrap_future(batcher.call(load))
+        except ServingError:
+            raise
+        except Exception as e:
+            raise AdapterError(f"cannot load adapter {name!r}: {e}", param="lora_path") from e
+        self._adapters[name] = path
+        self.ctx.progress(f"{self.spec.name}: adapter {name} loaded from {path}")
+
+    async def unload_adapter(self, name: str) -> None:
+        batcher = self._batcher
+        if name not in self._adapters or batcher is None:
+            raise AdapterError(f"adapter {name!r} is not loaded", param="lora_name")
+        # New requests for it are refused from now on; running ones finish first.
+        del self._adapters[name]
+        last = not self._adapters
+
+        def unload() -> None:
+            if last:  # back to the bare model: no PEFT hooks on the hot path
+                batcher.model = batcher.model.unload()
+                batcher.peft = False
+            else:
+                batcher.model.delete_adapter(name)
+
+        await asyncio.wrap_future(
+            batcher.call(unload, ready=lambda: not batcher.uses_adapter(name))
+        )
+        self.ctx.progress(f"{self.spec.name}: adapter {name} unloaded")
+
+
+# transformers imports its classes lazily and that import is not thread-safe: two models
+# loading at once in worker threads can see "cannot import name 'AutoModel'". Loads are
+# short next to a gateway's life, so they take turns.
+_LOAD_LOCK = threading.Lock()
+
+
+def _serialised(fn: Callable[[str], None], path: str) -> None:
+    with _LOAD_LOCK:
+        fn(path)
+
+
+def _response_id(req: GenerateRequest) -> str:
+    prefix = "chatcmpl-" if req.route == "chat" else "cmpl-"
+    rid = req.request_id
+    return rid if rid.startswith(prefix) else prefix + rid
+
+
+def _usage_obj(u: Usage) -> dict[str, int]:
+    return {
+        "prompt_tokens": u.prompt_tokens,
+        "completion_tokens": u.completion_tokens,
+        "total_tokens": u.total_tokens,
+    }
+
+
+def _sse(obj: dict[str, Any]) -> bytes:
+    return b"data: " + orjson.dumps(obj) + b"\n\n"
