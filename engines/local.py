@@ -22,7 +22,7 @@ import time
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import orjson
 
@@ -200,13 +200,7 @@ class LocalEngine:
         self._loop = asyncio.get_running_loop()
         assert self.spec.model is not None
         self._detail = "fetching the model"
-        path = await asyncio.to_thread(
-            model_source.resolve,
-            self.spec.model,
-            config_dir=self.ctx.config_dir,
-            cache_dir=self.ctx.cache_dir,
-            progress=self.ctx.progress,
-        )
+        path = await asyncio.to_thread(_serialised, self._resolve)
         self._detail = "loading the model"
         t0 = time.monotonic()
         load = self._load_embedder if self.spec.task == "embed" else self._load_generator
@@ -217,6 +211,11 @@ class LocalEngine:
                 await self.load_adapter(a.name, str(self.ctx.config_dir / a.path))
         self._ready = True
         self._detail = ""
+
+    def _resolve(self) -> str:
+        assert self.spec.model is not None
+        return model_source.resolve(self.spec.model, config_dir=self.ctx.config_dir,
+                                    cache_dir=self.ctx.cache_dir, progress=self.ctx.progress)
 
     async def stop(self) -> None:
         self._ready = False
@@ -721,14 +720,15 @@ class LocalEngine:
 
 
 # transformers imports its classes lazily and that import is not thread-safe: two models
-# loading at once in worker threads can see "cannot import name 'AutoModel'". Loads are
-# short next to a gateway's life, so they take turns.
+# fetching, converting or loading at once in worker threads can see "cannot import name
+# 'AutoModel'". Starts are short next to a gateway's life, so they take turns.
 _LOAD_LOCK = threading.Lock()
+_T = TypeVar("_T")
 
 
-def _serialised(fn: Callable[[str], None], path: str) -> None:
+def _serialised(fn: Callable[..., _T], *args: Any) -> _T:
     with _LOAD_LOCK:
-        fn(path)
+        return fn(*args)
 
 
 def _response_id(req: GenerateRequest) -> str:

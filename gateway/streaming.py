@@ -32,7 +32,9 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 
 DONE = b"data: [DONE]\n\n"
-_USAGE = b'"usage"'
+def has_usage(block: bytes) -> bool:
+    """A usage object (not `"usage": null`, which some engines put in every chunk)."""
+    return b'"usage":{' in block or b'"usage": {' in block
 
 
 def take_usage(block: bytes, keep_usage_chunk: bool) -> tuple[bytes, Usage | None]:
@@ -43,7 +45,7 @@ def take_usage(block: bytes, keep_usage_chunk: bool) -> tuple[bytes, Usage | Non
     for event in block.split(b"\n\n"):
         if not event:
             continue
-        if _USAGE in event and event.startswith(b"data: {"):
+        if has_usage(event) and event.startswith(b"data: {"):
             try:
                 obj = orjson.loads(event[6:])
             except orjson.JSONDecodeError:
@@ -128,7 +130,7 @@ class RelayResponse:
         observer = self._observer
         try:
             block = self._first
-            if _USAGE in block:
+            if has_usage(block):
                 block, usage = take_usage(block, want_usage)
             await send({"type": "http.response.body", "body": block, "more_body": True})
             last = time.perf_counter()
@@ -136,7 +138,7 @@ class RelayResponse:
                 now = time.perf_counter()
                 observer.chunk(now - last)
                 last = now
-                if _USAGE in block:
+                if has_usage(block):
                     block, found = take_usage(block, want_usage)
                     usage = found or usage
                     if not block:

@@ -107,7 +107,7 @@ async def read_json(inc: Incoming, limit: int) -> dict[str, Any]:
 class RequestRecord(StreamObserver):
     """One request's account in the metrics; also the stream observer of its relay."""
 
-    __slots__ = ("_began", "_done", "gw", "model", "route", "start")
+    __slots__ = ("_began", "_done", "_itl", "gw", "model", "route", "start")
 
     def __init__(self, gw: Gateway, route: str, start: float):
         self.gw = gw
@@ -116,6 +116,7 @@ class RequestRecord(StreamObserver):
         self.start = start
         self._done = False
         self._began = False
+        self._itl: Any = None
 
     def begin(self) -> None:
         """The request passed validation and goes to the engine."""
@@ -126,7 +127,9 @@ class RequestRecord(StreamObserver):
         self.gw.metrics.ttft.labels(self.model).observe(at - self.start)
 
     def chunk(self, gap: float) -> None:
-        self.gw.metrics.itl.labels(self.model).observe(gap)
+        if self._itl is None:  # per chunk: resolve the labelled child once
+            self._itl = self.gw.metrics.itl.labels(self.model)
+        self._itl.observe(gap)
 
     def finished(self, usage: Usage | None, error: ServingError | None,
                  disconnected: bool) -> None:
