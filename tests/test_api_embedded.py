@@ -54,6 +54,17 @@ def test_chat_answers_from_the_real_model(client: openai.OpenAI) -> None:
     assert resp.usage.total_tokens == resp.usage.prompt_tokens + resp.usage.completion_tokens
 
 
+def test_request_defaults_apply_when_the_client_leaves_a_field_out(
+        client: openai.OpenAI) -> None:
+    # models.yaml says temperature 0 for this model: omitted, it is greedy (repeatable).
+    outs = {client.chat.completions.create(model=DEFAULT_MODEL, messages=CAPITAL,  # type: ignore[arg-type]
+                                           max_tokens=8).choices[0].message.content
+            for _ in range(3)}
+    greedy = client.chat.completions.create(model=DEFAULT_MODEL, messages=CAPITAL,  # type: ignore[arg-type]
+                                            max_tokens=8, temperature=0)
+    assert outs == {greedy.choices[0].message.content}
+
+
 def test_chat_stream_matches_non_streamed_and_reports_usage(client: openai.OpenAI) -> None:
     whole = client.chat.completions.create(model=DEFAULT_MODEL, messages=CAPITAL,  # type: ignore[arg-type]
                                            max_tokens=10, temperature=0)

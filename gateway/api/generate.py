@@ -68,6 +68,10 @@ async def _generate(gw: Gateway, route: Route, scope: Scope, receive: Receive,
         if spec.task != "generate":
             raise InvalidRequest(f"The model `{spec.name}` serves embeddings only.",
                                  param="model")
+        defaults = gw.served.request_defaults(spec.name)
+        if defaults:
+            for key, value in defaults.items():
+                body.setdefault(key, value)
         if route == "chat":
             parsed: Any = validate_chat(body, spec.max_model_len, gw.settings)
         else:
