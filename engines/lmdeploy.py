@@ -43,10 +43,8 @@ from engines.workers import (
     LaunchedEngine,
     LaunchOptions,
     ResolvedPaths,
-    WorkerCommand,
     checkpoint_quant_method,
     flag_args,
-    gpu_assignment,
 )
 
 __all__ = ["LMDeployEngine", "LMDeployOptions", "resolve_backend"]
@@ -120,6 +118,7 @@ class LMDeployEngine(LaunchedEngine):
 
     metrics_prefix: ClassVar[str] = "lmdeploy:"
     label: ClassVar[str] = "lmdeploy"
+    program: ClassVar[str] = "lmdeploy"
     options_model: ClassVar[type[LaunchOptions]] = LMDeployOptions
 
     # Bound on streams whose first delta (the one keeping `role`) has been seen.
@@ -277,46 +276,18 @@ class LMDeployEngine(LaunchedEngine):
     # ------------------------------------------------------------------ command lines
 
     @classmethod
-    def worker_commands(
-        cls, spec: ModelSpec, *, ports: list[int] | None = None, paths: ResolvedPaths | None = None
-    ) -> list[WorkerCommand]:
-        if spec.attach:
-            return []
-        opts = cls.launch_options(spec)
-        assert isinstance(opts, LMDeployOptions)
-        ports = ports or cls.default_ports(spec, opts)
-        gpus = gpu_assignment(spec, opts.gpu_ids)
-        out = []
-        for i in range(spec.replicas):
-            argv, port_index = cls.build_argv(
-                spec, port=ports[i], opts=opts, program=opts.command or ["lmdeploy"], paths=paths
-            )
-            env = {"CUDA_VISIBLE_DEVICES": ",".join(map(str, gpus[i]))}
-            env.update(opts.env)
-            out.append(
-                WorkerCommand(
-                    label=f"{cls.label}[{i}]",
-                    argv=argv,
-                    env=env,
-                    port=ports[i],
-                    port_index=port_index,
-                )
-            )
-        return out
-
-    @classmethod
     def build_argv(
         cls,
         spec: ModelSpec,
         *,
         port: int,
-        opts: LMDeployOptions,
+        opts: Any,
         program: list[str],
         paths: ResolvedPaths | None,
     ) -> tuple[list[str], int]:
         """(argv, index of the port value). Flag meanings: lmdeploy/cli/serve.py
         (add_parser_api_server) and lmdeploy/cli/utils.py (ArgumentHelper) of 0.18.0."""
-        assert spec.model is not None
+        assert spec.model is not None and isinstance(opts, LMDeployOptions)
         backend = resolve_backend(spec)
         argv = [*program, "serve", "api_server", paths.model if paths else spec.model]
         argv += ["--server-name", "127.0.0.1", "--server-port", str(port)]

@@ -25,11 +25,9 @@ from engines.workers import (
     LaunchedEngine,
     LaunchOptions,
     ResolvedPaths,
-    WorkerCommand,
     adapter_paths,
     checkpoint_quant_method,
     flag_args,
-    gpu_assignment,
 )
 
 __all__ = ["VLLMEngine", "VLLMOptions"]
@@ -93,6 +91,7 @@ class VLLMEngine(LaunchedEngine):
 
     metrics_prefix: ClassVar[str] = "vllm:"
     label: ClassVar[str] = "vllm"
+    program: ClassVar[str] = "vllm"
     options_model: ClassVar[type[LaunchOptions]] = VLLMOptions
 
     # ------------------------------------------------------------------ config load
@@ -168,35 +167,9 @@ class VLLMEngine(LaunchedEngine):
     # ------------------------------------------------------------------ command lines
 
     @classmethod
-    def worker_commands(
-        cls, spec: ModelSpec, *, ports: list[int] | None = None, paths: ResolvedPaths | None = None
-    ) -> list[WorkerCommand]:
-        if spec.attach:
-            return []
-        opts = cls.launch_options(spec)
-        ports = ports or cls.default_ports(spec, opts)
-        gpus = gpu_assignment(spec, opts.gpu_ids)
-        out = []
-        for i in range(spec.replicas):
-            argv, port_index = cls.build_argv(
-                spec, port=ports[i], program=opts.command or ["vllm"], paths=paths
-            )
-            env = cls.build_env(spec, gpus[i])
-            env.update(opts.env)
-            out.append(
-                WorkerCommand(
-                    label=f"{cls.label}[{i}]",
-                    argv=argv,
-                    env=env,
-                    port=ports[i],
-                    port_index=port_index,
-                )
-            )
-        return out
-
-    @classmethod
     def build_argv(
-        cls, spec: ModelSpec, *, port: int, program: list[str], paths: ResolvedPaths | None
+        cls, spec: ModelSpec, *, port: int, opts: Any, program: list[str],
+        paths: ResolvedPaths | None,
     ) -> tuple[list[str], int]:
         """(argv, index of the port value). Flag meanings: vllm/engine/arg_utils.py and
         vllm/entrypoints/openai/cli_args.py of 0.26.0."""

@@ -632,10 +632,13 @@ class LaunchedEngine(OpenAIEngine):
     command lines (`worker_commands`), runs them under a `WorkerSupervisor`, and returns
     their URLs; a worker that crashes is marked down at once, restarted with backoff, and
     gets the adapters loaded at runtime re-applied before it is marked up again.
-    Subclasses provide `label`, `options_model`, `worker_commands` and `check_launch`.
+    Subclasses provide `label`, `program`, `options_model`, `build_argv`, `build_env`
+    and `check_launch`.
     """
 
     label: ClassVar[str] = "worker"
+    # The worker's executable (options.command replaces it, e.g. in tests).
+    program: ClassVar[str] = "worker"
     options_model: ClassVar[type[LaunchOptions]] = LaunchOptions
 
     def __init__(self, spec: ModelSpec, context: EngineContext | None = None) -> None:
@@ -677,7 +680,34 @@ class LaunchedEngine(OpenAIEngine):
         """One command per replica. Without `ports`, replica i gets `options.base_port`
         (default 8100) + i, so `gateway check` prints the same lines every run; `paths`
         replaces models.yaml's references with what was resolved at launch."""
+        if spec.attach:
+            return []
+        opts = cls.launch_options(spec)
+        ports = ports or cls.default_ports(spec, opts)
+        gpus = gpu_assignment(spec, opts.gpu_ids)
+        out = []
+        for i in range(spec.replicas):
+            argv, port_index = cls.build_argv(
+                spec, port=ports[i], opts=opts, program=opts.command or [cls.program],
+                paths=paths)
+            env = cls.build_env(spec, gpus[i])
+            env.update(opts.env)
+            out.append(WorkerCommand(label=f"{cls.label}[{i}]", argv=argv, env=env,
+                                     port=ports[i], port_index=port_index))
+        return out
+
+    @classmethod
+    def build_argv(
+        cls, spec: ModelSpec, *, port: int, opts: Any, program: list[str],
+        paths: ResolvedPaths | None,
+    ) -> tuple[list[str], int]:
+        """(argv, index of the port value in it) for one replica."""
         raise NotImplementedError
+
+    @staticmethod
+    def build_env(spec: ModelSpec, gpus: list[int]) -> dict[str, str]:
+        """Environment of one replica's process (on top of the gateway's own)."""
+        return {"CUDA_VISIBLE_DEVICES": ",".join(map(str, gpus))}
 
     @staticmethod
     def default_ports(spec: ModelSpec, opts: LaunchOptions) -> list[int]:

@@ -24,6 +24,7 @@ from starlette.routing import Route
 
 from engines.base import EngineContext, ServingError
 from gateway.api import adapters, embeddings, generate, models, ops
+from gateway.api.common import error_response
 from gateway.catalog import Catalog, load_catalog
 from gateway.errors import InvalidRequest, NotFound, error_body, error_headers
 from gateway.metrics import Metrics
@@ -146,7 +147,7 @@ class FrontDoor:
                     log.exception("unhandled error on %s", scope["path"], exc_info=exc)
                     err = ServingError("The server had an error while processing the request.")
                     with contextlib.suppress(Exception):  # the response may have started
-                        await generate._error(err, "-")(scope, receive, send)
+                        await error_response(err, "-")(scope, receive, send)
                 return
         await self.app(scope, receive, send)
 

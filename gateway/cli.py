@@ -12,8 +12,12 @@ import os
 import shlex
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from engines import engine_class
+
+if TYPE_CHECKING:
+    from gateway.catalog import Catalog
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -39,14 +43,21 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check(args: argparse.Namespace) -> int:
+def _catalog(args: argparse.Namespace) -> tuple[Path, Catalog | None]:
+    """models.yaml from --config or $GATEWAY_CONFIG; None (problems printed) if invalid."""
     from gateway.catalog import CatalogError, load_catalog
 
     path = Path(args.config or os.environ.get("GATEWAY_CONFIG", "models.yaml"))
     try:
-        catalog = load_catalog(path)
+        return path, load_catalog(path)
     except CatalogError as e:
         print(e, file=sys.stderr)
+        return path, None
+
+
+def _check(args: argparse.Namespace) -> int:
+    path, catalog = _catalog(args)
+    if catalog is None:
         return 1
     print(f"{path}: {len(catalog.models)} model(s), valid")
     for spec in catalog.models:
@@ -61,14 +72,10 @@ def _check(args: argparse.Namespace) -> int:
 def _pull(args: argparse.Namespace) -> int:
     """Fetch and convert what every model needs, without serving (image builds, CI)."""
     from engines.base import EngineContext
-    from gateway.catalog import CatalogError, load_catalog
     from gateway.settings import Settings
 
-    path = Path(args.config or os.environ.get("GATEWAY_CONFIG", "models.yaml"))
-    try:
-        catalog = load_catalog(path)
-    except CatalogError as e:
-        print(e, file=sys.stderr)
+    _, catalog = _catalog(args)
+    if catalog is None:
         return 1
     ctx = EngineContext(cache_dir=Settings().cache_dir, config_dir=catalog.base_dir,
                         progress=lambda line: print(line, flush=True))

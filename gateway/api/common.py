@@ -17,13 +17,21 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from engines.base import ServingError, Usage
-from gateway.errors import AuthenticationError, InvalidRequest, PayloadTooLarge, PermissionDenied
+from gateway.errors import (
+    AuthenticationError,
+    InvalidRequest,
+    PayloadTooLarge,
+    PermissionDenied,
+    error_body,
+    error_headers,
+)
 from gateway.streaming import StreamObserver
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
 
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Scope = MutableMapping[str, Any]
 
 
 class Incoming:
@@ -154,3 +162,24 @@ class RequestRecord(StreamObserver):
         else:
             status = 200
         m.requests.labels(self.model, self.route, f"{status // 100}xx").inc()
+
+
+def error_response(exc: ServingError, rid: str) -> RawResponse:
+    return RawResponse(exc.status, error_body(exc),
+                       [*error_headers(exc), (b"x-request-id", rid.encode())])
+
+
+class RawResponse:
+    """A finished response as two ASGI messages: no header normalisation on the hot path."""
+
+    __slots__ = ("body", "headers", "status")
+
+    def __init__(self, status: int, body: bytes, headers: list[tuple[bytes, bytes]]):
+        self.status = status
+        self.body = body
+        self.headers = headers
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        headers = [*self.headers, (b"content-length", str(len(self.body)).encode())]
+        await send({"type": "http.response.start", "status": self.status, "headers": headers})
+        await send({"type": "http.response.body", "body": self.body})

@@ -8,13 +8,15 @@ from typing import TYPE_CHECKING
 from engines.base import EmbedRequest, ServingError
 from gateway.api.common import (
     Incoming,
+    RawResponse,
     Receive,
     RequestRecord,
+    Scope,
     check_client_key,
+    error_response,
     read_json,
     request_id,
 )
-from gateway.api.generate import Scope, _error, _Raw
 from gateway.errors import InvalidRequest
 from gateway.protocol import embedding_inputs, validate_embedding
 from gateway.streaming import Send
@@ -43,8 +45,8 @@ async def embeddings(gw: Gateway, scope: Scope, receive: Receive, send: Send) ->
             inputs=embedding_inputs(parsed)))
     except ServingError as exc:
         record.finished(None, exc, False)
-        await _error(exc, rid)(scope, receive, send)
+        await error_response(exc, rid)(scope, receive, send)
         return
     record.finished(done.usage, None, False)
-    await _Raw(200, done.body, [(b"content-type", b"application/json"),
+    await RawResponse(200, done.body, [(b"content-type", b"application/json"),
                                 (b"x-request-id", rid.encode())])(scope, receive, send)

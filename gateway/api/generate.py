@@ -11,26 +11,27 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import MutableMapping
 from typing import TYPE_CHECKING, Any, Literal
 
 from engines.base import GenerateRequest, ServingError
 from gateway.api.common import (
     Incoming,
+    RawResponse,
     Receive,
     RequestRecord,
+    Scope,
     check_client_key,
+    error_response,
     read_json,
     request_id,
 )
-from gateway.errors import InvalidRequest, error_body, error_headers
+from gateway.errors import InvalidRequest
 from gateway.protocol import validate_chat, validate_completion
 from gateway.streaming import DisconnectWatch, RelayResponse, Send
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
 
-Scope = MutableMapping[str, Any]
 Route = Literal["chat", "completions"]
 
 _SSE_HEADERS = [
@@ -88,7 +89,7 @@ async def _generate(gw: Gateway, route: Route, scope: Scope, receive: Receive,
                               created=int(time.time()))
     except ServingError as exc:
         record.finished(None, exc, False)
-        await _error(exc, rid)(scope, receive, send)
+        await error_response(exc, rid)(scope, receive, send)
         return
 
     engine = target.engine
@@ -112,7 +113,7 @@ async def _generate(gw: Gateway, route: Route, scope: Scope, receive: Receive,
         return
     except ServingError as exc:
         record.finished(None, exc, False)
-        await _error(exc, rid)(scope, receive, send)
+        await error_response(exc, rid)(scope, receive, send)
         return
     finally:
         watch.close()
@@ -121,7 +122,7 @@ async def _generate(gw: Gateway, route: Route, scope: Scope, receive: Receive,
     timing = _timing(now - start - upstream_s, upstream_s)
     if not stream:
         record.finished(done.usage, None, False)
-        await _Raw(200, done.body, [(b"content-type", b"application/json"),
+        await RawResponse(200, done.body, [(b"content-type", b"application/json"),
                                     (b"x-request-id", rid.encode()),
                                     (b"server-timing", timing)])(scope, receive, send)
         return
@@ -129,23 +130,3 @@ async def _generate(gw: Gateway, route: Route, scope: Scope, receive: Receive,
     headers = [*_SSE_HEADERS, (b"x-request-id", rid.encode()), (b"server-timing", timing)]
     await RelayResponse(first, agen, want_usage=want_usage, headers=headers,
                         observer=record)(scope, receive, send)
-
-
-def _error(exc: ServingError, rid: str) -> _Raw:
-    return _Raw(exc.status, error_body(exc), [*error_headers(exc), (b"x-request-id", rid.encode())])
-
-
-class _Raw:
-    """A finished response as two ASGI messages: no header normalisation on the hot path."""
-
-    __slots__ = ("body", "headers", "status")
-
-    def __init__(self, status: int, body: bytes, headers: list[tuple[bytes, bytes]]):
-        self.status = status
-        self.body = body
-        self.headers = headers
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        headers = [*self.headers, (b"content-length", str(len(self.body)).encode())]
-        await send({"type": "http.response.start", "status": self.status, "headers": headers})
-        await send({"type": "http.response.body", "body": self.body})
