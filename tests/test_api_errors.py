@@ -128,6 +128,12 @@ def test_body_too_large_is_413(embedded_gateway: ServerThread) -> None:
     resp = httpx.post(f"{embedded_gateway.url}/v1/completions", content=chunks())
     assert resp.status_code == 413
 
+    # The SDK has no class of its own for 413: it raises its generic APIStatusError.
+    client = openai.OpenAI(base_url=f"{embedded_gateway.url}/v1", api_key="x", max_retries=0)
+    with pytest.raises(openai.APIStatusError) as info:
+        client.completions.create(model=DEFAULT_MODEL, prompt="a" * (limit + 10))
+    assert info.value.status_code == 413
+
 
 def test_dangerous_fields_refused(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as info:
