@@ -1,14 +1,16 @@
 """The engine for any OpenAI-compatible upstream, and the base of the vLLM, LMDeploy and sim
 engines.
 
-Owns the upstream hop: one aiohttp session per engine, picking an endpoint (fewest
-outstanding requests among healthy ones), one retry on another endpoint before the first
-byte, relaying non-streamed bodies and streamed SSE bytes, normalising upstream errors into
-`engines.base.ServingError`s, a background loop that checks `/health`, scrapes the workers'
-`/metrics`, and re-applies adapters to a worker that comes back, and the runtime LoRA API
-(`/v1/load_lora_adapter`, `/v1/unload_lora_adapter`) on every endpoint. It does not launch
-workers (subclasses do, through `start_workers`), validate client requests, frame SSE for
-the client, or count anything for the gateway's metrics: those belong to the gateway.
+Owns the upstream hop: one keep-alive connection pool per endpoint (`engines.http1`) for
+the generate and embedding requests and one aiohttp session for the cold paths (health,
+metrics, adapters), picking an endpoint (fewest outstanding requests among healthy ones),
+one retry on another endpoint before the first byte, relaying non-streamed bodies and
+streamed SSE bytes, normalising upstream errors into `engines.base.ServingError`s, a
+background loop that checks `/health`, scrapes the workers' `/metrics`, and re-applies
+adapters to a worker that comes back, and the runtime LoRA API (`/v1/load_lora_adapter`,
+`/v1/unload_lora_adapter`) on every endpoint. It does not launch workers (subclasses do,
+through `start_workers`), validate client requests, frame SSE for the client, or count
+anything for the gateway's metrics: those belong to the gateway.
 
 Hooks for subclasses:
 - `start_workers()` returns the workers' base URLs (default: `spec.endpoints`);
@@ -19,9 +21,12 @@ Hooks for subclasses:
   path from byte relay to parse → transform → dump (the fast path never calls them);
 - `OPTIONS` and `check_options()` type the `options:` keys the engine accepts.
 
-Why aiohttp rather than httpx for this hop: measured here (docs/benchmarks.md) aiohttp's
-client spends markedly less CPU per request and sustains more requests/s through one core
-at 64 concurrent requests; every microsecond of this hop is the gateway's overhead.
+Why a hand-written client (`engines.http1`) rather than aiohttp or httpx for the hot path:
+aiohttp's client was ~30 % of the gateway's CPU at 64 concurrent non-streamed requests
+(httpx's far more: docs/benchmarks.md), the hand-written one ~4 times cheaper per request
+(numbers in `engines.http1`); every microsecond of this hop is the gateway's overhead.
+The request bytes are built once per request from a per-endpoint, per-route head (request
+line, Host, Content-Type, Authorization) in one `%` operation.
 
 Why the stream relay is hand-written: each upstream read is split at the last `\\n\\n`
 (`engines.sse.SSEBuffer`) and the run of complete events is yielded as the very bytes the
@@ -41,8 +46,8 @@ from typing import Any, ClassVar
 
 import aiohttp
 import orjson
-from yarl import URL
 
+from engines import http1
 from engines.base import (
     AdapterError,
     Completed,
@@ -118,12 +123,15 @@ def _base_url(url: str) -> str:
 
 @dataclass(slots=True, eq=False)
 class _Endpoint:
-    """One upstream worker: its URLs (built once), load and health."""
+    """One upstream worker: its connection pool, request heads (built once), load and
+    health."""
 
     url: str
-    chat: URL
-    completions: URL
-    embeddings: URL
+    pool: http1.Pool | None = None
+    # Per route: request line, Host and the fixed headers (see `connect`).
+    chat: bytes = b""
+    completions: bytes = b""
+    embeddings: bytes = b""
     outstanding: int = 0
     healthy: bool = False
     detail: str = "not checked yet"
@@ -131,13 +139,15 @@ class _Endpoint:
 
     @classmethod
     def make(cls, url: str) -> _Endpoint:
-        base = _base_url(url)
-        return cls(
-            url=base,
-            chat=URL(base + "/v1/chat/completions"),
-            completions=URL(base + "/v1/completions"),
-            embeddings=URL(base + "/v1/embeddings"),
+        return cls(url=_base_url(url))
+
+    def connect(self, headers: dict[str, str], connect_timeout: float, read_timeout: float) -> None:
+        pool = self.pool = http1.Pool(
+            self.url, connect_timeout=connect_timeout, read_timeout=read_timeout
         )
+        self.chat = pool.request_head("POST", "/v1/chat/completions", headers)
+        self.completions = pool.request_head("POST", "/v1/completions", headers)
+        self.embeddings = pool.request_head("POST", "/v1/embeddings", headers)
 
 
 def _no_progress(*_args: Any, **_kw: Any) -> None:
@@ -237,7 +247,8 @@ class OpenAIEngine:
         this (launch, then return their URLs); `start()` then waits for their health."""
         return list(self.spec.endpoints)
 
-    def _make_session(self) -> aiohttp.ClientSession:
+    def _upstream_headers(self) -> dict[str, str]:
+        """Headers every upstream request carries (Content-Type, Authorization)."""
         headers = {"Content-Type": "application/json"}
         if self.spec.api_key_env:
             key = os.environ.get(self.spec.api_key_env)
@@ -247,6 +258,11 @@ class OpenAIEngine:
                     f"{self.spec.api_key_env} (api_key_env) is not set"
                 )
             headers["Authorization"] = f"Bearer {key}"
+        return headers
+
+    def _make_session(self) -> aiohttp.ClientSession:
+        """The cold paths' session (health, metrics, adapters)."""
+        headers = self._upstream_headers()
         o = self.options
         return aiohttp.ClientSession(
             # No pool limit: the gateway's admission control bounds concurrency, and a
@@ -269,6 +285,11 @@ class OpenAIEngine:
             if not urls:
                 raise EngineUnavailable(f"model {self.spec.name!r}: no endpoints")
             self._endpoints = [_Endpoint.make(u) for u in urls]
+            headers = self._upstream_headers()
+            connect_s = float(self.options["connect_timeout_s"])
+            read_s = float(self.options["read_timeout_s"])
+            for ep in self._endpoints:
+                ep.connect(headers, connect_s, read_s)
             await self._wait_healthy(float(self.options["start_timeout_s"]))
             await self.apply_start_adapters()
             self._health_task = asyncio.create_task(
@@ -288,6 +309,8 @@ class OpenAIEngine:
             await session.close()
         for ep in self._endpoints:
             ep.healthy, ep.detail = False, "stopped"
+            if ep.pool is not None:
+                ep.pool.close()
 
     async def _wait_healthy(self, timeout_s: float) -> None:
         loop = asyncio.get_running_loop()
@@ -385,33 +408,45 @@ class OpenAIEngine:
         return orjson.dumps(body)
 
     async def _send(
-        self, route: str, data: bytes, request_id: str
-    ) -> tuple[_Endpoint, aiohttp.ClientResponse]:
+        self, route: str, data: bytes, request_id: str, stream: bool
+    ) -> tuple[_Endpoint, Any]:
         """POST to a picked endpoint; before any response byte, retry a failed connection
         once on another endpoint (or the same one when it is the only one and the failure
-        was a dropped keep-alive connection). Returns with the endpoint's outstanding count
-        raised; the caller lowers it."""
-        session = self._session
-        if session is None:
+        was a dropped connection). Returns the endpoint, with its outstanding count raised
+        (the caller lowers it), and an `http1.Stream` (stream) or a whole `http1.Response`."""
+        if self._session is None:
             raise EngineUnavailable(f"model {self.spec.name!r} is not started")
         ep = self._pick()
         if ep is None:
             raise EngineUnavailable(f"model {self.spec.name!r} has no endpoints")
-        headers = {"X-Request-Id": request_id} if self._forward_id else None
+        rid = (
+            request_id.encode()
+            if self._forward_id and request_id.isascii() and request_id.isprintable()
+            else None
+        )
         for attempt in (0, 1):
+            pool = ep.pool
+            if pool is None:
+                raise EngineUnavailable(f"model {self.spec.name!r} is not started")
+            head: bytes = getattr(ep, route)
+            if rid is None:
+                req = b"%sContent-Length: %d\r\n\r\n%s" % (head, len(data), data)
+            else:
+                req = b"%sX-Request-Id: %s\r\nContent-Length: %d\r\n\r\n%s" % (
+                    head,
+                    rid,
+                    len(data),
+                    data,
+                )
             ep.outstanding += 1
             try:
-                resp = await session.post(getattr(ep, route), data=data, headers=headers)
+                resp: Any = await (pool.stream(req) if stream else pool.fetch(req))
             except TimeoutError as e:
                 ep.outstanding -= 1
                 raise EngineTimeout(f"upstream {ep.url} did not answer in time: {e!r}") from e
-            except (
-                aiohttp.ClientConnectorError,
-                aiohttp.ServerDisconnectedError,
-                aiohttp.ClientOSError,
-            ) as e:
+            except (http1.ConnectError, http1.Disconnected) as e:
                 ep.outstanding -= 1
-                refused = isinstance(e, aiohttp.ClientConnectorError)
+                refused = isinstance(e, http1.ConnectError)
                 if refused:
                     ep.healthy, ep.detail = False, f"connection failed: {e}"
                 other = self._pick(ep)
@@ -419,42 +454,38 @@ class OpenAIEngine:
                     ep = other or ep
                     continue
                 raise EngineUnavailable(f"upstream {ep.url} unreachable: {e}") from e
-            except aiohttp.ClientError as e:
+            except http1.ProtocolError as e:
                 ep.outstanding -= 1
-                raise UpstreamError(f"upstream {ep.url} failed: {e!r}") from e
+                raise UpstreamError(f"upstream {ep.url} failed mid-response: {e}") from e
             except BaseException:
                 ep.outstanding -= 1
                 raise
             return ep, resp
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def _read_error(self, ep: _Endpoint, resp: aiohttp.ClientResponse) -> ServingError:
-        try:
-            body = await resp.read()
-        except (aiohttp.ClientError, TimeoutError):
-            body = b""
-        err = self.normalise_error(resp.status, body)
-        if isinstance(err, EngineOverloaded):
+    def _answer_error(self, status: int, body: bytes, retry_after: bytes | None) -> ServingError:
+        err = self.normalise_error(status, body)
+        if isinstance(err, EngineOverloaded) and retry_after is not None:
             with contextlib.suppress(ValueError):
-                err.retry_after = float(resp.headers.get("Retry-After", err.retry_after))
+                err.retry_after = float(retry_after)
         return err
 
-    async def _request(self, route: str, data: bytes, request_id: str) -> bytes:
-        """A whole upstream answer's body (non-streamed routes)."""
-        ep, resp = await self._send(route, data, request_id)
+    async def _read_error(self, ep: _Endpoint, resp: http1.Stream) -> ServingError:
         try:
-            if resp.status != 200:
-                raise await self._read_error(ep, resp)
-            return await resp.read()
-        except TimeoutError as e:
-            raise EngineTimeout(f"upstream {ep.url} stalled: {e!r}") from e
-        except aiohttp.ClientError as e:
-            raise UpstreamError(f"upstream {ep.url} failed mid-response: {e!r}") from e
-        finally:
-            ep.outstanding -= 1
-            # Closing an unread response drops its connection: that is how a cancelled
-            # request reaches the upstream at once. After a full read it is a no-op.
-            resp.close()
+            body = await resp.read()
+        except (http1.ProtocolError, TimeoutError):
+            body = b""
+        return self._answer_error(resp.status, body, resp.header(b"retry-after"))
+
+    async def _request(self, route: str, data: bytes, request_id: str) -> bytes:
+        """A whole upstream answer's body (non-streamed routes). A cancelled request closes
+        its connection (inside `http1`): that is how it reaches the upstream at once."""
+        ep, resp = await self._send(route, data, request_id, False)
+        ep.outstanding -= 1
+        if resp.status != 200:
+            raise self._answer_error(resp.status, resp.body, resp.header(b"retry-after"))
+        body: bytes = resp.body
+        return body
 
     def _decode(self, body: bytes) -> dict[str, Any]:
         try:
@@ -498,23 +529,24 @@ class OpenAIEngine:
 
     async def stream(self, req: GenerateRequest) -> AsyncIterator[bytes]:
         route = "chat" if req.route == "chat" else "completions"
-        ep, resp = await self._send(route, self._encode(req.body, req.adapter), req.request_id)
-        clean = False
+        ep, resp = await self._send(
+            route, self._encode(req.body, req.adapter), req.request_id, True
+        )
         try:
             if resp.status != 200:
                 raise await self._read_error(ep, resp)
             rename = self._rename if req.adapter is None else None
             slow = rename is not None or self._custom_chunk
             buf = SSEBuffer()
-            read = resp.content.readany
+            read = resp.read_chunk
             done = False
             while True:
                 try:
                     data = await read()
                 except TimeoutError as e:
                     raise EngineTimeout(f"upstream {ep.url} stalled mid-stream") from e
-                except aiohttp.ClientError as e:
-                    raise UpstreamError(f"upstream {ep.url} broke the stream: {e!r}") from e
+                except http1.ProtocolError as e:
+                    raise UpstreamError(f"upstream {ep.url} broke the stream: {e}") from e
                 if not data:
                     break
                 run = buf.feed(data)
@@ -539,15 +571,12 @@ class OpenAIEngine:
                 yield run
             if not done:
                 raise UpstreamError(f"upstream {ep.url} ended the stream before [DONE]")
-            clean = True
         finally:
             ep.outstanding -= 1
-            if clean:
-                resp.release()
-            else:
-                # Consumer gone or upstream broken: drop the connection so the upstream
-                # sees the disconnect and stops generating.
-                resp.close()
+            # A body read to its end returns the connection to the pool; anything else
+            # (consumer gone, upstream broken, an error event) closes it, so the upstream
+            # sees the disconnect and stops generating.
+            resp.release()
 
     # ------------------------------------------------------------------ slow path pieces
 
