@@ -24,7 +24,7 @@ from starlette.routing import Route
 
 from engines.base import EngineContext, ServingError
 from gateway.api import adapters, embeddings, generate, models, ops
-from gateway.api.common import error_response
+from gateway.api.common import RequestIds, error_response
 from gateway.catalog import Catalog, load_catalog
 from gateway.errors import InvalidRequest, NotFound, error_body, error_headers
 from gateway.metrics import Metrics
@@ -45,6 +45,7 @@ class Gateway:
             context=EngineContext(cache_dir=settings.cache_dir, config_dir=catalog.base_dir,
                                   progress=_progress))
         self.metrics = Metrics(self.served.statuses, self.served.adapter_counts)
+        self.request_ids = RequestIds()
 
 
 def _progress(line: str) -> None:

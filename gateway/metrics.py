@@ -65,6 +65,23 @@ class _EngineCollector(Collector):
         yield from (running, waiting, ready, healthy, w_running, w_waiting, kv, accept)
 
 
+class RouteMetrics:
+    """The labelled children one (model, route) pair updates on every request, resolved
+    once: prometheus-client's `labels()` was 6–9% of the gateway's CPU under load."""
+
+    __slots__ = ("completion_tokens", "duration", "in_flight", "itl", "ok", "prompt_tokens",
+                 "ttft")
+
+    def __init__(self, m: Metrics, model: str, route: str):
+        self.in_flight = m.in_flight.labels(model, route)
+        self.duration = m.duration.labels(model, route)
+        self.ok = m.requests.labels(model, route, "2xx")
+        self.ttft = m.ttft.labels(model)
+        self.itl = m.itl.labels(model)
+        self.prompt_tokens = m.prompt_tokens.labels(model)
+        self.completion_tokens = m.completion_tokens.labels(model)
+
+
 class Metrics:
     def __init__(self, statuses: Callable[[], dict[str, EngineStatus]],
                  adapters: Callable[[], dict[str, int]]):
@@ -98,7 +115,15 @@ class Metrics:
         self.adapters_loaded = Gauge("gateway_adapters_loaded", "LoRA adapters loaded",
                                      ["model"], registry=r)
         self._adapters = adapters
+        self._routes: dict[tuple[str, str], RouteMetrics] = {}
         r.register(_EngineCollector(statuses))
+
+    def route(self, model: str, route: str) -> RouteMetrics:
+        key = (model, route)
+        found = self._routes.get(key)
+        if found is None:
+            found = self._routes[key] = RouteMetrics(self, model, route)
+        return found
 
     def render(self) -> bytes:
         for model, count in self._adapters().items():

@@ -34,6 +34,9 @@ if TYPE_CHECKING:
 
 Route = Literal["chat", "completions"]
 
+# How long a request may run before a task starts watching for the client leaving.
+WATCH_DELAY_S = 0.02
+
 _SSE_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
     (b"cache-control", b"no-cache"),
@@ -59,7 +62,7 @@ async def _generate(gw: Gateway, route: Route, scope: Scope, receive: Receive,
     start = time.perf_counter()
     record = RequestRecord(gw, route, start)
     inc = Incoming(scope, receive)
-    rid = request_id(inc)
+    rid = request_id(inc, gw.request_ids)
     try:
         check_client_key(gw, inc)
         body = await read_json(inc, gw.settings.max_body_bytes)
@@ -93,7 +96,7 @@ async def _generate(gw: Gateway, route: Route, scope: Scope, receive: Receive,
         return
 
     engine = target.engine
-    watch = DisconnectWatch(receive)
+    watch = DisconnectWatch(receive, delay=WATCH_DELAY_S)
     upstream_start = time.perf_counter()
     try:
         if not stream:
