@@ -140,14 +140,26 @@ class Proof:
         except Exception as exc:
             text = f"{type(exc).__name__}: {exc}"
             log(f"!!! {name} failed: {text}")
-            self.results["steps"][name] = {"ok": False, "took_s": round(time.time() - t0, 2),
-                                           "error": text}
-            self.results["errors"].append({"step": name, "error": text,
-                                           "trace": traceback.format_exc()[-3000:]})
+            self.results["steps"][name] = {
+                "ok": False,
+                "took_s": round(time.time() - t0, 2),
+                "error": text,
+            }
+            self.results["errors"].append(
+                {"step": name, "error": text, "trace": traceback.format_exc()[-3000:]}
+            )
             return None
 
-    def http(self, method: str, path: str, body: Any = None, *, admin: bool = False,
-             timeout: float = 30.0, base: str | None = None) -> tuple[int, dict[str, str], bytes]:
+    def http(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        admin: bool = False,
+        timeout: float = 30.0,
+        base: str | None = None,
+    ) -> tuple[int, dict[str, str], bytes]:
         url = (base or self.base) + path
         data = json.dumps(body).encode() if body is not None else None
         req = urllib.request.Request(url, data=data, method=method)
@@ -185,8 +197,15 @@ class Proof:
                 m.pop("engine_args", None)
                 m.pop("model", None)
                 opts = m.setdefault("options", {})
-                for key in ("stop_grace_s", "env", "command", "gpu_ids", "base_port",
-                            "backend", "cache_max_entry_count"):
+                for key in (
+                    "stop_grace_s",
+                    "env",
+                    "command",
+                    "gpu_ids",
+                    "base_port",
+                    "backend",
+                    "cache_max_entry_count",
+                ):
                     opts.pop(key, None)
                 opts.update({"ttft_ms": 20, "itl_ms": 3})
                 if m.get("lora"):
@@ -195,7 +214,10 @@ class Proof:
             # The console script is missing from PATH: run vLLM's CLI module instead.
             for m in cfg["models"]:
                 m.setdefault("options", {})["command"] = [
-                    sys.executable, "-m", "vllm.entrypoints.cli.main"]
+                    sys.executable,
+                    "-m",
+                    "vllm.entrypoints.cli.main",
+                ]
             self.results["vllm_program"] = "python3 -m vllm.entrypoints.cli.main"
         self.models = [m["name"] for m in cfg["models"]]
         path = self.work / "models.yaml"
@@ -204,26 +226,37 @@ class Proof:
         return path
 
     def check(self, cfg: Path) -> None:
-        p = subprocess.run([sys.executable, "-m", "gateway", "check", "--config", str(cfg)],
-                           cwd=ROOT, capture_output=True, text=True, timeout=60,
-                           env=self.env())
-        self.results["gateway_check"] = {"rc": p.returncode, "stdout": p.stdout,
-                                         "stderr": p.stderr[-2000:]}
+        p = subprocess.run(
+            [sys.executable, "-m", "gateway", "check", "--config", str(cfg)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=self.env(),
+        )
+        self.results["gateway_check"] = {
+            "rc": p.returncode,
+            "stdout": p.stdout,
+            "stderr": p.stderr[-2000:],
+        }
         print(p.stdout + p.stderr, flush=True)
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
-        env.update({
-            "PYTHONPATH": str(ROOT) + (":" + env["PYTHONPATH"] if env.get("PYTHONPATH") else ""),
-            "PYTHONUNBUFFERED": "1",
-            "GATEWAY_ADMIN_KEY": ADMIN_KEY,
-            "GATEWAY_CACHE_DIR": str(self.cache),
-            "GATEWAY_LOG_LEVEL": "info",
-            "HF_HUB_OFFLINE": "1",
-            "VLLM_USE_FLASHINFER_SAMPLER": "0",
-            "VLLM_NO_USAGE_STATS": "1",
-            "DO_NOT_TRACK": "1",
-        })
+        env.update(
+            {
+                "PYTHONPATH": str(ROOT)
+                + (":" + env["PYTHONPATH"] if env.get("PYTHONPATH") else ""),
+                "PYTHONUNBUFFERED": "1",
+                "GATEWAY_ADMIN_KEY": ADMIN_KEY,
+                "GATEWAY_CACHE_DIR": str(self.cache),
+                "GATEWAY_LOG_LEVEL": "info",
+                "HF_HUB_OFFLINE": "1",
+                "VLLM_USE_FLASHINFER_SAMPLER": "0",
+                "VLLM_NO_USAGE_STATS": "1",
+                "DO_NOT_TRACK": "1",
+            }
+        )
         return env
 
     # ------------------------------------------------------------------ adapter (peft)
@@ -234,9 +267,13 @@ class Proof:
         script = ROOT / ".carry" / "s" / "make_lora.py"
         logf = (self.work / "make_lora.log").open("wb")
         # CPU-only (transformers loads to CPU): it runs while the vLLM workers start.
-        self.lora_proc = subprocess.Popen([sys.executable, str(script), "1.0"], cwd=ROOT,
-                                          stdout=logf, stderr=subprocess.STDOUT,
-                                          env=self.env())
+        self.lora_proc = subprocess.Popen(
+            [sys.executable, str(script), "1.0"],
+            cwd=ROOT,
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            env=self.env(),
+        )
 
     def wait_make_lora(self) -> None:
         if self.lora_proc is None:
@@ -261,10 +298,24 @@ class Proof:
         logf.flush()
         self.t_launch = time.time()
         self.gw = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "serve", "--config", str(cfg),
-             "--host", "127.0.0.1", "--port", str(self.port)],
-            cwd=ROOT, stdout=logf, stderr=subprocess.STDOUT, env=self.env(),
-            start_new_session=True)
+            [
+                sys.executable,
+                "-m",
+                "gateway",
+                "serve",
+                "--config",
+                str(cfg),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+            ],
+            cwd=ROOT,
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            env=self.env(),
+            start_new_session=True,
+        )
 
     def wait_ready(self, limit_s: float) -> bool:
         assert self.gw is not None
@@ -280,8 +331,10 @@ class Proof:
                     return True
             if time.time() >= next_note:
                 last = self._gw_log_lines()[-1:] or [""]
-                log(f"waiting for the gateway ({time.time() - self.t_launch:.0f} s): "
-                    f"{last[0][:160]}")
+                log(
+                    f"waiting for the gateway ({time.time() - self.t_launch:.0f} s): "
+                    f"{last[0][:160]}"
+                )
                 next_note += 10
             time.sleep(0.5)
         log(f"gateway not ready after {limit_s:.0f} s")
@@ -302,8 +355,11 @@ class Proof:
             limit = min(self.args.ready_timeout_s, self.left() - 60)
             ok = self.wait_ready(limit)
             took = time.time() - self.t_launch
-            attempt: dict[str, Any] = {"config_models": list(self.models), "ok": ok,
-                                       "seconds": round(took, 1)}
+            attempt: dict[str, Any] = {
+                "config_models": list(self.models),
+                "ok": ok,
+                "seconds": round(took, 1),
+            }
             attempts.append(attempt)
             if ok:
                 log(f"gateway ready {took:.1f} s after launch")
@@ -322,14 +378,20 @@ class Proof:
             lines = self._gw_log_lines()
             attempt["log_tail"] = "\n".join(lines[-80:])
             self.stop_gateway()
-            failed = sorted({m.group(1) for line in lines
-                             for m in [re.search(r"model '([^']+)' failed to start", line)]
-                             if m})
+            failed = sorted(
+                {
+                    m.group(1)
+                    for line in lines
+                    for m in [re.search(r"model '([^']+)' failed to start", line)]
+                    if m
+                }
+            )
             attempt["failed_models"] = failed
             keep = [n for n in self.models if n not in failed]
             if not failed or not keep or self.left() < 260:
-                raise RuntimeError(f"gateway did not become ready (failed: {failed or '?'}); "
-                                   "see gateway.log")
+                raise RuntimeError(
+                    f"gateway did not become ready (failed: {failed or '?'}); see gateway.log"
+                )
             log(f"retrying without {failed}")
             data = yaml.safe_load(current.read_text())
             data["models"] = [m for m in data["models"] if m["name"] in keep]
@@ -353,7 +415,8 @@ class Proof:
                     os.killpg(gw.pid, signal.SIGKILL)
                 gw.wait(timeout=10)
         self.results.setdefault("stop", []).append(
-            {"rc": gw.returncode, "seconds": round(time.time() - t0, 1)})
+            {"rc": gw.returncode, "seconds": round(time.time() - t0, 1)}
+        )
         log(f"gateway stopped (rc {gw.returncode}) in {time.time() - t0:.1f} s")
         # Workers live in their own sessions: if the gateway died hard they may remain.
         # Kill only processes whose command line is one the gateway launched from our config.
@@ -392,8 +455,11 @@ class Proof:
                 cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
             except OSError:
                 continue
-            if "/root/smol" in cmd and ("vllm" in cmd or "lmdeploy" in cmd) and (
-                    "--served-model-name" in cmd or "--model-name" in cmd):
+            if (
+                "/root/smol" in cmd
+                and ("vllm" in cmd or "lmdeploy" in cmd)
+                and ("--served-model-name" in cmd or "--model-name" in cmd)
+            ):
                 pids.append(int(entry.name))
         return pids
 
@@ -421,9 +487,13 @@ class Proof:
             try:
                 t0 = time.perf_counter()
                 stream = client.chat.completions.create(
-                    model=model, messages=[{"role": "user", "content": QUESTION}],
-                    max_tokens=48, temperature=0, stream=True,
-                    stream_options={"include_usage": True})
+                    model=model,
+                    messages=[{"role": "user", "content": QUESTION}],
+                    max_tokens=48,
+                    temperature=0,
+                    stream=True,
+                    stream_options={"include_usage": True},
+                )
                 parts: list[str] = []
                 ttft = None
                 usage = None
@@ -433,36 +503,50 @@ class Proof:
                             ttft = time.perf_counter() - t0
                             if "first_token_after_launch_s" not in self.results["start"]:
                                 self.results["start"]["first_token_after_launch_s"] = round(
-                                    time.time() - self.t_launch, 1)
+                                    time.time() - self.t_launch, 1
+                                )
                                 self.results["start"]["first_token_model"] = model
                         parts.append(chunk.choices[0].delta.content)
                     if chunk.usage is not None:
                         usage = chunk.usage.model_dump()
-                rec["stream"] = {"text": "".join(parts), "ttft_s": round(ttft or -1, 4),
-                                 "total_s": round(time.perf_counter() - t0, 4),
-                                 "chunks": len(parts), "usage": usage}
+                rec["stream"] = {
+                    "text": "".join(parts),
+                    "ttft_s": round(ttft or -1, 4),
+                    "total_s": round(time.perf_counter() - t0, 4),
+                    "chunks": len(parts),
+                    "usage": usage,
+                }
                 log(f"{model} streamed (TTFT {ttft or -1:.3f} s): {''.join(parts)!r}")
             except Exception as exc:
                 rec["stream_error"] = f"{type(exc).__name__}: {exc}"
-                self.results["errors"].append({"step": f"chat {model} stream",
-                                               "error": rec["stream_error"]})
+                self.results["errors"].append(
+                    {"step": f"chat {model} stream", "error": rec["stream_error"]}
+                )
                 log(f"!!! {model} stream: {rec['stream_error']}")
             try:
                 t0 = time.perf_counter()
                 resp = client.chat.completions.create(
-                    model=model, messages=[{"role": "user", "content": QUESTION}],
-                    max_tokens=48, temperature=0)
+                    model=model,
+                    messages=[{"role": "user", "content": QUESTION}],
+                    max_tokens=48,
+                    temperature=0,
+                )
                 took = time.perf_counter() - t0
                 text = resp.choices[0].message.content
-                rec["whole"] = {"text": text, "seconds": round(took, 4),
-                                "finish_reason": resp.choices[0].finish_reason,
-                                "usage": resp.usage.model_dump() if resp.usage else None,
-                                "model": resp.model, "id": resp.id}
+                rec["whole"] = {
+                    "text": text,
+                    "seconds": round(took, 4),
+                    "finish_reason": resp.choices[0].finish_reason,
+                    "usage": resp.usage.model_dump() if resp.usage else None,
+                    "model": resp.model,
+                    "id": resp.id,
+                }
                 log(f"{model} whole ({took:.3f} s): {text!r}")
             except Exception as exc:
                 rec["whole_error"] = f"{type(exc).__name__}: {exc}"
-                self.results["errors"].append({"step": f"chat {model} whole",
-                                               "error": rec["whole_error"]})
+                self.results["errors"].append(
+                    {"step": f"chat {model} whole", "error": rec["whole_error"]}
+                )
                 log(f"!!! {model} whole: {rec['whole_error']}")
 
     # ------------------------------------------------------------------ 3. ngram
@@ -494,19 +578,30 @@ class Proof:
         for prompt in REPEAT_PROMPTS:
             t1 = time.perf_counter()
             resp = client.chat.completions.create(
-                model=model, messages=[{"role": "user", "content": prompt}],
-                max_tokens=128, temperature=0)
+                model=model,
+                messages=[{"role": "user", "content": prompt}],
+                max_tokens=128,
+                temperature=0,
+            )
             text = resp.choices[0].message.content or ""
             toks = resp.usage.completion_tokens if resp.usage else None
-            outs.append({"prompt": prompt, "text": text, "completion_tokens": toks,
-                         "seconds": round(time.perf_counter() - t1, 4)})
+            outs.append(
+                {
+                    "prompt": prompt,
+                    "text": text,
+                    "completion_tokens": toks,
+                    "seconds": round(time.perf_counter() - t1, 4),
+                }
+            )
             log(f"ngram {toks} tok in {time.perf_counter() - t1:.3f} s: {text[:100]!r}")
         rec["requests"] = outs
         rec["requests_seconds"] = round(time.perf_counter() - t0, 3)
         after = self.worker_metrics(url)
         rec["metrics_after"] = after
-        acc_k, draft_k = ("vllm:spec_decode_num_accepted_tokens_total",
-                          "vllm:spec_decode_num_draft_tokens_total")
+        acc_k, draft_k = (
+            "vllm:spec_decode_num_accepted_tokens_total",
+            "vllm:spec_decode_num_draft_tokens_total",
+        )
         acc = after.get(acc_k, 0.0) - before.get(acc_k, 0.0)
         draft = after.get(draft_k, 0.0) - before.get(draft_k, 0.0)
         drafts_k = "vllm:spec_decode_num_drafts_total"
@@ -516,9 +611,11 @@ class Proof:
         rec["drafts"] = drafts
         rec["acceptance_ratio"] = round(acc / draft, 4) if draft else None
         rec["mean_acceptance_length"] = round(1 + acc / drafts, 3) if drafts else None
-        log(f"ngram: accepted {acc:.0f} of {draft:.0f} draft tokens "
+        log(
+            f"ngram: accepted {acc:.0f} of {draft:.0f} draft tokens "
             f"({rec['acceptance_ratio']}), {drafts:.0f} drafts, "
-            f"mean acceptance length {rec['mean_acceptance_length']}")
+            f"mean acceptance length {rec['mean_acceptance_length']}"
+        )
         # The gateway scrapes worker metrics every health_interval_s (2 s in models.yaml).
         time.sleep(5)
         lines = self.gateway_metric("gateway_worker_spec_decode_acceptance_ratio")
@@ -535,8 +632,11 @@ class Proof:
 
         def greedy(model: str) -> str:
             r = client.chat.completions.create(
-                model=model, messages=[{"role": "user", "content": LORA_PROMPT}],
-                max_tokens=40, temperature=0)
+                model=model,
+                messages=[{"role": "user", "content": LORA_PROMPT}],
+                max_tokens=40,
+                temperature=0,
+            )
             return r.choices[0].message.content or ""
 
         rec["base_output"] = greedy("smol")
@@ -546,15 +646,22 @@ class Proof:
             rec["cycles"].append(c)
             t0 = time.perf_counter()
             status, headers, body = self.http(
-                "POST", "/v1/load_lora_adapter",
+                "POST",
+                "/v1/load_lora_adapter",
                 {"lora_name": "lora1", "lora_path": self.lora_path, "base_model": "smol"},
-                admin=True, timeout=120)
-            c["load"] = {"status": status, "seconds": round(time.perf_counter() - t0, 4),
-                         "server_timing": headers.get("server-timing")
-                         or headers.get("Server-Timing"),
-                         "body": body.decode(errors="replace")[:300]}
-            log(f"load #{cycle + 1}: {status} in {c['load']['seconds']:.3f} s "
-                f"({c['load']['server_timing']}): {c['load']['body']}")
+                admin=True,
+                timeout=120,
+            )
+            c["load"] = {
+                "status": status,
+                "seconds": round(time.perf_counter() - t0, 4),
+                "server_timing": headers.get("server-timing") or headers.get("Server-Timing"),
+                "body": body.decode(errors="replace")[:300],
+            }
+            log(
+                f"load #{cycle + 1}: {status} in {c['load']['seconds']:.3f} s "
+                f"({c['load']['server_timing']}): {c['load']['body']}"
+            )
             if status != 200:
                 raise RuntimeError(f"load answered {status}: {body[:300]!r}")
             listing = client.models.list()
@@ -569,17 +676,26 @@ class Proof:
                 log(f"lora1: {out!r} (differs from base: {rec['differs_from_base']})")
                 # Streamed through the adapter too.
                 s = client.chat.completions.create(
-                    model="lora1", messages=[{"role": "user", "content": LORA_PROMPT}],
-                    max_tokens=40, temperature=0, stream=True)
+                    model="lora1",
+                    messages=[{"role": "user", "content": LORA_PROMPT}],
+                    max_tokens=40,
+                    temperature=0,
+                    stream=True,
+                )
                 rec["lora_stream_output"] = "".join(
-                    ch.choices[0].delta.content or "" for ch in s if ch.choices)
+                    ch.choices[0].delta.content or "" for ch in s if ch.choices
+                )
                 rec["base_after_load"] = greedy("smol")
                 log(f"base smol with lora1 loaded: {rec['base_after_load']!r}")
             t0 = time.perf_counter()
-            status, _, body = self.http("POST", "/v1/unload_lora_adapter",
-                                        {"lora_name": "lora1"}, admin=True, timeout=120)
-            c["unload"] = {"status": status, "seconds": round(time.perf_counter() - t0, 4),
-                           "body": body.decode(errors="replace")[:300]}
+            status, _, body = self.http(
+                "POST", "/v1/unload_lora_adapter", {"lora_name": "lora1"}, admin=True, timeout=120
+            )
+            c["unload"] = {
+                "status": status,
+                "seconds": round(time.perf_counter() - t0, 4),
+                "body": body.decode(errors="replace")[:300],
+            }
             log(f"unload #{cycle + 1}: {status} in {c['unload']['seconds']:.3f} s")
             try:
                 greedy("lora1")
@@ -590,9 +706,9 @@ class Proof:
             c["listed_after_unload"] = any(m.id == "lora1" for m in client.models.list().data)
             log(f"after unload: {c['after_unload']}; listed: {c['listed_after_unload']}")
         # A path outside the roots never reaches a worker.
-        status, _, body = self.http("POST", "/v1/load_lora_adapter",
-                                    {"lora_name": "bad", "lora_path": "/etc"},
-                                    admin=True)
+        status, _, body = self.http(
+            "POST", "/v1/load_lora_adapter", {"lora_name": "bad", "lora_path": "/etc"}, admin=True
+        )
         rec["outside_root"] = {"status": status, "body": body.decode(errors="replace")[:300]}
 
     # ------------------------------------------------------------------ LMDeploy shapes
@@ -613,22 +729,30 @@ class Proof:
                 if where == "gateway" and not extra:
                     # The gateway would apply request_defaults (temperature 0): skip.
                     continue
-                status, _, raw = self.http("POST", "/v1/chat/completions", body, base=base,
-                                           timeout=60)
+                status, _, raw = self.http(
+                    "POST", "/v1/chat/completions", body, base=base, timeout=60
+                )
                 doc = json.loads(raw)
                 msg = (doc.get("choices") or [{}])[0].get("message", {})
-                rec[f"{label}_{where}"] = {"status": status, "text": msg.get("content"),
-                                           "keys": sorted(doc),
-                                           "message_keys": sorted(msg)}
-                log(f"lmdeploy {label} {where}: {status} {msg.get('content')!r} "
-                    f"keys={sorted(doc)} message_keys={sorted(msg)}")
+                rec[f"{label}_{where}"] = {
+                    "status": status,
+                    "text": msg.get("content"),
+                    "keys": sorted(doc),
+                    "message_keys": sorted(msg),
+                }
+                log(
+                    f"lmdeploy {label} {where}: {status} {msg.get('content')!r} "
+                    f"keys={sorted(doc)} message_keys={sorted(msg)}"
+                )
         # The first raw SSE lines of a stream, direct and through the gateway.
-        body = {"model": model, "messages": msgs, "max_tokens": 8, "temperature": 0,
-                "stream": True}
+        body = {"model": model, "messages": msgs, "max_tokens": 8, "temperature": 0, "stream": True}
         for where, base in (("direct", url), ("gateway", self.base)):
-            req = urllib.request.Request(base + "/v1/chat/completions",
-                                         data=json.dumps(body).encode(), method="POST",
-                                         headers={"Content-Type": "application/json"})
+            req = urllib.request.Request(
+                base + "/v1/chat/completions",
+                data=json.dumps(body).encode(),
+                method="POST",
+                headers={"Content-Type": "application/json"},
+            )
             with urllib.request.urlopen(req, timeout=60) as r:
                 lines = [ln for ln in r.read().decode().splitlines() if ln.strip()]
             rec[f"stream_{where}"] = lines[:4]
@@ -641,12 +765,18 @@ class Proof:
         if direct is None:
             raise RuntimeError("no worker URL for smol")
         a = self.args
-        plan = [(int(c), int(n), int(r)) for c, n, r in
-                (item.split(":") for item in a.bench_plan.split(","))]
+        plan = [
+            (int(c), int(n), int(r))
+            for c, n, r in (item.split(":") for item in a.bench_plan.split(","))
+        ]
         runs: list[dict[str, Any]] = []
         worker_pid = self._worker_pid(direct)
-        self.results["bench"] = {"direct_url": direct, "gateway_url": self.base, "runs": runs,
-                                 "max_tokens": a.bench_max_tokens}
+        self.results["bench"] = {
+            "direct_url": direct,
+            "gateway_url": self.base,
+            "runs": runs,
+            "max_tokens": a.bench_max_tokens,
+        }
         raw = self.work / "bench"
         raw.mkdir(exist_ok=True)
         took: dict[int, float] = {}
@@ -655,42 +785,91 @@ class Proof:
                 for target, url in (("direct", direct), ("gateway", self.base)):
                     est = took.get(conc, 0.0) * 1.3 + 5
                     if self.left() - 50 < est:
-                        log(f"bench: skipping {target} c={conc} round {rnd + 1} "
-                            f"({self.left():.0f} s left, needs ~{est:.0f} s)")
-                        runs.append({"target": target, "concurrency": conc, "round": rnd + 1,
-                                     "skipped": "deadline"})
+                        log(
+                            f"bench: skipping {target} c={conc} round {rnd + 1} "
+                            f"({self.left():.0f} s left, needs ~{est:.0f} s)"
+                        )
+                        runs.append(
+                            {
+                                "target": target,
+                                "concurrency": conc,
+                                "round": rnd + 1,
+                                "skipped": "deadline",
+                            }
+                        )
                         continue
                     path = raw / f"{target}-c{conc}-r{rnd + 1}.json"
-                    cmd = [sys.executable, "-m", "gateway", "bench", "--base-url", url,
-                           "--model", "smol", "--stream", "--concurrency", str(conc),
-                           "--num-requests", str(n), "--max-tokens", str(a.bench_max_tokens),
-                           "--ignore-eos", "--prompt-tokens", "32",
-                           "--warmup", str(min(conc, 8) if conc > 1 else 2),
-                           "--seed", str(rnd), "--no-progress", "--json", str(path),
-                           "--label", f"{target}-c{conc}-r{rnd + 1}"]
+                    cmd = [
+                        sys.executable,
+                        "-m",
+                        "gateway",
+                        "bench",
+                        "--base-url",
+                        url,
+                        "--model",
+                        "smol",
+                        "--stream",
+                        "--concurrency",
+                        str(conc),
+                        "--num-requests",
+                        str(n),
+                        "--max-tokens",
+                        str(a.bench_max_tokens),
+                        "--ignore-eos",
+                        "--prompt-tokens",
+                        "32",
+                        "--warmup",
+                        str(min(conc, 8) if conc > 1 else 2),
+                        "--seed",
+                        str(rnd),
+                        "--no-progress",
+                        "--json",
+                        str(path),
+                        "--label",
+                        f"{target}-c{conc}-r{rnd + 1}",
+                    ]
                     t0 = time.time()
-                    cpu0 = (_cpu_s(self.gw.pid if self.gw else None), _cpu_s(worker_pid),
-                            _children_cpu_s())
+                    cpu0 = (
+                        _cpu_s(self.gw.pid if self.gw else None),
+                        _cpu_s(worker_pid),
+                        _children_cpu_s(),
+                    )
                     with CpuSampler([self.gw.pid if self.gw else None, worker_pid]) as smp:
-                        p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
-                                           env=self.env(),
-                                           timeout=max(10.0, self.left() - 45))
+                        p = subprocess.run(
+                            cmd,
+                            cwd=ROOT,
+                            capture_output=True,
+                            text=True,
+                            env=self.env(),
+                            timeout=max(10.0, self.left() - 45),
+                        )
                     dt = time.time() - t0
-                    cpu1 = (_cpu_s(self.gw.pid if self.gw else None), _cpu_s(worker_pid),
-                            _children_cpu_s())
+                    cpu1 = (
+                        _cpu_s(self.gw.pid if self.gw else None),
+                        _cpu_s(worker_pid),
+                        _children_cpu_s(),
+                    )
                     took[conc] = max(took.get(conc, 0.0), dt)
-                    rec: dict[str, Any] = {"target": target, "concurrency": conc,
-                                           "round": rnd + 1, "rc": p.returncode,
-                                           "wall_s": round(dt, 1), "cmd": " ".join(cmd[1:]),
-                                           # CPU seconds over the whole run (incl. warmup):
-                                           # the gateway process, the vLLM API server
-                                           # process (not its engine core), the load generator.
-                                           "cpu_s": {k: round(b - a_, 2) for k, a_, b in zip(
-                                               ("gateway", "vllm_api_server", "loadgen"),
-                                               cpu0, cpu1, strict=True)},
-                                           # Highest CPU use over any 2 s window (1.0 = one
-                                           # core): [gateway, vLLM API server].
-                                           "cpu_peak_2s": smp.peaks()}
+                    rec: dict[str, Any] = {
+                        "target": target,
+                        "concurrency": conc,
+                        "round": rnd + 1,
+                        "rc": p.returncode,
+                        "wall_s": round(dt, 1),
+                        "cmd": " ".join(cmd[1:]),
+                        # CPU seconds over the whole run (incl. warmup):
+                        # the gateway process, the vLLM API server
+                        # process (not its engine core), the load generator.
+                        "cpu_s": {
+                            k: round(b - a_, 2)
+                            for k, a_, b in zip(
+                                ("gateway", "vllm_api_server", "loadgen"), cpu0, cpu1, strict=True
+                            )
+                        },
+                        # Highest CPU use over any 2 s window (1.0 = one
+                        # core): [gateway, vLLM API server].
+                        "cpu_peak_2s": smp.peaks(),
+                    }
                     if p.returncode != 0 or not path.exists():
                         rec["error"] = (p.stderr or p.stdout)[-1500:]
                         log(f"bench {target} c={conc}: rc {p.returncode}: {rec['error'][-300:]}")
@@ -698,35 +877,44 @@ class Proof:
                         doc = json.loads(path.read_text())
                         rec["summary"] = doc["runs"][0]["summary"]
                         s = rec["summary"]
-                        log(f"bench {target:7s} c={conc:<3d} r{rnd + 1}: "
+                        log(
+                            f"bench {target:7s} c={conc:<3d} r{rnd + 1}: "
                             f"{s['completed']}/{s['requests']} ok, "
                             f"{s['output_throughput']:.0f} tok/s, "
                             f"TTFT p50 {s['ttft_ms']['p50']:.2f} ms, "
                             f"ITL p50 {s['itl_ms']['p50']:.2f} ms, "
                             f"e2e p50 {s['e2el_ms']['p50']:.1f} ms ({dt:.0f} s); "
-                            f"CPU s {rec['cpu_s']}")
+                            f"CPU s {rec['cpu_s']}"
+                        )
                     runs.append(rec)
         self.results["bench"]["table"] = bench_table(runs)
         for row in self.results["bench"]["table"]:
-            log(f"bench c={row['concurrency']}: throughput ratio gateway/direct "
+            log(
+                f"bench c={row['concurrency']}: throughput ratio gateway/direct "
                 f"{row['throughput_ratio']}, TTFT p50 added {row['ttft_p50_added_ms']} ms, "
-                f"ITL p50 added {row['itl_p50_added_ms']} ms")
+                f"ITL p50 added {row['itl_p50_added_ms']} ms"
+            )
 
     # ------------------------------------------------------------------ output
 
     def collect(self) -> None:
         with contextlib.suppress(Exception):
             self.results["nvidia_smi_end"] = subprocess.run(
-                ["nvidia-smi"], capture_output=True, text=True, timeout=20).stdout
+                ["nvidia-smi"], capture_output=True, text=True, timeout=20
+            ).stdout
         if self.gw_log_path.exists():
             shutil.copy(self.gw_log_path, self.out / "gateway.log")
         parts = []
         for p in sorted(self.cache.glob("logs/**/*.log")):
             lines = p.read_text(errors="replace").splitlines()
-            keep = lines if len(lines) <= 700 else (
-                [*lines[:150], f"... ({len(lines) - 650} lines left out) ...", *lines[-500:]])
-            parts.append(f"##### {p.relative_to(self.cache)} ({len(lines)} lines)\n"
-                         + "\n".join(keep))
+            keep = (
+                lines
+                if len(lines) <= 700
+                else ([*lines[:150], f"... ({len(lines) - 650} lines left out) ...", *lines[-500:]])
+            )
+            parts.append(
+                f"##### {p.relative_to(self.cache)} ({len(lines)} lines)\n" + "\n".join(keep)
+            )
         ml = self.work / "make_lora.log"
         if ml.exists():
             parts.append("##### make_lora.log\n" + ml.read_text(errors="replace")[-4000:])
@@ -755,7 +943,8 @@ class Proof:
                 return 1
             with contextlib.suppress(Exception):
                 self.results["nvidia_smi_ready"] = subprocess.run(
-                    ["nvidia-smi"], capture_output=True, text=True, timeout=20).stdout
+                    ["nvidia-smi"], capture_output=True, text=True, timeout=20
+                ).stdout
             self.step("health", self.health)
             self.step("chat", self.chat_all)
             if self.args.lmdeploy:
@@ -765,10 +954,18 @@ class Proof:
                 self.step("lora", self.lora)
                 if not self.args.no_bench:
                     self.step("bench", self.bench)
-            self.step("gateway metrics", lambda: self.results.__setitem__(
-                "gateway_metrics", [line for line in self.http("GET", "/metrics")[2]
-                                    .decode().splitlines() if line.startswith("gateway_")
-                                    and not line.startswith("gateway_request_duration")]))
+            self.step(
+                "gateway metrics",
+                lambda: self.results.__setitem__(
+                    "gateway_metrics",
+                    [
+                        line
+                        for line in self.http("GET", "/metrics")[2].decode().splitlines()
+                        if line.startswith("gateway_")
+                        and not line.startswith("gateway_request_duration")
+                    ],
+                ),
+            )
             return 0
         finally:
             self.step("stop", self.stop_gateway)
@@ -840,9 +1037,16 @@ def bench_table(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per concurrency: means over rounds of direct and gateway, ratios and differences."""
     rows = []
     for conc in sorted({r["concurrency"] for r in runs}, reverse=True):
+
         def pick(target: str, c: int = conc) -> list[dict[str, Any]]:
-            return [r["summary"] for r in runs if r["concurrency"] == c
-                    and r["target"] == target and "summary" in r and r["summary"]["completed"]]
+            return [
+                r["summary"]
+                for r in runs
+                if r["concurrency"] == c
+                and r["target"] == target
+                and "summary" in r
+                and r["summary"]["completed"]
+            ]
 
         d, g = pick("direct"), pick("gateway")
         if not d or not g:
@@ -851,17 +1055,22 @@ def bench_table(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         def mean(xs: list[dict[str, Any]], f: Any) -> float:
             return float(sum(f(x) for x in xs)) / len(xs)
 
-        row: dict[str, Any] = {"concurrency": conc, "rounds_direct": len(d),
-                               "rounds_gateway": len(g)}
-        for key, f in (("output_tok_s", lambda s: s["output_throughput"]),
-                       ("req_s", lambda s: s["request_throughput"]),
-                       ("ttft_p50_ms", lambda s: s["ttft_ms"]["p50"]),
-                       ("ttft_p99_ms", lambda s: s["ttft_ms"]["p99"]),
-                       ("itl_p50_ms", lambda s: s["itl_ms"]["p50"]),
-                       ("itl_p99_ms", lambda s: s["itl_ms"]["p99"]),
-                       ("tpot_p50_ms", lambda s: s["tpot_ms"]["p50"]),
-                       ("e2el_p50_ms", lambda s: s["e2el_ms"]["p50"]),
-                       ("failed", lambda s: s["failed"])):
+        row: dict[str, Any] = {
+            "concurrency": conc,
+            "rounds_direct": len(d),
+            "rounds_gateway": len(g),
+        }
+        for key, f in (
+            ("output_tok_s", lambda s: s["output_throughput"]),
+            ("req_s", lambda s: s["request_throughput"]),
+            ("ttft_p50_ms", lambda s: s["ttft_ms"]["p50"]),
+            ("ttft_p99_ms", lambda s: s["ttft_ms"]["p99"]),
+            ("itl_p50_ms", lambda s: s["itl_ms"]["p50"]),
+            ("itl_p99_ms", lambda s: s["itl_ms"]["p99"]),
+            ("tpot_p50_ms", lambda s: s["tpot_ms"]["p50"]),
+            ("e2el_p50_ms", lambda s: s["e2el_ms"]["p50"]),
+            ("failed", lambda s: s["failed"]),
+        ):
             row[f"direct_{key}"] = round(mean(d, f), 3)
             row[f"gateway_{key}"] = round(mean(g, f), 3)
         # Per-round ratios (round i's gateway run against round i's direct run).
@@ -870,16 +1079,29 @@ def bench_table(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             if r["concurrency"] == conc and "summary" in r:
                 pairs.setdefault(r["round"], {})[r["target"]] = r
         row["round_ratios"] = [
-            round(p["gateway"]["summary"]["output_throughput"]
-                  / p["direct"]["summary"]["output_throughput"], 4)
-            for _, p in sorted(pairs.items()) if "gateway" in p and "direct" in p]
-        cpu = [r for r in runs if r["concurrency"] == conc and r["target"] == "gateway"
-               and "cpu_s" in r and "summary" in r]
+            round(
+                p["gateway"]["summary"]["output_throughput"]
+                / p["direct"]["summary"]["output_throughput"],
+                4,
+            )
+            for _, p in sorted(pairs.items())
+            if "gateway" in p and "direct" in p
+        ]
+        cpu = [
+            r
+            for r in runs
+            if r["concurrency"] == conc
+            and r["target"] == "gateway"
+            and "cpu_s" in r
+            and "summary" in r
+        ]
         if cpu:
-            row["gateway_cpu_util"] = round(mean(cpu, lambda r: r["cpu_s"]["gateway"]
-                                                 / r["wall_s"]), 3)
-            row["gateway_cpu_ms_per_request"] = round(mean(
-                cpu, lambda r: 1000 * r["cpu_s"]["gateway"] / r["summary"]["requests"]), 3)
+            row["gateway_cpu_util"] = round(
+                mean(cpu, lambda r: r["cpu_s"]["gateway"] / r["wall_s"]), 3
+            )
+            row["gateway_cpu_ms_per_request"] = round(
+                mean(cpu, lambda r: 1000 * r["cpu_s"]["gateway"] / r["summary"]["requests"]), 3
+            )
         row["throughput_ratio"] = round(row["gateway_output_tok_s"] / row["direct_output_tok_s"], 4)
         row["ttft_p50_added_ms"] = round(row["gateway_ttft_p50_ms"] - row["direct_ttft_p50_ms"], 3)
         row["ttft_p99_added_ms"] = round(row["gateway_ttft_p99_ms"] - row["direct_ttft_p99_ms"], 3)
@@ -892,29 +1114,41 @@ def bench_table(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def summary(r: dict[str, Any]) -> None:
     print("\n================ SUMMARY ================", flush=True)
     st = r.get("start", {})
-    print(f"start: launch→ready {st.get('launch_to_ready_s')} s, per model "
-          f"{st.get('model_ready_s')}, first token {st.get('first_token_after_launch_s')} s "
-          f"after launch; attempts {len(st.get('attempts', []))}")
+    print(
+        f"start: launch→ready {st.get('launch_to_ready_s')} s, per model "
+        f"{st.get('model_ready_s')}, first token {st.get('first_token_after_launch_s')} s "
+        f"after launch; attempts {len(st.get('attempts', []))}"
+    )
     for model, c in r.get("chat", {}).items():
-        print(f"chat {model}: stream {c.get('stream', {}).get('text', c.get('stream_error'))!r}"
-              f" | whole {c.get('whole', {}).get('text', c.get('whole_error'))!r}")
+        print(
+            f"chat {model}: stream {c.get('stream', {}).get('text', c.get('stream_error'))!r}"
+            f" | whole {c.get('whole', {}).get('text', c.get('whole_error'))!r}"
+        )
     ng = r.get("ngram")
     if ng:
-        print(f"ngram: accepted {ng.get('accepted_tokens')} / draft {ng.get('draft_tokens')} "
-              f"= {ng.get('acceptance_ratio')}; gateway: {ng.get('gateway_metric')}")
+        print(
+            f"ngram: accepted {ng.get('accepted_tokens')} / draft {ng.get('draft_tokens')} "
+            f"= {ng.get('acceptance_ratio')}; gateway: {ng.get('gateway_metric')}"
+        )
     lo = r.get("lora")
     if lo:
-        print(f"lora: base {lo.get('base_output')!r} | adapter {lo.get('lora_output')!r} | "
-              f"differs {lo.get('differs_from_base')}")
+        print(
+            f"lora: base {lo.get('base_output')!r} | adapter {lo.get('lora_output')!r} | "
+            f"differs {lo.get('differs_from_base')}"
+        )
         for i, c in enumerate(lo.get("cycles", [])):
-            print(f"  cycle {i + 1}: load {c.get('load', {}).get('seconds')} s, unload "
-                  f"{c.get('unload', {}).get('seconds')} s, parent "
-                  f"{(c.get('listed') or {}).get('parent')}, after unload {c.get('after_unload')}")
+            print(
+                f"  cycle {i + 1}: load {c.get('load', {}).get('seconds')} s, unload "
+                f"{c.get('unload', {}).get('seconds')} s, parent "
+                f"{(c.get('listed') or {}).get('parent')}, after unload {c.get('after_unload')}"
+            )
     for row in (r.get("bench") or {}).get("table", []):
-        print(f"bench c={row['concurrency']}: direct {row['direct_output_tok_s']:.0f} tok/s, "
-              f"gateway {row['gateway_output_tok_s']:.0f} tok/s, ratio {row['throughput_ratio']}; "
-              f"TTFT p50 {row['direct_ttft_p50_ms']:.2f} → {row['gateway_ttft_p50_ms']:.2f} ms "
-              f"(+{row['ttft_p50_added_ms']})")
+        print(
+            f"bench c={row['concurrency']}: direct {row['direct_output_tok_s']:.0f} tok/s, "
+            f"gateway {row['gateway_output_tok_s']:.0f} tok/s, ratio {row['throughput_ratio']}; "
+            f"TTFT p50 {row['direct_ttft_p50_ms']:.2f} → {row['gateway_ttft_p50_ms']:.2f} ms "
+            f"(+{row['ttft_p50_added_ms']})"
+        )
     for e in r.get("errors", []):
         print(f"ERROR in {e['step']}: {e['error'][:300]}")
     print(f"finished in {r.get('finished_in_s')} s", flush=True)
@@ -931,10 +1165,16 @@ def main() -> int:
     ap.add_argument("--ready-timeout-s", type=float, default=330.0)
     ap.add_argument("--dry-run", action="store_true", help="simulator instead of vLLM")
     ap.add_argument("--no-bench", action="store_true")
-    ap.add_argument("--lmdeploy", action="store_true",
-                    help="the optional LMDeploy part: chat through engine lmdeploy only")
-    ap.add_argument("--bench-plan", default="64:500:2,1:50:2",
-                    help="CONCURRENCY:REQUESTS:ROUNDS,... (each round: direct, then gateway)")
+    ap.add_argument(
+        "--lmdeploy",
+        action="store_true",
+        help="the optional LMDeploy part: chat through engine lmdeploy only",
+    )
+    ap.add_argument(
+        "--bench-plan",
+        default="64:500:2,1:50:2",
+        help="CONCURRENCY:REQUESTS:ROUNDS,... (each round: direct, then gateway)",
+    )
     ap.add_argument("--bench-max-tokens", type=int, default=128)
     args = ap.parse_args()
     return Proof(args).run()

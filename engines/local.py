@@ -214,8 +214,12 @@ class LocalEngine:
 
     def _resolve(self) -> str:
         assert self.spec.model is not None
-        return model_source.resolve(self.spec.model, config_dir=self.ctx.config_dir,
-                                    cache_dir=self.ctx.cache_dir, progress=self.ctx.progress)
+        return model_source.resolve(
+            self.spec.model,
+            config_dir=self.ctx.config_dir,
+            cache_dir=self.ctx.cache_dir,
+            progress=self.ctx.progress,
+        )
 
     async def stop(self) -> None:
         self._ready = False

@@ -80,8 +80,11 @@ class RequestDefaults(_Strict):
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
 
     def as_body(self) -> dict[str, float]:
-        return {k: v for k, v in (("temperature", self.temperature),
-                                  ("top_p", self.top_p)) if v is not None}
+        return {
+            k: v
+            for k, v in (("temperature", self.temperature), ("top_p", self.top_p))
+            if v is not None
+        }
 
 
 class BatchingSpec(_Strict):

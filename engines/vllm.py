@@ -168,7 +168,12 @@ class VLLMEngine(LaunchedEngine):
 
     @classmethod
     def build_argv(
-        cls, spec: ModelSpec, *, port: int, opts: Any, program: list[str],
+        cls,
+        spec: ModelSpec,
+        *,
+        port: int,
+        opts: Any,
+        program: list[str],
         paths: ResolvedPaths | None,
     ) -> tuple[list[str], int]:
         """(argv, index of the port value). Flag meanings: vllm/engine/arg_utils.py and

@@ -688,17 +688,29 @@ class LaunchedEngine(OpenAIEngine):
         out = []
         for i in range(spec.replicas):
             argv, port_index = cls.build_argv(
-                spec, port=ports[i], opts=opts, program=opts.command or [cls.program],
-                paths=paths)
+                spec, port=ports[i], opts=opts, program=opts.command or [cls.program], paths=paths
+            )
             env = cls.build_env(spec, gpus[i])
             env.update(opts.env)
-            out.append(WorkerCommand(label=f"{cls.label}[{i}]", argv=argv, env=env,
-                                     port=ports[i], port_index=port_index))
+            out.append(
+                WorkerCommand(
+                    label=f"{cls.label}[{i}]",
+                    argv=argv,
+                    env=env,
+                    port=ports[i],
+                    port_index=port_index,
+                )
+            )
         return out
 
     @classmethod
     def build_argv(
-        cls, spec: ModelSpec, *, port: int, opts: Any, program: list[str],
+        cls,
+        spec: ModelSpec,
+        *,
+        port: int,
+        opts: Any,
+        program: list[str],
         paths: ResolvedPaths | None,
     ) -> tuple[list[str], int]:
         """(argv, index of the port value in it) for one replica."""

@@ -16,11 +16,17 @@ from engines.spec import ModelSpec
 def resolve_adapter_path(spec: ModelSpec, raw: str, base_dir: Path) -> Path:
     """The real path of an adapter directory, or AdapterError saying why not."""
     if spec.lora is None:
-        raise AdapterError(f"The model `{spec.name}` is not configured for LoRA adapters "
-                           "(no `lora` section in models.yaml).", param="base_model")
+        raise AdapterError(
+            f"The model `{spec.name}` is not configured for LoRA adapters "
+            "(no `lora` section in models.yaml).",
+            param="base_model",
+        )
     if not spec.lora.roots:
-        raise AdapterError(f"The model `{spec.name}` has no `lora.roots`; runtime adapter "
-                           "loading is disabled for it.", param="lora_path")
+        raise AdapterError(
+            f"The model `{spec.name}` has no `lora.roots`; runtime adapter "
+            "loading is disabled for it.",
+            param="lora_path",
+        )
     if not raw or "\x00" in raw:
         raise AdapterError("'lora_path' must be a non-empty path.", param="lora_path")
     candidate = Path(raw)
@@ -32,13 +38,14 @@ def resolve_adapter_path(spec: ModelSpec, raw: str, base_dir: Path) -> Path:
     real = candidate.resolve()
     roots = [(base_dir / r).resolve() for r in spec.lora.roots]
     if not any(real == root or real.is_relative_to(root) for root in roots):
-        raise AdapterError(f"'lora_path' resolves to {real}, outside the allowed adapter "
-                           f"roots of `{spec.name}`.", param="lora_path")
+        raise AdapterError(
+            f"'lora_path' resolves to {real}, outside the allowed adapter roots of `{spec.name}`.",
+            param="lora_path",
+        )
     if not real.is_dir():
         raise AdapterError(f"'lora_path' {real} is not a directory.", param="lora_path")
     if not (real / "adapter_config.json").is_file():
         raise AdapterError(f"'lora_path' {real} has no adapter_config.json.", param="lora_path")
     if not any(real.glob("*.safetensors")):
-        raise AdapterError(f"'lora_path' {real} holds no safetensors weights.",
-                           param="lora_path")
+        raise AdapterError(f"'lora_path' {real} holds no safetensors weights.", param="lora_path")
     return real

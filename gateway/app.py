@@ -42,8 +42,10 @@ class Gateway:
         self.client_keys = settings.client_keys
         self.served = ServedModels(
             catalog=catalog,
-            context=EngineContext(cache_dir=settings.cache_dir, config_dir=catalog.base_dir,
-                                  progress=_progress))
+            context=EngineContext(
+                cache_dir=settings.cache_dir, config_dir=catalog.base_dir, progress=_progress
+            ),
+        )
         self.metrics = Metrics(self.served.statuses, self.served.adapter_counts)
         self.request_ids = RequestIds()
 
@@ -105,13 +107,17 @@ def create_app(settings: Settings | None = None, catalog: Catalog | None = None)
         Route("/health", ops.health, methods=["GET"]),
         Route("/metrics", ops.metrics, methods=["GET"]),
     ]
-    app = FastAPI(title="LLM gateway", lifespan=lifespan, routes=routes,
-                  exception_handlers={
-                      ServingError: _on_serving_error,
-                      HTTPException: _on_http_error,
-                      RequestValidationError: _on_validation_error,
-                      Exception: _on_unexpected,
-                  })
+    app = FastAPI(
+        title="LLM gateway",
+        lifespan=lifespan,
+        routes=routes,
+        exception_handlers={
+            ServingError: _on_serving_error,
+            HTTPException: _on_http_error,
+            RequestValidationError: _on_validation_error,
+            Exception: _on_unexpected,
+        },
+    )
     app.state.gateway = gateway
     return FrontDoor(app, gateway)
 

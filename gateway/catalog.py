@@ -66,8 +66,12 @@ def _message(err: Any) -> tuple[str, str]:
     if kind == "extra_forbidden":
         return "", "unknown key"
     if kind in ("greater_than_equal", "greater_than", "less_than_equal", "less_than"):
-        sym = {"greater_than_equal": "≥", "greater_than": ">",
-               "less_than_equal": "≤", "less_than": "<"}[kind]
+        sym = {
+            "greater_than_equal": "≥",
+            "greater_than": ">",
+            "less_than_equal": "≤",
+            "less_than": "<",
+        }[kind]
         bound = next(iter(ctx.values()), "?")
         return "", f"must be {sym} {bound}"
     if kind == "literal_error":
@@ -85,8 +89,13 @@ def _join(base: str, extra: str) -> str:
     return f"{base}{extra}" if extra.startswith("[") else f"{base}.{extra}"
 
 
-def parse_catalog(data: Any, *, source: str = "models.yaml", base_dir: Path | None = None,
-                  check_engines: bool = True) -> Catalog:
+def parse_catalog(
+    data: Any,
+    *,
+    source: str = "models.yaml",
+    base_dir: Path | None = None,
+    check_engines: bool = True,
+) -> Catalog:
     """Validate already-parsed YAML; raise CatalogError listing every problem."""
     problems: list[str] = []
     try:
@@ -116,8 +125,10 @@ def parse_catalog(data: Any, *, source: str = "models.yaml", base_dir: Path | No
     for i, spec in enumerate(specs):
         names = [(f"models[{i}].name", spec.name)]
         if spec.lora:
-            names += [(f"models[{i}].lora.adapters[{j}].name", a.name)
-                      for j, a in enumerate(spec.lora.adapters)]
+            names += [
+                (f"models[{i}].lora.adapters[{j}].name", a.name)
+                for j, a in enumerate(spec.lora.adapters)
+            ]
         for where, name in names:
             if name in seen:
                 problems.append(f"{where}: {name!r} is already used at {seen[name]}")
@@ -137,5 +148,6 @@ def load_catalog(path: Path, *, check_engines: bool = True) -> Catalog:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise CatalogError(str(path), [f"not valid YAML: {e}"]) from None
-    return parse_catalog(data, source=str(path), base_dir=path.resolve().parent,
-                         check_engines=check_engines)
+    return parse_catalog(
+        data, source=str(path), base_dir=path.resolve().parent, check_engines=check_engines
+    )

@@ -27,19 +27,31 @@ def _serve(args: argparse.Namespace) -> int:
     from gateway.catalog import CatalogError
     from gateway.settings import Settings
 
-    overrides = {k: v for k, v in (("config", args.config), ("host", args.host),
-                                   ("port", args.port)) if v is not None}
+    overrides = {
+        k: v
+        for k, v in (("config", args.config), ("host", args.host), ("port", args.port))
+        if v is not None
+    }
     settings = Settings(**overrides)
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     try:
         app = create_app(settings)
     except CatalogError as e:
         print(e, file=sys.stderr)
         return 2
-    uvicorn.run(app, host=settings.host, port=settings.port, loop="uvloop", http="httptools",
-                log_level=settings.log_level.lower(), access_log=False, proxy_headers=False,
-                timeout_graceful_shutdown=30)
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        loop="uvloop",
+        http="httptools",
+        log_level=settings.log_level.lower(),
+        access_log=False,
+        proxy_headers=False,
+        timeout_graceful_shutdown=30,
+    )
     return 0
 
 
@@ -61,8 +73,11 @@ def _check(args: argparse.Namespace) -> int:
         return 1
     print(f"{path}: {len(catalog.models)} model(s), valid")
     for spec in catalog.models:
-        where = (f"attach {', '.join(spec.endpoints)}" if spec.endpoints
-                 else f"{spec.replicas} replica(s)")
+        where = (
+            f"attach {', '.join(spec.endpoints)}"
+            if spec.endpoints
+            else f"{spec.replicas} replica(s)"
+        )
         print(f"- {spec.name}: engine {spec.engine}, {spec.task}, {where}")
         for argv in engine_class(spec.engine).launch_commands(spec):
             print(f"    $ {shlex.join(argv)}")
@@ -77,8 +92,11 @@ def _pull(args: argparse.Namespace) -> int:
     _, catalog = _catalog(args)
     if catalog is None:
         return 1
-    ctx = EngineContext(cache_dir=Settings().cache_dir, config_dir=catalog.base_dir,
-                        progress=lambda line: print(line, flush=True))
+    ctx = EngineContext(
+        cache_dir=Settings().cache_dir,
+        config_dir=catalog.base_dir,
+        progress=lambda line: print(line, flush=True),
+    )
     for spec in catalog.models:
         prefetch = getattr(engine_class(spec.engine), "prefetch", None)
         if prefetch is None:
@@ -100,8 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gateway", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the gateway")
-    serve.add_argument("--config", type=Path, help="models.yaml (default: $GATEWAY_CONFIG "
-                       "or ./models.yaml)")
+    serve.add_argument(
+        "--config", type=Path, help="models.yaml (default: $GATEWAY_CONFIG or ./models.yaml)"
+    )
     serve.add_argument("--host", help="listen address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="listen port (default 8000)")
     check = sub.add_parser("check", help="validate models.yaml and show worker commands")
@@ -113,8 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "bench":
         from gateway.loadgen.cli import add_arguments, run
 
-        bench = argparse.ArgumentParser(prog="gateway bench",
-                                        description="Load-test an OpenAI-compatible URL.")
+        bench = argparse.ArgumentParser(
+            prog="gateway bench", description="Load-test an OpenAI-compatible URL."
+        )
         add_arguments(bench)
         return run(bench.parse_args(argv[1:]))
     args = parser.parse_args(argv)

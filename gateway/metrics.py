@@ -16,8 +16,24 @@ from prometheus_client.registry import Collector
 
 from engines.base import EngineStatus
 
-_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-                    5.0, 10.0, 30.0, 60.0, 120.0)
+_LATENCY_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+)
 _ITL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28)
 
 
@@ -28,25 +44,40 @@ class _EngineCollector(Collector):
         self._statuses = statuses
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        running = GaugeMetricFamily("gateway_engine_running_sequences",
-                                    "Sequences running in the engine", labels=["model"])
-        waiting = GaugeMetricFamily("gateway_engine_waiting_sequences",
-                                    "Sequences waiting for an engine slot", labels=["model"])
-        ready = GaugeMetricFamily("gateway_engine_ready", "1 if the engine serves",
-                                  labels=["model"])
-        healthy = GaugeMetricFamily("gateway_worker_healthy", "1 if the worker is healthy",
-                                    labels=["model", "worker"])
-        w_running = GaugeMetricFamily("gateway_worker_running_requests",
-                                      "Requests running on the worker (its own figure)",
-                                      labels=["model", "worker"])
-        w_waiting = GaugeMetricFamily("gateway_worker_waiting_requests",
-                                      "Requests queued on the worker (its own figure)",
-                                      labels=["model", "worker"])
-        kv = GaugeMetricFamily("gateway_worker_kv_cache_usage_ratio",
-                               "KV-cache use on the worker, 0..1", labels=["model", "worker"])
-        accept = GaugeMetricFamily("gateway_worker_spec_decode_acceptance_ratio",
-                                   "Accepted / drafted speculative tokens since worker start",
-                                   labels=["model", "worker"])
+        running = GaugeMetricFamily(
+            "gateway_engine_running_sequences", "Sequences running in the engine", labels=["model"]
+        )
+        waiting = GaugeMetricFamily(
+            "gateway_engine_waiting_sequences",
+            "Sequences waiting for an engine slot",
+            labels=["model"],
+        )
+        ready = GaugeMetricFamily(
+            "gateway_engine_ready", "1 if the engine serves", labels=["model"]
+        )
+        healthy = GaugeMetricFamily(
+            "gateway_worker_healthy", "1 if the worker is healthy", labels=["model", "worker"]
+        )
+        w_running = GaugeMetricFamily(
+            "gateway_worker_running_requests",
+            "Requests running on the worker (its own figure)",
+            labels=["model", "worker"],
+        )
+        w_waiting = GaugeMetricFamily(
+            "gateway_worker_waiting_requests",
+            "Requests queued on the worker (its own figure)",
+            labels=["model", "worker"],
+        )
+        kv = GaugeMetricFamily(
+            "gateway_worker_kv_cache_usage_ratio",
+            "KV-cache use on the worker, 0..1",
+            labels=["model", "worker"],
+        )
+        accept = GaugeMetricFamily(
+            "gateway_worker_spec_decode_acceptance_ratio",
+            "Accepted / drafted speculative tokens since worker start",
+            labels=["model", "worker"],
+        )
         for model, st in self._statuses().items():
             running.add_metric([model], st.running)
             waiting.add_metric([model], st.waiting)
@@ -60,8 +91,9 @@ class _EngineCollector(Collector):
                 if w.kv_cache_usage is not None:
                     kv.add_metric([model, w.url], w.kv_cache_usage)
                 if w.spec_draft_tokens:
-                    accept.add_metric([model, w.url],
-                                      (w.spec_accepted_tokens or 0.0) / w.spec_draft_tokens)
+                    accept.add_metric(
+                        [model, w.url], (w.spec_accepted_tokens or 0.0) / w.spec_draft_tokens
+                    )
         yield from (running, waiting, ready, healthy, w_running, w_waiting, kv, accept)
 
 
@@ -69,8 +101,7 @@ class RouteMetrics:
     """The labelled children one (model, route) pair updates on every request, resolved
     once: prometheus-client's `labels()` was 6–9% of the gateway's CPU under load."""
 
-    __slots__ = ("completion_tokens", "duration", "in_flight", "itl", "ok", "prompt_tokens",
-                 "ttft")
+    __slots__ = ("completion_tokens", "duration", "in_flight", "itl", "ok", "prompt_tokens", "ttft")
 
     def __init__(self, m: Metrics, model: str, route: str):
         self.in_flight = m.in_flight.labels(model, route)
@@ -83,37 +114,63 @@ class RouteMetrics:
 
 
 class Metrics:
-    def __init__(self, statuses: Callable[[], dict[str, EngineStatus]],
-                 adapters: Callable[[], dict[str, int]]):
+    def __init__(
+        self,
+        statuses: Callable[[], dict[str, EngineStatus]],
+        adapters: Callable[[], dict[str, int]],
+    ):
         r = self.registry = CollectorRegistry(auto_describe=True)
-        self.requests = Counter("gateway_requests", "Requests answered",
-                                ["model", "route", "status_class"], registry=r)
-        self.errors = Counter("gateway_errors", "Errors answered, by OpenAI error type",
-                              ["model", "route", "type"], registry=r)
-        self.in_flight = Gauge("gateway_requests_in_flight", "Requests being served",
-                               ["model", "route"], registry=r)
-        self.duration = Histogram("gateway_request_duration_seconds",
-                                  "Request duration, first byte in to last byte out",
-                                  ["model", "route"], buckets=_LATENCY_BUCKETS, registry=r)
-        self.ttft = Histogram("gateway_time_to_first_token_seconds",
-                              "Time to the first streamed chunk", ["model"],
-                              buckets=_LATENCY_BUCKETS, registry=r)
-        self.itl = Histogram("gateway_inter_token_latency_seconds",
-                             "Gap between streamed chunks", ["model"],
-                             buckets=_ITL_BUCKETS, registry=r)
-        self.prompt_tokens = Counter("gateway_prompt_tokens", "Prompt tokens", ["model"],
-                                     registry=r)
-        self.completion_tokens = Counter("gateway_completion_tokens", "Completion tokens",
-                                         ["model"], registry=r)
-        self.retries = Counter("gateway_retries", "Requests retried on another worker",
-                               ["model"], registry=r)
-        self.rate_limited = Counter("gateway_rate_limited", "Requests refused with 429",
-                                    ["model"], registry=r)
-        self.client_disconnects = Counter("gateway_client_disconnects",
-                                          "Requests abandoned by the client", ["model"],
-                                          registry=r)
-        self.adapters_loaded = Gauge("gateway_adapters_loaded", "LoRA adapters loaded",
-                                     ["model"], registry=r)
+        self.requests = Counter(
+            "gateway_requests", "Requests answered", ["model", "route", "status_class"], registry=r
+        )
+        self.errors = Counter(
+            "gateway_errors",
+            "Errors answered, by OpenAI error type",
+            ["model", "route", "type"],
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "gateway_requests_in_flight", "Requests being served", ["model", "route"], registry=r
+        )
+        self.duration = Histogram(
+            "gateway_request_duration_seconds",
+            "Request duration, first byte in to last byte out",
+            ["model", "route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "gateway_time_to_first_token_seconds",
+            "Time to the first streamed chunk",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.itl = Histogram(
+            "gateway_inter_token_latency_seconds",
+            "Gap between streamed chunks",
+            ["model"],
+            buckets=_ITL_BUCKETS,
+            registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "gateway_prompt_tokens", "Prompt tokens", ["model"], registry=r
+        )
+        self.completion_tokens = Counter(
+            "gateway_completion_tokens", "Completion tokens", ["model"], registry=r
+        )
+        self.retries = Counter(
+            "gateway_retries", "Requests retried on another worker", ["model"], registry=r
+        )
+        self.rate_limited = Counter(
+            "gateway_rate_limited", "Requests refused with 429", ["model"], registry=r
+        )
+        self.client_disconnects = Counter(
+            "gateway_client_disconnects", "Requests abandoned by the client", ["model"], registry=r
+        )
+        self.adapters_loaded = Gauge(
+            "gateway_adapters_loaded", "LoRA adapters loaded", ["model"], registry=r
+        )
         self._adapters = adapters
         self._routes: dict[tuple[str, str], RouteMetrics] = {}
         r.register(_EngineCollector(statuses))

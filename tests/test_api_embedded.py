@@ -35,14 +35,19 @@ def client(embedded_gateway: ServerThread) -> openai.OpenAI:
 
 @pytest.fixture
 async def aclient(embedded_gateway: ServerThread) -> AsyncIterator[openai.AsyncOpenAI]:
-    async with openai.AsyncOpenAI(base_url=f"{embedded_gateway.url}/v1", api_key="unused",
-                                  max_retries=0) as client:
+    async with openai.AsyncOpenAI(
+        base_url=f"{embedded_gateway.url}/v1", api_key="unused", max_retries=0
+    ) as client:
         yield client
 
 
 def test_chat_answers_from_the_real_model(client: openai.OpenAI) -> None:
-    resp = client.chat.completions.create(model=DEFAULT_MODEL, messages=CAPITAL,  # type: ignore[arg-type]
-                                          max_tokens=12, temperature=0)
+    resp = client.chat.completions.create(
+        model=DEFAULT_MODEL,
+        messages=CAPITAL,  # type: ignore[arg-type]
+        max_tokens=12,
+        temperature=0,
+    )
     assert resp.object == "chat.completion"
     assert resp.model == DEFAULT_MODEL
     choice = resp.choices[0]
@@ -54,23 +59,44 @@ def test_chat_answers_from_the_real_model(client: openai.OpenAI) -> None:
     assert resp.usage.total_tokens == resp.usage.prompt_tokens + resp.usage.completion_tokens
 
 
-def test_request_defaults_apply_when_the_client_leaves_a_field_out(
-        client: openai.OpenAI) -> None:
+def test_request_defaults_apply_when_the_client_leaves_a_field_out(client: openai.OpenAI) -> None:
     # models.yaml says temperature 0 for this model: omitted, it is greedy (repeatable).
-    outs = {client.chat.completions.create(model=DEFAULT_MODEL, messages=CAPITAL,  # type: ignore[arg-type]
-                                           max_tokens=8).choices[0].message.content
-            for _ in range(3)}
-    greedy = client.chat.completions.create(model=DEFAULT_MODEL, messages=CAPITAL,  # type: ignore[arg-type]
-                                            max_tokens=8, temperature=0)
+    outs = {
+        client.chat.completions.create(
+            model=DEFAULT_MODEL,
+            messages=CAPITAL,  # type: ignore[arg-type]
+            max_tokens=8,
+        )
+        .choices[0]
+        .message.content
+        for _ in range(3)
+    }
+    greedy = client.chat.completions.create(
+        model=DEFAULT_MODEL,
+        messages=CAPITAL,  # type: ignore[arg-type]
+        max_tokens=8,
+        temperature=0,
+    )
     assert outs == {greedy.choices[0].message.content}
 
 
 def test_chat_stream_matches_non_streamed_and_reports_usage(client: openai.OpenAI) -> None:
-    whole = client.chat.completions.create(model=DEFAULT_MODEL, messages=CAPITAL,  # type: ignore[arg-type]
-                                           max_tokens=10, temperature=0)
-    chunks = list(client.chat.completions.create(
-        model=DEFAULT_MODEL, messages=CAPITAL, max_tokens=10, temperature=0,  # type: ignore[arg-type]
-        stream=True, stream_options={"include_usage": True}))
+    whole = client.chat.completions.create(
+        model=DEFAULT_MODEL,
+        messages=CAPITAL,  # type: ignore[arg-type]
+        max_tokens=10,
+        temperature=0,
+    )
+    chunks = list(
+        client.chat.completions.create(
+            model=DEFAULT_MODEL,
+            messages=CAPITAL,
+            max_tokens=10,
+            temperature=0,  # type: ignore[arg-type]
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert all(c.object == "chat.completion.chunk" for c in chunks)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == whole.choices[0].message.content
@@ -81,8 +107,11 @@ def test_chat_stream_matches_non_streamed_and_reports_usage(client: openai.OpenA
 
 
 def test_stream_without_include_usage_has_no_usage_chunk(embedded_gateway: ServerThread) -> None:
-    with httpx.stream("POST", f"{embedded_gateway.url}/v1/chat/completions", json={
-            "model": DEFAULT_MODEL, "messages": CAPITAL, "max_tokens": 4, "stream": True}) as r:
+    with httpx.stream(
+        "POST",
+        f"{embedded_gateway.url}/v1/chat/completions",
+        json={"model": DEFAULT_MODEL, "messages": CAPITAL, "max_tokens": 4, "stream": True},
+    ) as r:
         assert r.headers["content-type"].startswith("text/event-stream")
         body = r.read()
     events = [e for e in body.split(b"\n\n") if e]
@@ -94,26 +123,37 @@ def test_stream_without_include_usage_has_no_usage_chunk(embedded_gateway: Serve
 
 
 def test_completions_n_and_stop(client: openai.OpenAI) -> None:
-    resp = client.completions.create(model=DEFAULT_MODEL, prompt="One, two, three,",
-                                     max_tokens=8, n=2, temperature=1.0, seed=7)
+    resp = client.completions.create(
+        model=DEFAULT_MODEL, prompt="One, two, three,", max_tokens=8, n=2, temperature=1.0, seed=7
+    )
     assert resp.object == "text_completion"
     assert sorted(c.index for c in resp.choices) == [0, 1]
     assert resp.usage is not None and resp.usage.completion_tokens <= 16
-    greedy = client.completions.create(model=DEFAULT_MODEL, prompt="One, two, three,",
-                                       max_tokens=8, temperature=0)
+    greedy = client.completions.create(
+        model=DEFAULT_MODEL, prompt="One, two, three,", max_tokens=8, temperature=0
+    )
     text = greedy.choices[0].text
     assert text
     cut = text.strip()[:2]
-    stopped = client.completions.create(model=DEFAULT_MODEL, prompt="One, two, three,",
-                                        max_tokens=8, temperature=0, stop=[cut])
+    stopped = client.completions.create(
+        model=DEFAULT_MODEL, prompt="One, two, three,", max_tokens=8, temperature=0, stop=[cut]
+    )
     assert cut not in stopped.choices[0].text
     assert stopped.choices[0].finish_reason == "stop"
 
 
 def test_chat_n_streamed(client: openai.OpenAI) -> None:
-    chunks = list(client.chat.completions.create(
-        model=DEFAULT_MODEL, messages=CAPITAL, max_tokens=5, n=2, stream=True,  # type: ignore[arg-type]
-        temperature=0.8, seed=1))
+    chunks = list(
+        client.chat.completions.create(
+            model=DEFAULT_MODEL,
+            messages=CAPITAL,
+            max_tokens=5,
+            n=2,
+            stream=True,  # type: ignore[arg-type]
+            temperature=0.8,
+            seed=1,
+        )
+    )
     assert {c.choices[0].index for c in chunks if c.choices} == {0, 1}
 
 
@@ -125,8 +165,14 @@ def test_models_list_and_retrieve(client: openai.OpenAI) -> None:
 
 
 def test_embeddings_are_real_vectors(client: openai.OpenAI) -> None:
-    resp = client.embeddings.create(model=EMBED_MODEL, input=[
-        "The cat sits on the mat.", "A cat is sitting on a rug.", "Stock markets fell today."])
+    resp = client.embeddings.create(
+        model=EMBED_MODEL,
+        input=[
+            "The cat sits on the mat.",
+            "A cat is sitting on a rug.",
+            "Stock markets fell today.",
+        ],
+    )
     vecs = [d.embedding for d in resp.data]
     assert [d.index for d in resp.data] == [0, 1, 2]
     assert all(len(v) == 384 for v in vecs)
@@ -137,8 +183,9 @@ def test_embeddings_are_real_vectors(client: openai.OpenAI) -> None:
 
     assert cos(vecs[0], vecs[1]) > cos(vecs[0], vecs[2]) + 0.2
     assert resp.usage.prompt_tokens > 0
-    b64 = client.embeddings.create(model=EMBED_MODEL, input="The cat sits on the mat.",
-                                   encoding_format="base64")
+    b64 = client.embeddings.create(
+        model=EMBED_MODEL, input="The cat sits on the mat.", encoding_format="base64"
+    )
     raw = b64.data[0].embedding  # asked for explicitly, the SDK hands back the string
     assert isinstance(raw, str)
     decoded = struct.unpack(f"<{len(vecs[0])}f", base64.b64decode(raw))
@@ -146,7 +193,8 @@ def test_embeddings_are_real_vectors(client: openai.OpenAI) -> None:
 
 
 async def test_continuous_batching_shares_steps_and_admits_mid_way(
-        aclient: openai.AsyncOpenAI, embedded_gateway: ServerThread) -> None:
+    aclient: openai.AsyncOpenAI, embedded_gateway: ServerThread
+) -> None:
     engine = embedded_gateway.gateway.served.engines[DEFAULT_MODEL]
     first_token_at: dict[str, float] = {}
     done_at: dict[str, float] = {}
@@ -154,9 +202,13 @@ async def test_continuous_batching_shares_steps_and_admits_mid_way(
 
     async def one(tag: str, max_tokens: int) -> None:
         stream = await aclient.chat.completions.create(
-            model=DEFAULT_MODEL, max_tokens=max_tokens, temperature=0, stream=True,
+            model=DEFAULT_MODEL,
+            max_tokens=max_tokens,
+            temperature=0,
+            stream=True,
             messages=[{"role": "user", "content": f"Write a long story about {tag}."}],
-            extra_body={"ignore_eos": True})
+            extra_body={"ignore_eos": True},
+        )
         async for chunk in stream:
             if chunk.choices and chunk.choices[0].delta.content:
                 first_token_at.setdefault(tag, time.monotonic())
@@ -174,12 +226,20 @@ async def test_continuous_batching_shares_steps_and_admits_mid_way(
 
 
 async def test_disconnected_stream_stops_generating_within_1s(
-        embedded_gateway: ServerThread) -> None:
+    embedded_gateway: ServerThread,
+) -> None:
     engine = embedded_gateway.gateway.served.engines[DEFAULT_MODEL]
-    body = {"model": DEFAULT_MODEL, "max_tokens": 1000, "stream": True, "ignore_eos": True,
-            "messages": [{"role": "user", "content": "Count to one thousand."}]}
-    async with (httpx.AsyncClient(base_url=embedded_gateway.url, timeout=30) as http,
-                http.stream("POST", "/v1/chat/completions", json=body) as r):
+    body = {
+        "model": DEFAULT_MODEL,
+        "max_tokens": 1000,
+        "stream": True,
+        "ignore_eos": True,
+        "messages": [{"role": "user", "content": "Count to one thousand."}],
+    }
+    async with (
+        httpx.AsyncClient(base_url=embedded_gateway.url, timeout=30) as http,
+        http.stream("POST", "/v1/chat/completions", json=body) as r,
+    ):
         got = 0
         async for _ in r.aiter_bytes():
             got += 1
@@ -203,8 +263,9 @@ def _make_peft_adapter(out: Path) -> Path:
 
     path = resolve(SMOL_REF, config_dir=REPO, cache_dir=CACHE, progress=lambda _: None)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16,
-                                                  target_modules=["q_proj", "v_proj"]))
+    peft_model = get_peft_model(
+        model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
+    )
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():  # B starts at zero (a no-op): seeded weights that move decoding
         for name, p in peft_model.named_parameters():
@@ -214,31 +275,41 @@ def _make_peft_adapter(out: Path) -> Path:
     return out
 
 
-def test_lora_hot_swap_on_the_embedded_engine(client: openai.OpenAI,
-                                              embedded_gateway: ServerThread,
-                                              adapter_root: Path) -> None:
+def test_lora_hot_swap_on_the_embedded_engine(
+    client: openai.OpenAI, embedded_gateway: ServerThread, adapter_root: Path
+) -> None:
     adapter = _make_peft_adapter(adapter_root / "strong")
     auth = {"authorization": f"Bearer {ADMIN_KEY}"}
     base_before = client.chat.completions.create(
-        model=DEFAULT_MODEL, messages=CAPITAL, max_tokens=8, temperature=0)  # type: ignore[arg-type]
+        model=DEFAULT_MODEL, messages=CAPITAL, max_tokens=8, temperature=0
+    )  # type: ignore[arg-type]
 
-    resp = httpx.post(f"{embedded_gateway.url}/v1/load_lora_adapter", headers=auth,
-                      json={"lora_name": "strong", "lora_path": str(adapter)})
+    resp = httpx.post(
+        f"{embedded_gateway.url}/v1/load_lora_adapter",
+        headers=auth,
+        json={"lora_name": "strong", "lora_path": str(adapter)},
+    )
     assert resp.status_code == 200, resp.text
     listed = {m.id: m.model_extra for m in client.models.list()}
     assert listed["strong"] is not None and listed["strong"]["parent"] == DEFAULT_MODEL
 
-    tuned = client.chat.completions.create(model="strong", messages=CAPITAL,  # type: ignore[arg-type]
-                                           max_tokens=8, temperature=0)
+    tuned = client.chat.completions.create(
+        model="strong",
+        messages=CAPITAL,  # type: ignore[arg-type]
+        max_tokens=8,
+        temperature=0,
+    )
     assert tuned.model == "strong"
     assert tuned.choices[0].message.content != base_before.choices[0].message.content
     # The base model is untouched while the adapter is loaded.
     base_during = client.chat.completions.create(
-        model=DEFAULT_MODEL, messages=CAPITAL, max_tokens=8, temperature=0)  # type: ignore[arg-type]
+        model=DEFAULT_MODEL, messages=CAPITAL, max_tokens=8, temperature=0
+    )  # type: ignore[arg-type]
     assert base_during.choices[0].message.content == base_before.choices[0].message.content
 
-    resp = httpx.post(f"{embedded_gateway.url}/v1/unload_lora_adapter", headers=auth,
-                      json={"lora_name": "strong"})
+    resp = httpx.post(
+        f"{embedded_gateway.url}/v1/unload_lora_adapter", headers=auth, json={"lora_name": "strong"}
+    )
     assert resp.status_code == 200, resp.text
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="strong", messages=CAPITAL, max_tokens=2)  # type: ignore[arg-type]

@@ -31,25 +31,32 @@ def _running(server: ServerThread) -> int:
     return int(server.gateway.served.statuses()[DEFAULT_MODEL].running)
 
 
-@pytest.mark.parametrize(("kwargs", "param"), [
-    ({"n": 1000}, "n"),
-    ({"n": 0}, "n"),
-    ({"max_tokens": 10**6}, "max_tokens"),
-    ({"max_completion_tokens": 10**6}, "max_completion_tokens"),
-    ({"max_tokens": 0}, "max_tokens"),
-    ({"temperature": 5}, "temperature"),
-    ({"top_p": 0}, "top_p"),
-    ({"stop": [str(i) for i in range(40)]}, "stop"),
-    ({"stop": "x" * 5000}, "stop"),
-    ({"stop": [""]}, "stop"),
-    ({"top_logprobs": 5}, "top_logprobs"),
-    ({"stream_options": {"include_usage": True}}, "stream_options"),
-])
-def test_chat_bounds_are_400_with_param(client: openai.OpenAI, embedded_gateway: ServerThread,
-                                        kwargs: dict[str, Any], param: str) -> None:
+@pytest.mark.parametrize(
+    ("kwargs", "param"),
+    [
+        ({"n": 1000}, "n"),
+        ({"n": 0}, "n"),
+        ({"max_tokens": 10**6}, "max_tokens"),
+        ({"max_completion_tokens": 10**6}, "max_completion_tokens"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"temperature": 5}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"stop": [str(i) for i in range(40)]}, "stop"),
+        ({"stop": "x" * 5000}, "stop"),
+        ({"stop": [""]}, "stop"),
+        ({"top_logprobs": 5}, "top_logprobs"),
+        ({"stream_options": {"include_usage": True}}, "stream_options"),
+    ],
+)
+def test_chat_bounds_are_400_with_param(
+    client: openai.OpenAI, embedded_gateway: ServerThread, kwargs: dict[str, Any], param: str
+) -> None:
     with pytest.raises(openai.BadRequestError) as info:
-        client.chat.completions.create(model=DEFAULT_MODEL, messages=CHAT,  # type: ignore[arg-type]
-                                       **kwargs)
+        client.chat.completions.create(
+            model=DEFAULT_MODEL,
+            messages=CHAT,  # type: ignore[arg-type]
+            **kwargs,
+        )
     err = _envelope(info.value.response)
     assert err["param"] == param
     assert err["type"] == "invalid_request_error"
@@ -61,17 +68,21 @@ def test_bad_messages(client: openai.OpenAI) -> None:
         client.chat.completions.create(model=DEFAULT_MODEL, messages=[])
     assert _envelope(info.value.response)["param"] == "messages"
     with pytest.raises(openai.BadRequestError) as info:
-        client.chat.completions.create(model=DEFAULT_MODEL,
-                                       messages=[{"role": "wizard", "content": "x"}])  # type: ignore[list-item, misc]
+        client.chat.completions.create(
+            model=DEFAULT_MODEL, messages=[{"role": "wizard", "content": "x"}]
+        )  # type: ignore[list-item, misc]
     assert _envelope(info.value.response)["param"] == "messages[0].role"
 
 
-@pytest.mark.parametrize(("kwargs", "param"), [
-    ({"prompt": ["a"] * 500}, "prompt"),
-    ({"prompt": []}, "prompt"),
-    ({"prompt": "hi", "logprobs": 50}, "logprobs"),
-    ({"prompt": "hi", "n": 99}, "n"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "param"),
+    [
+        ({"prompt": ["a"] * 500}, "prompt"),
+        ({"prompt": []}, "prompt"),
+        ({"prompt": "hi", "logprobs": 50}, "logprobs"),
+        ({"prompt": "hi", "n": 99}, "n"),
+    ],
+)
 def test_completion_bounds(client: openai.OpenAI, kwargs: dict[str, Any], param: str) -> None:
     with pytest.raises(openai.BadRequestError) as info:
         client.completions.create(model=DEFAULT_MODEL, **kwargs)
@@ -137,8 +148,11 @@ def test_body_too_large_is_413(embedded_gateway: ServerThread) -> None:
 
 def test_dangerous_fields_refused(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as info:
-        client.chat.completions.create(model=DEFAULT_MODEL, messages=CHAT,  # type: ignore[arg-type]
-                                       extra_body={"logits_processors": ["os.system"]})
+        client.chat.completions.create(
+            model=DEFAULT_MODEL,
+            messages=CHAT,  # type: ignore[arg-type]
+            extra_body={"logits_processors": ["os.system"]},
+        )
     assert _envelope(info.value.response)["param"] == "logits_processors"
 
 

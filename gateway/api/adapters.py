@@ -37,15 +37,18 @@ async def load_lora_adapter(request: Request) -> Any:
     name = _str_field(body, "lora_name")
     raw_path = _str_field(body, "lora_path")
     base_name = _str_field(body, "base_model", required=False) or _str_field(
-        body, "model", required=False)
+        body, "model", required=False
+    )
     assert name is not None and raw_path is not None
     base = gw.served.base_for_adapter(base_name)
     path = resolve_adapter_path(base.spec, raw_path, gw.served.catalog.base_dir)
     t0 = time.perf_counter()
     await gw.served.load_adapter(base, name, str(path))
     took = time.perf_counter() - t0
-    return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.",
-                             headers={"server-timing": f"load;dur={took * 1000:.1f}"})
+    return PlainTextResponse(
+        f"Success: LoRA adapter '{name}' added successfully.",
+        headers={"server-timing": f"load;dur={took * 1000:.1f}"},
+    )
 
 
 async def unload_lora_adapter(request: Request) -> Any:

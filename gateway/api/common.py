@@ -102,8 +102,7 @@ async def read_json(inc: Incoming, limit: int) -> dict[str, Any]:
     chunked body cannot grow past it either), 400 if it is not a JSON object."""
     length = inc.headers.get(b"content-length")
     if length is not None and length.isdigit() and int(length) > limit:
-        raise PayloadTooLarge(
-            f"The request body is {int(length)} bytes; at most {limit} allowed.")
+        raise PayloadTooLarge(f"The request body is {int(length)} bytes; at most {limit} allowed.")
     message = await inc.receive()
     body = message.get("body", b"")
     if message.get("more_body"):
@@ -157,8 +156,7 @@ class RequestRecord(StreamObserver):
         if self._m is not None:
             self._m.itl.observe(gap)
 
-    def finished(self, usage: Usage | None, error: ServingError | None,
-                 disconnected: bool) -> None:
+    def finished(self, usage: Usage | None, error: ServingError | None, disconnected: bool) -> None:
         if self._done:
             return
         self._done = True
@@ -186,8 +184,9 @@ class RequestRecord(StreamObserver):
 
 
 def error_response(exc: ServingError, rid: str) -> RawResponse:
-    return RawResponse(exc.status, error_body(exc),
-                       [*error_headers(exc), (b"x-request-id", rid.encode())])
+    return RawResponse(
+        exc.status, error_body(exc), [*error_headers(exc), (b"x-request-id", rid.encode())]
+    )
 
 
 class RawResponse:

@@ -36,17 +36,21 @@ async def embeddings(gw: Gateway, scope: Scope, receive: Receive, send: Send) ->
         target = gw.served.resolve(body.get("model"))
         record.model = target.spec.name
         if target.spec.task != "embed":
-            raise InvalidRequest(f"The model `{target.spec.name}` does not serve embeddings.",
-                                 param="model")
+            raise InvalidRequest(
+                f"The model `{target.spec.name}` does not serve embeddings.", param="model"
+            )
         parsed = validate_embedding(body, gw.settings)
         record.begin()
-        done = await target.engine.embed(EmbedRequest(
-            body=body, model=target.spec.name, request_id=rid,
-            inputs=embedding_inputs(parsed)))
+        done = await target.engine.embed(
+            EmbedRequest(
+                body=body, model=target.spec.name, request_id=rid, inputs=embedding_inputs(parsed)
+            )
+        )
     except ServingError as exc:
         record.finished(None, exc, False)
         await error_response(exc, rid)(scope, receive, send)
         return
     record.finished(done.usage, None, False)
-    await RawResponse(200, done.body, [(b"content-type", b"application/json"),
-                                (b"x-request-id", rid.encode())])(scope, receive, send)
+    await RawResponse(
+        200, done.body, [(b"content-type", b"application/json"), (b"x-request-id", rid.encode())]
+    )(scope, receive, send)

@@ -45,8 +45,7 @@ _SSE_HEADERS = [
 
 
 def _timing(gateway_s: float, upstream_s: float) -> bytes:
-    return (f"gateway;dur={gateway_s * 1000:.3f}, "
-            f"upstream;dur={upstream_s * 1000:.3f}").encode()
+    return (f"gateway;dur={gateway_s * 1000:.3f}, upstream;dur={upstream_s * 1000:.3f}").encode()
 
 
 async def chat_completions(gw: Gateway, scope: Scope, receive: Receive, send: Send) -> None:
@@ -57,8 +56,7 @@ async def completions(gw: Gateway, scope: Scope, receive: Receive, send: Send) -
     await _generate(gw, "completions", scope, receive, send)
 
 
-async def _generate(gw: Gateway, route: Route, scope: Scope, receive: Receive,
-                    send: Send) -> None:
+async def _generate(gw: Gateway, route: Route, scope: Scope, receive: Receive, send: Send) -> None:
     start = time.perf_counter()
     record = RequestRecord(gw, route, start)
     inc = Incoming(scope, receive)
@@ -70,8 +68,7 @@ async def _generate(gw: Gateway, route: Route, scope: Scope, receive: Receive,
         spec = target.spec
         record.model = spec.name
         if spec.task != "generate":
-            raise InvalidRequest(f"The model `{spec.name}` serves embeddings only.",
-                                 param="model")
+            raise InvalidRequest(f"The model `{spec.name}` serves embeddings only.", param="model")
         defaults = gw.served.request_defaults(spec.name)
         if defaults:
             for key, value in defaults.items():
@@ -87,9 +84,14 @@ async def _generate(gw: Gateway, route: Route, scope: Scope, receive: Receive,
             # Engines always report usage at the end; the relay drops it again if unasked.
             opts = body.get("stream_options") or {}
             body["stream_options"] = {**opts, "include_usage": True}
-        req = GenerateRequest(route=route, body=body, model=body["model"],
-                              adapter=target.adapter, request_id=rid,
-                              created=int(time.time()))
+        req = GenerateRequest(
+            route=route,
+            body=body,
+            model=body["model"],
+            adapter=target.adapter,
+            request_id=rid,
+            created=int(time.time()),
+        )
     except ServingError as exc:
         record.finished(None, exc, False)
         await error_response(exc, rid)(scope, receive, send)
@@ -125,11 +127,18 @@ async def _generate(gw: Gateway, route: Route, scope: Scope, receive: Receive,
     timing = _timing(now - start - upstream_s, upstream_s)
     if not stream:
         record.finished(done.usage, None, False)
-        await RawResponse(200, done.body, [(b"content-type", b"application/json"),
-                                    (b"x-request-id", rid.encode()),
-                                    (b"server-timing", timing)])(scope, receive, send)
+        await RawResponse(
+            200,
+            done.body,
+            [
+                (b"content-type", b"application/json"),
+                (b"x-request-id", rid.encode()),
+                (b"server-timing", timing),
+            ],
+        )(scope, receive, send)
         return
     record.first_chunk(now)
     headers = [*_SSE_HEADERS, (b"x-request-id", rid.encode()), (b"server-timing", timing)]
-    await RelayResponse(first, agen, want_usage=want_usage, headers=headers,
-                        observer=record)(scope, receive, send)
+    await RelayResponse(first, agen, want_usage=want_usage, headers=headers, observer=record)(
+        scope, receive, send
+    )

@@ -15,12 +15,19 @@ if TYPE_CHECKING:
 async def health(request: Request) -> Any:
     gw: Gateway = request.app.state.gateway
     statuses = gw.served.statuses()
-    models = {name: {"ready": st.ready, "detail": st.detail,
-                     "workers": [{"url": w.url, "healthy": w.healthy} for w in st.workers]}
-              for name, st in statuses.items()}
+    models = {
+        name: {
+            "ready": st.ready,
+            "detail": st.detail,
+            "workers": [{"url": w.url, "healthy": w.healthy} for w in st.workers],
+        }
+        for name, st in statuses.items()
+    }
     ready = bool(statuses) and all(st.ready for st in statuses.values())
-    return JSONResponse({"status": "ok" if ready else "degraded", "models": models},
-                        status_code=200 if ready else 503)
+    return JSONResponse(
+        {"status": "ok" if ready else "degraded", "models": models},
+        status_code=200 if ready else 503,
+    )
 
 
 async def metrics(request: Request) -> Any:
