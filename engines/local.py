@@ -539,7 +539,10 @@ class LocalEngine:
         out: list[bytes] = []
 
         def chunk(choice: dict[str, Any]) -> None:
-            out.append(_sse({**head, "choices": [choice], "usage": None}))
+            # No `"usage": null` per chunk: the gateway always asks engines for the final
+            # usage chunk, so the client's own choice is unknown here; like vLLM, leave
+            # the field out of content chunks.
+            out.append(_sse({**head, "choices": [choice]}))
 
         lp = self._logprobs_obj(chat, c, ev.logprobs, "", offset) if ev.logprobs else None
         if chat:

@@ -116,7 +116,7 @@ def test_stream_without_include_usage_has_no_usage_chunk(embedded_gateway: Serve
         body = r.read()
     events = [e for e in body.split(b"\n\n") if e]
     assert events[-1] == b"data: [DONE]"
-    assert not any(b'"usage":{' in e for e in events)
+    assert not any(b'"usage"' in e for e in events)
     # ...but the gateway still counted the tokens.
     metrics = httpx.get(f"{embedded_gateway.url}/metrics").text
     assert f'gateway_completion_tokens_total{{model="{DEFAULT_MODEL}"}}' in metrics
