@@ -199,8 +199,12 @@ def validate_completion(
         raise InvalidRequest(
             f"'prompt' has {count} prompts; at most {settings.max_prompts} allowed.", param="prompt"
         )
-    if count * req.n > settings.max_n * max(1, settings.max_prompts // 4):
-        raise InvalidRequest("'prompt' × 'n' asks for too many sequences at once.", param="n")
+    if count * req.n > settings.max_sequences_per_request:
+        raise InvalidRequest(
+            f"{count} prompts × n={req.n} is {count * req.n} sequences; at most "
+            f"{settings.max_sequences_per_request} per request.",
+            param="n",
+        )
     if req.best_of is not None and req.best_of != req.n:
         raise InvalidRequest("'best_of' other than 'n' is not supported.", param="best_of")
     return req

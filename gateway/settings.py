@@ -34,6 +34,8 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     max_n: int = Field(default=16, ge=1)
     max_prompts: int = Field(default=64, ge=1)
+    # Prompts × n of one completions request: what one request may add to a batch.
+    max_sequences_per_request: int = Field(default=256, ge=1)
     max_stop_sequences: int = Field(default=16, ge=1)
     max_stop_length: int = Field(default=256, ge=1)
     max_embedding_inputs: int = Field(default=2048, ge=1)

@@ -8,7 +8,7 @@ import base64
 import math
 import struct
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import httpx
@@ -29,8 +29,11 @@ CAPITAL = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 @pytest.fixture
-def client(embedded_gateway: ServerThread) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{embedded_gateway.url}/v1", api_key="unused", max_retries=0)
+def client(embedded_gateway: ServerThread) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(
+        base_url=f"{embedded_gateway.url}/v1", api_key="unused", max_retries=0
+    ) as client:
+        yield client
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@ the status the `openai` SDK maps to its matching exception class."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -15,8 +16,11 @@ CHAT = [{"role": "user", "content": "hi"}]
 
 
 @pytest.fixture
-def client(embedded_gateway: ServerThread) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{embedded_gateway.url}/v1", api_key="unused", max_retries=0)
+def client(embedded_gateway: ServerThread) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(
+        base_url=f"{embedded_gateway.url}/v1", api_key="unused", max_retries=0
+    ) as client:
+        yield client
 
 
 def _envelope(resp: httpx.Response) -> dict[str, Any]:
@@ -81,6 +85,7 @@ def test_bad_messages(client: openai.OpenAI) -> None:
         ({"prompt": []}, "prompt"),
         ({"prompt": "hi", "logprobs": 50}, "logprobs"),
         ({"prompt": "hi", "n": 99}, "n"),
+        ({"prompt": ["a"] * 60, "n": 16}, "n"),
     ],
 )
 def test_completion_bounds(client: openai.OpenAI, kwargs: dict[str, Any], param: str) -> None:
@@ -140,9 +145,11 @@ def test_body_too_large_is_413(embedded_gateway: ServerThread) -> None:
     assert resp.status_code == 413
 
     # The SDK has no class of its own for 413: it raises its generic APIStatusError.
-    client = openai.OpenAI(base_url=f"{embedded_gateway.url}/v1", api_key="x", max_retries=0)
-    with pytest.raises(openai.APIStatusError) as info:
-        client.completions.create(model=DEFAULT_MODEL, prompt="a" * (limit + 10))
+    with (
+        openai.OpenAI(base_url=f"{embedded_gateway.url}/v1", api_key="x", max_retries=0) as sdk,
+        pytest.raises(openai.APIStatusError) as info,
+    ):
+        sdk.completions.create(model=DEFAULT_MODEL, prompt="a" * (limit + 10))
     assert info.value.status_code == 413
 
 

@@ -87,8 +87,9 @@ def fleet(sims: SimThread, tmp_path_factory: pytest.TempPathFactory) -> Iterator
 
 
 @pytest.fixture
-def client(fleet: dict[str, Any]) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{fleet['gw'].url}/v1", api_key="x", max_retries=0)
+def client(fleet: dict[str, Any]) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=f"{fleet['gw'].url}/v1", api_key="x", max_retries=0) as client:
+        yield client
 
 
 CHAT = [{"role": "user", "content": "hello there"}]
@@ -172,7 +173,9 @@ def test_upstream_429_keeps_retry_after(fleet: dict[str, Any]) -> None:
     assert resp.json()["error"]["type"]
 
 
-def test_failure_after_first_byte_ends_with_error_event_and_no_done(fleet: dict[str, Any]) -> None:
+def test_failure_after_first_byte_ends_with_error_event_and_no_done(
+    fleet: dict[str, Any], client: openai.OpenAI
+) -> None:
     raw = httpx.post(
         f"{fleet['gw'].url}/v1/chat/completions",
         json={"model": "dropping", "messages": CHAT, "max_tokens": 20, "stream": True},
@@ -184,10 +187,13 @@ def test_failure_after_first_byte_ends_with_error_event_and_no_done(fleet: dict[
     assert set(last["error"]) == {"message", "type", "param", "code"}
     with pytest.raises(openai.APIError):  # the SDK raises on an error event
         list(
-            openai.OpenAI(base_url=f"{fleet['gw'].url}/v1", api_key="x").chat.completions.create(
-                model="dropping", messages=CHAT, max_tokens=20, stream=True
+            client.chat.completions.create(
+                model="dropping",
+                messages=CHAT,  # type: ignore[arg-type]
+                max_tokens=20,
+                stream=True,
             )
-        )  # type: ignore[arg-type]
+        )
 
 
 async def test_client_disconnect_cancels_the_upstream_at_once(fleet: dict[str, Any]) -> None:

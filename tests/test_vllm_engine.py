@@ -392,11 +392,11 @@ def test_attach_through_the_gateway_with_the_openai_sdk(tmp_path: Path) -> None:
             list(pool.map(one_of_each, range(4)))
         assert all(w.requests_total > 0 for w in workers)
     finally:
+        client.close()
         gw.stop()
         for w in workers:
             sims.call(w.stop())
         sims.close()
-        sims.loop.close()
 
 
 # --------------------------------------------------------------------------- launch mode
