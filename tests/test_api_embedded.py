@@ -316,3 +316,25 @@ def test_lora_hot_swap_on_the_embedded_engine(
     assert resp.status_code == 200, resp.text
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="strong", messages=CAPITAL, max_tokens=2)  # type: ignore[arg-type]
+
+
+def test_logprobs_through_the_sdk(client: openai.OpenAI) -> None:
+    chat = client.chat.completions.create(
+        model=DEFAULT_MODEL,
+        messages=CAPITAL,  # type: ignore[arg-type]
+        max_tokens=3,
+        logprobs=True,
+        top_logprobs=2,
+    )
+    lp = chat.choices[0].logprobs
+    assert lp is not None and lp.content is not None and len(lp.content) == 3
+    assert all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in lp.content)
+    text = "".join(t.token for t in lp.content)
+    assert text == chat.choices[0].message.content
+    comp = client.completions.create(
+        model=DEFAULT_MODEL, prompt="One, two,", max_tokens=3, logprobs=2
+    )
+    clp = comp.choices[0].logprobs
+    assert clp is not None and clp.tokens is not None and len(clp.tokens) == 3
+    # a dict per token: two top tokens that decode alike share one key
+    assert clp.top_logprobs is not None and all(1 <= len(d) <= 2 for d in clp.top_logprobs)
