@@ -15,7 +15,7 @@ still answer with an HTTP status; after it, the gateway ends the stream with an 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
@@ -148,7 +148,8 @@ class Completed:
     usage: Usage | None = None
 
 
-EngineStream = AsyncIterator[bytes]
+# An async generator, so the gateway can close it (`aclose`) when the client leaves.
+EngineStream = AsyncGenerator[bytes, None]
 
 
 @dataclass(slots=True)

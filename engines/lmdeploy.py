@@ -396,14 +396,10 @@ class LMDeployEngine(LaunchedEngine):
         for choice in obj.get("choices") or ():
             if not isinstance(choice, dict):
                 continue
-            for key in self._EXTRA_CHOICE_FIELDS:
-                if key in choice and choice[key] is None:
-                    del choice[key]
+            _drop_nulls(choice, self._EXTRA_CHOICE_FIELDS)
             msg = choice.get("message")
             if isinstance(msg, dict):
-                for key in ("reasoning_content", "tool_calls"):
-                    if key in msg and msg[key] is None:
-                        del msg[key]
+                _drop_nulls(msg, ("reasoning_content", "tool_calls"))
         return obj
 
     def transform_chunk(self, obj: dict[str, Any]) -> dict[str, Any] | None:
@@ -414,9 +410,7 @@ class LMDeployEngine(LaunchedEngine):
         for choice in obj.get("choices") or ():
             if not isinstance(choice, dict):
                 continue
-            for key in self._EXTRA_CHOICE_FIELDS:
-                if key in choice and choice[key] is None:
-                    del choice[key]
+            _drop_nulls(choice, self._EXTRA_CHOICE_FIELDS)
             delta = choice.get("delta")
             slot = (rid, int(choice.get("index") or 0))
             if isinstance(delta, dict):
@@ -443,3 +437,10 @@ class LMDeployEngine(LaunchedEngine):
         api_waiting = m.get(self.metrics_prefix + "num_api_requests_waiting")
         if api_waiting is not None:
             w.waiting = (w.waiting or 0) + int(api_waiting)
+
+
+def _drop_nulls(obj: dict[str, Any], keys: tuple[str, ...]) -> None:
+    """Remove `keys` whose value is null: extension fields OpenAI's shapes leave out."""
+    for key in keys:
+        if key in obj and obj[key] is None:
+            del obj[key]

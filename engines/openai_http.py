@@ -40,7 +40,7 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -527,7 +527,7 @@ class OpenAIEngine:
             body = orjson.dumps(obj)
         return Completed(body=body, usage=self._usage(obj))
 
-    async def stream(self, req: GenerateRequest) -> AsyncIterator[bytes]:
+    async def stream(self, req: GenerateRequest) -> AsyncGenerator[bytes, None]:
         route = "chat" if req.route == "chat" else "completions"
         ep, resp = await self._send(
             route, self._encode(req.body, req.adapter), req.request_id, True

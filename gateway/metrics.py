@@ -159,9 +159,6 @@ class Metrics:
         self.completion_tokens = Counter(
             "gateway_completion_tokens", "Completion tokens", ["model"], registry=r
         )
-        self.retries = Counter(
-            "gateway_retries", "Requests retried on another worker", ["model"], registry=r
-        )
         self.rate_limited = Counter(
             "gateway_rate_limited", "Requests refused with 429", ["model"], registry=r
         )

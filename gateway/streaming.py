@@ -177,7 +177,7 @@ class RelayResponse:
             await self._end_with_error(send, error)
         finally:
             watch.close()
-            await self._stream.aclose()  # type: ignore[attr-defined]
+            await self._stream.aclose()
             observer.finished(usage, error, watch.disconnected)
 
     @staticmethod

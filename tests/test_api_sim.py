@@ -164,6 +164,20 @@ def test_upstream_500_is_a_5xx_envelope(client: openai.OpenAI) -> None:
     assert set(info.value.response.json()["error"]) == {"message", "type", "param", "code"}
 
 
+def test_stream_failing_before_first_byte_is_a_status_not_a_stream(
+    fleet: dict[str, Any],
+) -> None:
+    resp = httpx.post(
+        f"{fleet['gw'].url}/v1/chat/completions",
+        json={"model": "failing", "messages": CHAT, "stream": True},
+    )
+    assert resp.status_code >= 500
+    assert resp.headers["content-type"] == "application/json"
+    assert set(resp.json()["error"]) == {"message", "type", "param", "code"}
+    metrics = httpx.get(f"{fleet['gw'].url}/metrics").text
+    assert 'gateway_requests_in_flight{model="failing",route="chat"} 0.0' in metrics
+
+
 def test_upstream_429_keeps_retry_after(fleet: dict[str, Any]) -> None:
     resp = httpx.post(
         f"{fleet['gw'].url}/v1/chat/completions", json={"model": "busy", "messages": CHAT}

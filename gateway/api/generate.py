@@ -10,10 +10,11 @@ going away cancels the engine call (non-streamed) or the relay (streamed).
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import TYPE_CHECKING, Any, Literal
 
-from engines.base import GenerateRequest, ServingError
+from engines.base import EngineStream, GenerateRequest, ServingError
 from gateway.api.common import (
     Incoming,
     RawResponse,
@@ -31,6 +32,8 @@ from gateway.streaming import DisconnectWatch, RelayResponse, Send
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
+
+log = logging.getLogger("gateway.generate")
 
 Route = Literal["chat", "completions"]
 
@@ -100,23 +103,30 @@ async def _generate(gw: Gateway, route: Route, scope: Scope, receive: Receive, s
     engine = target.engine
     watch = DisconnectWatch(receive, delay=WATCH_DELAY_S)
     upstream_start = time.perf_counter()
+    agen: EngineStream | None = None
     try:
         if not stream:
             done = await engine.complete(req)
-            upstream_s = time.perf_counter() - upstream_start
         else:
             agen = engine.stream(req)
             try:
                 first = await agen.__anext__()
             except StopAsyncIteration:
                 first = b""
-            upstream_s = time.perf_counter() - upstream_start
-    except asyncio.CancelledError:
-        if not watch.absorb():
+        upstream_s = time.perf_counter() - upstream_start
+    except BaseException as exc:
+        if agen is not None:  # failed before its first block: close it now, not at GC
+            await agen.aclose()
+        if isinstance(exc, asyncio.CancelledError):
+            if not watch.absorb():
+                raise
+            record.finished(None, None, True)
+            return
+        if not isinstance(exc, Exception):
             raise
-        record.finished(None, None, True)
-        return
-    except ServingError as exc:
+        if not isinstance(exc, ServingError):  # an engine bug: still a 500 in the envelope
+            log.exception("engine %s failed", target.spec.name, exc_info=exc)
+            exc = ServingError("The engine failed while processing the request.")
         record.finished(None, exc, False)
         await error_response(exc, rid)(scope, receive, send)
         return
@@ -138,6 +148,7 @@ async def _generate(gw: Gateway, route: Route, scope: Scope, receive: Receive, s
         )(scope, receive, send)
         return
     record.first_chunk(now)
+    assert agen is not None
     headers = [*_SSE_HEADERS, (b"x-request-id", rid.encode()), (b"server-timing", timing)]
     await RelayResponse(first, agen, want_usage=want_usage, headers=headers, observer=record)(
         scope, receive, send
