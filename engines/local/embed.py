@@ -5,7 +5,8 @@ the checkpoint's own files (`modules.json`, `1_Pooling/config.json`,
 `sentence_bert_config.json`): the transformer, then mean / CLS / max pooling over real
 tokens, then L2 normalisation when a `Normalize` module is listed. sentence-transformers
 itself is deliberately not a dependency: this is the whole of what it does here.
-Does not own the OpenAI response shape or request validation (`engines.local`).
+Does not own the OpenAI response shape (`engines.local.shapes`) or request validation
+(`engines.local.engine`).
 """
 
 from __future__ import annotations

@@ -5,8 +5,9 @@ steps, per-sequence sampling (greedy / temperature / top-p / seeded generator), 
 EOS / max-tokens / stop-string endings, cancellation, and model mutations (LoRA adapters)
 serialised between steps. Talks to the outside through thread-safe `submit` / `cancel` /
 `call` and a per-sequence `sink` callback invoked on the decode thread. Does not own the
-OpenAI wire format, prompt building or asyncio (`engines.local`), nor text handling
-(`engines.local_text`).
+OpenAI wire format (`engines.local.shapes`), prompt building and sampling parameters
+(`engines.local.prompts`), asyncio (`engines.local.engine`), nor text handling
+(`engines.local.text`).
 
 Why hand-written rather than transformers' own continuous batching (`init_continuous_batching`,
 looked at in 5.24): its sampling configuration and seed are global to the manager (no
@@ -34,14 +35,15 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from transformers import DynamicCache
 
 from engines.base import EngineUnavailable, ServingError
-from engines.local_text import Detokenizer, StopMatcher
+from engines.local.prompts import SamplingParams
+from engines.local.text import Detokenizer, StopMatcher
 
 __all__ = [
     "Batcher",
@@ -52,18 +54,6 @@ __all__ = [
 ]
 
 BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed batch
-
-
-@dataclass(slots=True)
-class SamplingParams:
-    max_new_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
-    ignore_eos: bool = False
-    # None: no logprobs; 0: the chosen token's only; k: plus the k most likely.
-    logprobs: int | None = None
 
 
 @dataclass(slots=True)
