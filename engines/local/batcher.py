@@ -1,11 +1,13 @@
 """The embedded engine's continuous batcher: one decode thread over one in-process model.
 
 Owns: the running batch and its KV cache, admission of waiting sequences between decode
-steps, per-sequence sampling (greedy / temperature / top-p / seeded generator), logprobs,
-EOS / max-tokens / stop-string endings, cancellation, and model mutations (LoRA adapters)
-serialised between steps. Talks to the outside through thread-safe `submit` / `cancel` /
-`call` and a per-sequence `sink` callback invoked on the decode thread. Does not own the
-OpenAI wire format (`engines.local.shapes`), prompt building and sampling parameters
+steps, per-sequence sampling (penalties, logit_bias and the grammar mask of
+`engines.local.structured.Constraint`, then greedy / temperature / top-p / seeded
+generator), logprobs, EOS / max-tokens / stop-string / grammar-complete endings,
+cancellation, and model mutations (LoRA adapters) serialised between steps. Talks to the
+outside through thread-safe `submit` / `cancel` / `call` and a per-sequence `sink`
+callback invoked on the decode thread. Does not own the OpenAI wire format
+(`engines.local.shapes`), prompt building and sampling parameters
 (`engines.local.prompts`), asyncio (`engines.local.engine`), nor text handling
 (`engines.local.text`).
 
@@ -363,6 +365,15 @@ class Batcher:
     # ------------------------------------------------------------------ sampling
 
     def _sample_and_emit(self, logits: torch.Tensor, rows: list[Sequence]) -> None:
+        for i, s in enumerate(rows):
+            p = s.params
+            if (
+                p.constraint is not None
+                or p.logit_bias
+                or p.presence_penalty
+                or p.frequency_penalty
+            ):
+                _adjust_row(logits, i, s)
         tokens: list[int] = logits.argmax(dim=-1).tolist()
         sampled = [i for i, s in enumerate(rows) if s.params.temperature > 0 and not s.cancelled]
         if sampled:
@@ -399,7 +410,11 @@ class Batcher:
         p = s.params
         text = s.stop.feed(s.detok.add(token))
         finish: str | None = None
-        if s.stop.stopped or (token in self._eos and not p.ignore_eos):
+        grammar_done = False
+        if p.constraint is not None:
+            p.constraint.advance(token)
+            grammar_done = p.constraint.finished
+        if s.stop.stopped or grammar_done or (token in self._eos and not p.ignore_eos):
             finish = "stop"
         elif len(s.out_ids) >= p.max_new_tokens:
             finish = "length"
@@ -428,6 +443,23 @@ class Batcher:
         for c in controls:
             c.future.set_exception(err)
         self._rows, self._cache, self._mask = [], None, None
+
+
+def _adjust_row(logits: torch.Tensor, i: int, s: Sequence) -> None:
+    """Penalties, logit_bias and the grammar mask on row `i`, in OpenAI's order."""
+    p = s.params
+    row = logits[i]
+    if (p.presence_penalty or p.frequency_penalty) and s.out_ids:
+        ids = torch.tensor(s.out_ids, dtype=torch.long, device=row.device)
+        counts = torch.bincount(ids, minlength=row.shape[0])[: row.shape[0]].to(row.dtype)
+        row -= counts * p.frequency_penalty + (counts > 0).to(row.dtype) * p.presence_penalty
+    if p.logit_bias:
+        idx = torch.tensor(list(p.logit_bias), dtype=torch.long, device=row.device)
+        row.index_add_(0, idx, torch.tensor(list(p.logit_bias.values()), dtype=row.dtype))
+    if p.constraint is not None:
+        allowed = p.constraint.allowed().to(row.device)
+        if bool(allowed.any()):
+            row.masked_fill_(~allowed[: row.shape[0]], float("-inf"))
 
 
 def _pad_left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:

@@ -48,6 +48,7 @@ from engines.local.shapes import ChoiceState
 if TYPE_CHECKING:
     from engines.local.batcher import Batcher, SeqEvent, Sequence
     from engines.local.embed import Embedder
+    from engines.local.structured import Grammars
 
 __all__ = ["LocalEngine"]
 
@@ -123,6 +124,8 @@ class LocalEngine:
         self._embedder: Embedder | None = None
         self._tok: Any = None
         self._token_info: Callable[[int], tuple[str, list[int]]] | None = None
+        self._grammar_tok: Grammars | None = None
+        self._template_tools = False
         self._context_len = spec.max_model_len
         self._vocab = 0
         self._adapters: dict[str, str] = {}
@@ -246,6 +249,7 @@ class LocalEngine:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from engines.local.batcher import Batcher
+        from engines.local.structured import Grammars
         from engines.local.text import token_bytes_fn
 
         tok = AutoTokenizer.from_pretrained(path)
@@ -276,6 +280,8 @@ class LocalEngine:
         )
         self._tok = tok
         self._token_info = token_bytes_fn(tok)
+        self._grammar_tok = Grammars(tok, self._vocab)  # ~1 s once, not on a first request
+        self._template_tools = "tools" in str(getattr(tok, "chat_template", None) or "")
         self._batcher.start()
 
     def _load_embedder(self, path: str) -> None:
@@ -337,6 +343,7 @@ class LocalEngine:
     def _submit(self, req: GenerateRequest) -> _Job:
         from engines.local.batcher import Sequence
         from engines.local.prompts import plan_request
+        from engines.local.structured import parse_structured, refuse_unsupported
         from engines.local.text import Detokenizer
 
         batcher, loop = self._batcher, self._loop
@@ -348,13 +355,18 @@ class LocalEngine:
             raise EngineUnavailable(f"model {self.spec.name!r} is not ready")
         if req.adapter is not None and req.adapter not in self._adapters:
             raise AdapterError(f"adapter {req.adapter!r} is not loaded", param="model")
+        chat = req.route == "chat"
+        refuse_unsupported(req.body)
+        st = parse_structured(req.body, chat=chat, template_has_tools=self._template_tools)
         plan = plan_request(
             self._tok,
             req.body,
-            chat=req.route == "chat",
+            chat=chat,
             context_len=self._context_len,
             vocab=self._vocab,
             max_tokens_default=self.spec.max_tokens_default,
+            messages=st.messages,
+            tools=st.template_tools,
         )
         if batcher.waiting + plan.n * len(plan.prompts) > self._max_waiting:
             raise EngineOverloaded(f"{batcher.waiting} sequences already wait for a slot")
@@ -367,16 +379,31 @@ class LocalEngine:
             for j in range(plan.n):
                 index = p * plan.n + j
                 params = plan.params(index, len(ids), self._context_len)
+                if st.grammar is not None:
+                    params.constraint = self._grammars().constraint(st.grammar)
 
                 def sink(ev: SeqEvent, index: int = index) -> None:
                     loop.call_soon_threadsafe(put, (index, ev))
 
                 seqs.append(Sequence(ids, params, sink, Detokenizer(self._tok, ids), req.adapter))
-                choices.append(ChoiceState(index, p, echo=echo_text))
+                choices.append(
+                    ChoiceState(
+                        index,
+                        p,
+                        echo=echo_text,
+                        tool_mode=st.tool_mode,
+                        tools=st.tools,
+                        holding={"call": True, "auto": None}.get(st.tool_mode or "", False),
+                    )
+                )
         job.prompt_tokens = sum(len(ids) for ids in plan.prompts)
         job.pending = len(seqs)
         batcher.submit(seqs)
         return job
+
+    def _grammars(self) -> Grammars:
+        assert self._grammar_tok is not None
+        return self._grammar_tok
 
     # ------------------------------------------------------------------ embed
 

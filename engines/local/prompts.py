@@ -3,9 +3,9 @@
 Owns: turning an OpenAI chat or completions body into prompt token ids (the chat template
 for chat, strings or token ids for completions), the context-length check, and the
 per-choice sampling parameters (`SamplingParams`: max tokens, temperature, top-p, seed,
-stop strings, logprobs). Does not own the decode loop (`engines.local.batcher`), response
-shapes (`engines.local.shapes`), nor any torch: this module is pure Python over a
-tokenizer.
+stop strings, logprobs, penalties, logit_bias). Does not own the decode loop
+(`engines.local.batcher`), response shapes (`engines.local.shapes`), structured output and
+tools (`engines.local.structured`), nor any torch: pure Python over a tokenizer.
 """
 
 from __future__ import annotations
@@ -32,7 +32,10 @@ class SamplingParams:
     ignore_eos: bool = False
     # None: no logprobs; 0: the chosen token's only; k: plus the k most likely.
     logprobs: int | None = None
-    # A token-level constraint (grammar matcher) built per choice; None: free text.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] | None = None
+    # A token-level constraint (`engines.local.structured.Constraint`), one per choice.
     constraint: Any = None
 
 
@@ -51,6 +54,9 @@ class Plan:
     stop: list[str]
     ignore_eos: bool
     logprobs: int | None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] | None = None
 
     def params(self, index: int, prompt_len: int, context_len: int) -> SamplingParams:
         """Sampling for choice `index` (seeds differ per choice, as n > 1 needs)."""
@@ -62,6 +68,9 @@ class Plan:
             stop=self.stop,
             ignore_eos=self.ignore_eos,
             logprobs=self.logprobs,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            logit_bias=self.logit_bias,
         )
 
 
@@ -113,7 +122,30 @@ def plan_request(
         stop=[stop] if isinstance(stop, str) else [str(s) for s in stop],
         ignore_eos=bool(body.get("ignore_eos", False)),
         logprobs=logprobs,
+        presence_penalty=float(body.get("presence_penalty") or 0.0),
+        frequency_penalty=float(body.get("frequency_penalty") or 0.0),
+        logit_bias=_logit_bias(body.get("logit_bias"), vocab),
     )
+
+
+def _logit_bias(raw: Any, vocab: int) -> dict[int, float] | None:
+    if not raw:
+        return None
+    if not isinstance(raw, dict):
+        raise InvalidRequest("logit_bias must map token ids to numbers", param="logit_bias")
+    out: dict[int, float] = {}
+    name = "logit_bias"
+    for key, value in raw.items():
+        try:
+            tid = int(key)
+        except (TypeError, ValueError):
+            raise InvalidRequest(f"logit_bias key {key!r} is not a token id", param=name) from None
+        if not 0 <= tid < vocab:
+            raise InvalidRequest(f"logit_bias token id {tid} is out of range", param=name)
+        if not isinstance(value, int | float) or not -100 <= value <= 100:
+            raise InvalidRequest("logit_bias values must be between -100 and 100", param=name)
+        out[tid] = float(value)
+    return out
 
 
 def chat_prompt(

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from engines.base import GenerateRequest, Usage
+from engines.local.structured import parse_call
 
 if TYPE_CHECKING:
     from engines.local.batcher import SeqEvent, TokenLogprob
@@ -50,10 +51,17 @@ class ChoiceState:
     completion_tokens: int = 0
     started: bool = False
     offset: int = 0  # characters emitted so far (completions' text_offset)
+    # Tools: None (no tools), "auto" (text or a call) or "call" (a call is certain).
+    tool_mode: str | None = None
+    tools: list[dict[str, Any]] | None = None
+    # Whether the text is held back as a tool call (None: not known yet, "auto" mode).
+    holding: bool | None = False
 
     def absorb(self, ev: SeqEvent) -> None:
         self.started = True
         if ev.text:
+            if self.holding is None:  # the first byte decides: "<" opens `<tool_call>`
+                self.holding = ev.text.startswith("<")
             self.text.append(ev.text)
             self.offset += len(ev.text)
         if ev.logprobs:
@@ -102,10 +110,13 @@ def completion_body(
         text = c.echo + "".join(c.text)
         lp = logprobs_obj(info, chat, c.logprobs, c.echo) if c.logprobs else None
         if chat:
-            msg = {"role": "assistant", "content": text, "refusal": None}
-            out.append(
-                {"index": c.index, "message": msg, "logprobs": lp, "finish_reason": c.finish_reason}
-            )
+            msg: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
+            finish = c.finish_reason
+            calls = parse_call(text, c.tools) if c.tools else None
+            if calls:
+                msg = {"role": "assistant", "content": None, "refusal": None, "tool_calls": calls}
+                finish = "tool_calls" if finish == "stop" else finish
+            out.append({"index": c.index, "message": msg, "logprobs": lp, "finish_reason": finish})
         else:
             out.append(
                 {"index": c.index, "text": text, "logprobs": lp, "finish_reason": c.finish_reason}
@@ -141,16 +152,26 @@ def chunks_for(
 
     lp = logprobs_obj(info, chat, ev.logprobs, "", offset) if ev.logprobs else None
     if chat:
+        delta: dict[str, Any]
         if first:
             delta = {"role": "assistant", "content": "", "refusal": None}
             chunk({"index": c.index, "delta": delta, "logprobs": None, "finish_reason": None})
-        if ev.text or lp:
+        finish = ev.finish_reason
+        if c.holding:  # a tool call: sent whole once it is complete
+            if finish:
+                text = "".join(c.text)
+                calls = parse_call(text, c.tools) if c.tools else None
+                if calls:
+                    delta = {"tool_calls": [{"index": i, **tc} for i, tc in enumerate(calls)]}
+                    finish = "tool_calls" if finish == "stop" else finish
+                else:  # cut short by max_tokens: what there is, as text
+                    delta = {"content": text}
+                chunk({"index": c.index, "delta": delta, "logprobs": None, "finish_reason": None})
+        elif ev.text or lp:
             delta = {"content": ev.text}
             chunk({"index": c.index, "delta": delta, "logprobs": lp, "finish_reason": None})
-        if ev.finish_reason:
-            chunk(
-                {"index": c.index, "delta": {}, "logprobs": None, "finish_reason": ev.finish_reason}
-            )
+        if finish:
+            chunk({"index": c.index, "delta": {}, "logprobs": None, "finish_reason": finish})
     else:
         text = (c.echo if first else "") + ev.text
         if text or lp:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from typing import TYPE_CHECKING
 
@@ -24,6 +26,8 @@ from gateway.streaming import Send
 if TYPE_CHECKING:
     from gateway.app import Gateway
 
+log = logging.getLogger("gateway.embeddings")
+
 
 async def embeddings(gw: Gateway, scope: Scope, receive: Receive, send: Send) -> None:
     start = time.perf_counter()
@@ -40,13 +44,26 @@ async def embeddings(gw: Gateway, scope: Scope, receive: Receive, send: Send) ->
                 f"The model `{target.spec.name}` does not serve embeddings.", param="model"
             )
         parsed = validate_embedding(body, gw.settings)
-        record.begin()
-        done = await target.engine.embed(
-            EmbedRequest(
-                body=body, model=target.spec.name, request_id=rid, inputs=embedding_inputs(parsed)
-            )
+        req = EmbedRequest(
+            body=body, model=target.spec.name, request_id=rid, inputs=embedding_inputs(parsed)
         )
     except ServingError as exc:
+        record.finished(None, exc, False)
+        await error_response(exc, rid)(scope, receive, send)
+        return
+    record.begin()
+    try:
+        done = await target.engine.embed(req)
+    except BaseException as exc:  # every outcome settles the in-flight gauge and counters
+        if isinstance(exc, asyncio.CancelledError):
+            record.finished(None, None, True)
+            raise
+        if not isinstance(exc, Exception):
+            record.finished(None, ServingError("The engine was interrupted."), False)
+            raise
+        if not isinstance(exc, ServingError):  # an engine bug: still a 500 in the envelope
+            log.exception("engine %s failed", target.spec.name, exc_info=exc)
+            exc = ServingError("The engine failed while processing the request.")
         record.finished(None, exc, False)
         await error_response(exc, rid)(scope, receive, send)
         return
