@@ -2,8 +2,11 @@
 
   engine.py   the `Engine` implementation (lifecycle, requests, adapters)
   prompts.py  request → prompt token ids and per-choice sampling parameters
-  shapes.py   OpenAI response shapes: ids, usage objects, bodies, SSE chunks, logprobs
+  shapes.py   OpenAI response shapes: ids, usage objects, bodies, SSE chunks, logprobs,
+              tool_calls
+  structured.py  response_format / tools → a grammar (llguidance), refused fields
   batcher.py  the continuous-batching decode loop over one in-process model (torch)
+  kvcache.py  KV cache layers that grow in place (torch)
   text.py     incremental detokenisation and stop strings
   embed.py    sentence embeddings for `task: embed` (torch)
 

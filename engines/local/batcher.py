@@ -17,7 +17,8 @@ per-request seed, greedy and sampled requests cannot share it), it returns only 
 token's logprob (no top-k), and it has no per-request LoRA adapter. The scheme here is the
 classic one for a small model on CPU:
 
-- the batch keeps one left-padded KV cache (a `DynamicCache`, tensors [B, heads, T, d]) and a
+- the batch keeps one left-padded KV cache (a `DynamicCache` of `engines.local.kvcache`
+  layers: [B, heads, T, d] with room to spare along T, written in place each step) and a
   [B, T] attention mask; every row holds its real tokens right-aligned;
 - each loop iteration first admits waiting sequences (one padded prefill forward for all of
   them, bounded by `max_batched_tokens`), merges their cache rows into the batch (padding
@@ -44,6 +45,7 @@ import torch
 from transformers import DynamicCache
 
 from engines.base import EngineUnavailable, ServingError
+from engines.local.kvcache import new_cache, pad_left
 from engines.local.prompts import SamplingParams
 from engines.local.text import Detokenizer, StopMatcher
 
@@ -305,7 +307,7 @@ class Batcher:
             seed = s.params.seed if s.params.seed is not None else random.getrandbits(63)
             s.generator = torch.Generator(device="cpu").manual_seed(seed)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache()
+        cache = new_cache()
         logits = self._forward(ids, mask, pos, cache, seqs)
         self._merge(seqs, cache, mask.to(self._device))
         self._sample_and_emit(logits, seqs)
@@ -337,9 +339,11 @@ class Batcher:
         for old, new in zip(old_layers, new_layers, strict=True):
             old_k, old_v = old.keys, old.values
             new_k, new_v = new.keys, new.values
-            old.keys = torch.cat([_pad_left(old_k, width, -2), _pad_left(new_k, width, -2)])
-            old.values = torch.cat([_pad_left(old_v, width, -2), _pad_left(new_v, width, -2)])
-        self._mask = torch.cat([_pad_left(self._mask, width, 1), _pad_left(mask, width, 1)])
+            old.replace(
+                torch.cat([pad_left(old_k, width, -2), pad_left(new_k, width, -2)]),
+                torch.cat([pad_left(old_v, width, -2), pad_left(new_v, width, -2)]),
+            )
+        self._mask = torch.cat([pad_left(self._mask, width, 1), pad_left(mask, width, 1)])
         self._rows = self._rows + list(seqs)
 
     def _drop_finished(self) -> None:
@@ -357,8 +361,10 @@ class Batcher:
         mask = mask[:, first:]
         layers: list[Any] = self._cache.layers
         for layer in layers:
-            layer.keys = layer.keys.index_select(0, idx)[:, :, first:]
-            layer.values = layer.values.index_select(0, idx)[:, :, first:]
+            layer.replace(
+                layer.keys.index_select(0, idx)[:, :, first:],
+                layer.values.index_select(0, idx)[:, :, first:],
+            )
         self._mask = mask
         self._rows = [rows[i] for i in keep]
 
@@ -460,16 +466,6 @@ def _adjust_row(logits: torch.Tensor, i: int, s: Sequence) -> None:
         allowed = p.constraint.allowed().to(row.device)
         if bool(allowed.any()):
             row.masked_fill_(~allowed[: row.shape[0]], float("-inf"))
-
-
-def _pad_left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
-    """Left-pad `t` with zeros along `dim` up to `width` (padding is masked out anyway)."""
-    short = width - t.shape[dim]
-    if short <= 0:
-        return t
-    shape = list(t.shape)
-    shape[dim] = short
-    return torch.cat([t.new_zeros(shape), t], dim=dim)
 
 
 def _top_p_filter(scaled: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
