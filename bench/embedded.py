@@ -235,7 +235,8 @@ async def main() -> None:
         for c in args.level_list:
             anc = statistics.median(r[c] for r in runs["anchor"]) if runs["anchor"] else 0.0
             ratio = f"{emb[c] / anc:.2f}" if anc else "–"
-            print(f"| {c} | {anc:.1f} | {emb[c]:.1f} | {ratio} | {emb[c] / single:.2f} |")
+            shown = f"{anc:.1f}" if anc else "–"
+            print(f"| {c} | {shown} | {emb[c]:.1f} | {ratio} | {emb[c] / single:.2f} |")
 
 
 if __name__ == "__main__":
