@@ -453,6 +453,6 @@ def test_check_spec_refuses_what_the_engine_cannot_do() -> None:
 
 
 def test_engine_module_imports_no_torch() -> None:
-    mods = "engines.local, engines.local.engine, engines.local.prompts, engines.local.shapes"
+    mods = ", ".join(f"engines.local.{m}" for m in ("engine", "prompts", "shapes", "structured"))
     code = f"import sys, {mods}; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
