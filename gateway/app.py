@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
 from typing import Any, ClassVar
@@ -29,7 +30,7 @@ from gateway.catalog import Catalog, load_catalog
 from gateway.errors import InvalidRequest, NotFound, error_body, error_headers
 from gateway.metrics import Metrics
 from gateway.served import ServedModels
-from gateway.settings import Settings
+from gateway.settings import Settings, SettingsError, load_settings
 
 log = logging.getLogger("gateway")
 
@@ -162,5 +163,11 @@ class FrontDoor:
 def app_from_env() -> FrontDoor:
     """An app configured from GATEWAY_* alone: the factory for other ASGI servers
     (e.g. `granian --interface asgi --factory gateway.app:app_from_env`)."""
-    logging.basicConfig(level=Settings().log_level.upper())
-    return create_app()
+    try:
+        settings = load_settings()
+    except SettingsError as e:
+        for line in e.lines:
+            print(f"gateway: {line}", file=sys.stderr)
+        raise SystemExit(2) from None
+    logging.basicConfig(level=settings.log_level.upper())
+    return create_app(settings)
