@@ -24,6 +24,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from engines.base import EngineContext, ServingError
+from gateway.access_log import AccessLog
 from gateway.api import adapters, embeddings, generate, models, ops
 from gateway.api.common import RequestIds, error_response
 from gateway.catalog import Catalog, load_catalog
@@ -49,6 +50,7 @@ class Gateway:
         )
         self.metrics = Metrics(self.served.statuses, self.served.adapter_counts)
         self.request_ids = RequestIds()
+        self.access_log = AccessLog(settings.access_log, settings.access_log_sample)
 
 
 def _progress(line: str) -> None:

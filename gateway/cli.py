@@ -149,9 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = parser.add_subparsers(
-        dest="command", required=True, metavar="COMMAND", title="commands"
-    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", title="commands")
     config_help = "the models file (default: $GATEWAY_CONFIG, else ./models.yaml)"
     serve = sub.add_parser(
         "serve",
