@@ -10,10 +10,12 @@ anywhere, are rendered here by one handler into the OpenAI envelope.
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import logging
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any, ClassVar
 
 from fastapi import FastAPI
@@ -21,19 +23,25 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
 
 from engines.base import EngineContext, ServingError
 from gateway.access_log import AccessLog
-from gateway.api import adapters, embeddings, generate, models, ops
+from gateway.api import adapters, embeddings, generate, models, ops, status
 from gateway.api.common import RequestIds, error_response
 from gateway.catalog import Catalog, load_catalog
+from gateway.cors import Cors
+from gateway.cors import enabled as cors_enabled
 from gateway.errors import InvalidRequest, NotFound, error_body, error_headers
 from gateway.metrics import Metrics
+from gateway.openapi import build_openapi
 from gateway.served import ServedModels
 from gateway.settings import Settings, SettingsError, load_settings
 
 log = logging.getLogger("gateway")
+
+UI_DIR = Path(__file__).parent / "ui"
 
 
 class Gateway:
@@ -89,6 +97,13 @@ async def _on_unexpected(request: Request, exc: Exception) -> Response:
     return _error_response(ServingError("The server had an error while processing the request."))
 
 
+def _version() -> str:
+    try:
+        return importlib.metadata.version("llm-gateway")
+    except importlib.metadata.PackageNotFoundError:
+        return "0"
+
+
 def create_app(settings: Settings | None = None, catalog: Catalog | None = None) -> FrontDoor:
     settings = settings or Settings()
     catalog = catalog or load_catalog(settings.config)
@@ -108,7 +123,11 @@ def create_app(settings: Settings | None = None, catalog: Catalog | None = None)
         Route("/v1/load_lora_adapter", adapters.load_lora_adapter, methods=["POST"]),
         Route("/v1/unload_lora_adapter", adapters.unload_lora_adapter, methods=["POST"]),
         Route("/health", ops.health, methods=["GET"]),
+        Route("/health/live", ops.live, methods=["GET"]),
+        Route("/health/ready", ops.ready, methods=["GET"]),
         Route("/metrics", ops.metrics, methods=["GET"]),
+        Route("/status", status.status, methods=["GET"]),
+        Mount("/ui", app=StaticFiles(directory=UI_DIR, html=True), name="ui"),
     ]
     app = FastAPI(
         title="LLM gateway",
@@ -122,6 +141,9 @@ def create_app(settings: Settings | None = None, catalog: Catalog | None = None)
         },
     )
     app.state.gateway = gateway
+    # Dispatch stays raw; the document is built from the protocol models (gateway.openapi).
+    document = build_openapi(app.title, _version())
+    app.openapi = lambda: document  # type: ignore[method-assign]
     return FrontDoor(app, gateway)
 
 
@@ -146,8 +168,17 @@ class FrontDoor:
         self.app = app
         self.state = app.state
         self.gateway = gateway
+        self._entry: Any = (
+            Cors(self._dispatch, gateway.settings) if cors_enabled(gateway.settings) else None
+        )
 
     async def __call__(self, scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
+        if self._entry is not None:
+            await self._entry(scope, receive, send)
+        else:
+            await self._dispatch(scope, receive, send)
+
+    async def _dispatch(self, scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "http" and scope["method"] == "POST":
             handler = self.HOT.get(scope["path"])
             if handler is not None:
