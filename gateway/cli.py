@@ -64,7 +64,7 @@ def _serve(args: argparse.Namespace) -> int:
         log_level=settings.log_level.lower(),
         access_log=False,
         proxy_headers=False,
-        timeout_graceful_shutdown=30,
+        timeout_graceful_shutdown=settings.drain_seconds,
     )
     return 0
 

@@ -55,6 +55,8 @@ class Settings(BaseSettings):
     cors_methods: str = "*"
     cors_headers: str = "*"
     cors_allow_credentials: bool = False
+    # On SIGTERM, how long requests in flight (long streams) may take to finish.
+    drain_seconds: int = Field(default=30, ge=0)
 
     @field_validator("log_level", mode="before")
     @classmethod
