@@ -116,6 +116,7 @@ def create_app(settings: Settings | None = None, catalog: Catalog | None = None)
             yield
         finally:
             await gateway.served.stop()
+            gateway.access_log.flush()
 
     routes: list[Any] = [
         Route("/v1/models", models.list_models, methods=["GET"]),

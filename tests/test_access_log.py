@@ -194,3 +194,51 @@ def test_finish_reason_and_key_id_helpers() -> None:
     assert finish_reason(b"", None) is None
     assert key_id(b"Bearer abc") == hashlib.sha256(b"abc").hexdigest()[:12]
     assert key_id(b"Basic abc") is None and key_id(None) is None
+
+
+def test_serve_writes_the_lines_to_stdout(tmp_path: Path) -> None:
+    """The default sink (no logging handlers in a fresh `gateway serve`): batched lines
+    on stdout, all written by the time the server has stopped."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO, free_port
+
+    config = tmp_path / "models.yaml"
+    config.write_text("models:\n  - {name: m, engine: sim, options: {output_tokens: 3}}\n")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    env.update(GATEWAY_PORT=str(port), GATEWAY_CONFIG=str(config), GATEWAY_LOG_LEVEL="warning")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "serve"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health/live").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "gateway serve did not start"
+            time.sleep(0.1)
+        for i in range(3):
+            httpx.post(
+                f"http://127.0.0.1:{port}/v1/completions",
+                json={"model": "m", "prompt": "a", "stream": i == 1},
+                headers={"x-request-id": f"stdout-{i}"},
+            ).raise_for_status()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    lines = [json.loads(x) for x in out.decode().splitlines() if x.startswith("{")]
+    assert [x["request_id"] for x in lines] == ["stdout-0", "stdout-1", "stdout-2"]
+    assert [x["stream"] for x in lines] == [False, True, False]
+    assert all(set(x) >= FIELDS and x["status"] == 200 for x in lines)
