@@ -15,10 +15,11 @@ from typing import TYPE_CHECKING, Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from gateway.api.common import Incoming, check_client_key
+from gateway.api.auth import check_client_key
+from gateway.api.requests import Incoming
 
 if TYPE_CHECKING:
-    from gateway.app import Gateway
+    from gateway.state import Gateway
 
 _HISTOGRAMS = {
     "gateway_request_duration_seconds": "duration",
