@@ -71,7 +71,10 @@ async def _on_http_error(request: Request, exc: Exception) -> Response:
     err = ServingError(str(exc.detail))
     err.status = exc.status_code  # type: ignore[misc]
     err.type = "invalid_request_error"  # type: ignore[misc]
-    return _error_response(err)
+    resp = _error_response(err)
+    if exc.headers:  # e.g. a 405's Allow
+        resp.headers.update(exc.headers)
+    return resp
 
 
 async def _on_validation_error(request: Request, exc: Exception) -> Response:
@@ -145,9 +148,12 @@ class FrontDoor:
         self.gateway = gateway
 
     async def __call__(self, scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST":
+        if scope["type"] == "http":
             handler = self.HOT.get(scope["path"])
             if handler is not None:
+                if scope["method"] != "POST":
+                    await _method_not_allowed(scope, receive, send)
+                    return
                 try:
                     await handler(self.gateway, scope, receive, send)
                 except Exception as exc:
@@ -157,6 +163,14 @@ class FrontDoor:
                         await error_response(err, "-")(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+async def _method_not_allowed(scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
+    err = InvalidRequest(f"Method {scope['method']} is not allowed here; use POST.")
+    err.status = 405  # type: ignore[misc]
+    resp = error_response(err, "-")
+    resp.headers = [*resp.headers, (b"allow", b"POST")]
+    await resp(scope, receive, send)
 
 
 def app_from_env() -> FrontDoor:

@@ -22,6 +22,7 @@ from engines.base import (
     ServingError,
     UpstreamError,
 )
+from gateway.redact import scrub
 
 __all__ = [
     "AdapterError",
@@ -77,7 +78,8 @@ class PermissionDenied(ServingError):
 def error_payload(exc: ServingError) -> dict[str, Any]:
     return {
         "error": {
-            "message": exc.message,
+            # The last line: no envelope carries an address, path, errno or traceback.
+            "message": scrub(exc.message, exc.status),
             "type": exc.type,
             "param": exc.param,
             "code": exc.code,

@@ -15,6 +15,7 @@ import time
 from typing import TYPE_CHECKING, Any, Literal
 
 from engines.base import EngineStream, GenerateRequest, ServingError
+from gateway.allowlist import apply_cache_salt
 from gateway.api.common import (
     Incoming,
     RawResponse,
@@ -27,7 +28,9 @@ from gateway.api.common import (
     request_id,
 )
 from gateway.errors import InvalidRequest
+from gateway.media import check_hosts
 from gateway.protocol import validate_chat, validate_completion
+from gateway.redact import public_error
 from gateway.streaming import DisconnectWatch, RelayResponse, Send
 
 if TYPE_CHECKING:
@@ -77,9 +80,12 @@ async def _generate(gw: Gateway, route: Route, scope: Scope, receive: Receive, s
             for key, value in defaults.items():
                 body.setdefault(key, value)
         if route == "chat":
-            parsed: Any = validate_chat(body, spec.max_model_len, gw.settings)
+            parsed: Any = validate_chat(body, spec, gw.settings)
+            if parsed.media_hosts:
+                await check_hosts(parsed.media_hosts, spec.media)
         else:
-            parsed = validate_completion(body, spec.max_model_len, gw.settings)
+            parsed = validate_completion(body, spec, gw.settings)
+        apply_cache_salt(body, spec, tenant=None)
         record.begin()
         stream = parsed.stream
         want_usage = bool(stream and parsed.stream_options and parsed.stream_options.include_usage)
@@ -127,6 +133,7 @@ async def _generate(gw: Gateway, route: Route, scope: Scope, receive: Receive, s
         if not isinstance(exc, ServingError):  # an engine bug: still a 500 in the envelope
             log.exception("engine %s failed", target.spec.name, exc_info=exc)
             exc = ServingError("The engine failed while processing the request.")
+        exc = public_error(exc, target.spec.name, rid)
         record.finished(None, exc, False)
         await error_response(exc, rid)(scope, receive, send)
         return
