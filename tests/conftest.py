@@ -22,6 +22,7 @@ import uvicorn
 
 from gateway.app import create_app
 from gateway.catalog import parse_catalog
+from gateway.server_limits import uvicorn_config
 from gateway.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent
@@ -44,15 +45,13 @@ class ServerThread:
     def __init__(self, app: Any):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(
+        # Served as `gateway serve` serves it: the guarded protocol and its limits.
+        config = uvicorn_config(
             app,
+            app.gateway.settings,
             host="127.0.0.1",
             port=self.port,
-            loop="uvloop",
-            http="httptools",
             log_level="warning",
-            access_log=False,
-            proxy_headers=False,
             timeout_graceful_shutdown=5,
         )
         self.server = uvicorn.Server(config)
