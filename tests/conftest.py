@@ -152,6 +152,7 @@ def embedded_gateway(adapter_root: Path) -> Iterator[ServerThread]:
             "max_model_len": 2048,
             "batching": {"max_sequences": 8},
             "request_defaults": {"temperature": 0},
+            "request_fields": {"allow_extra": ["ignore_eos"]},
             "lora": {"max_adapters": 2, "max_rank": 16, "roots": [str(adapter_root)]},
         },
         {
