@@ -1,0 +1,165 @@
+"""What the server limits cost on the hot path: the gateway with uvicorn's plain httptools
+protocol against the same gateway with `gateway.server_limits`' guarded one, side by side.
+
+    .venv/bin/python bench/guard_overhead.py [--rounds 4] [--seconds 3] [--concurrency 16]
+
+Starts the simulator (zero latency) and two gateways attaching it (`engine: openai`), one
+per protocol, each its own process; then alternates closed-loop runs of non-streamed chat
+requests A B B A ... on one pooled client, and reads each gateway's CPU time from /proc
+around its runs. Prints requests/s and gateway CPU µs per request for each, and the
+guarded/plain ratios. Loopback only; every process it starts is stopped before it exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+
+REPO = Path(__file__).resolve().parent.parent
+TICK = os.sysconf("SC_CLK_TCK")
+
+RUNNER = """
+import sys, uvicorn
+from gateway.app import create_app
+from gateway.server_limits import uvicorn_config
+from gateway.settings import Settings
+s = Settings(config=sys.argv[1], port=int(sys.argv[2]), log_level="warning")
+over = {"http": "httptools"} if sys.argv[3] == "plain" else {}
+uvicorn.Server(uvicorn_config(create_app(s), s, **over)).run()
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+async def wait_up(url: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as s:
+        while True:
+            try:
+                async with s.get(url) as r:
+                    if r.status < 500:
+                        return
+            except aiohttp.ClientError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(url)
+            await asyncio.sleep(0.2)
+
+
+async def closed_loop(session: aiohttp.ClientSession, url: str, conc: int, seconds: float) -> int:
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
+    end = time.monotonic() + seconds
+    done = 0
+
+    async def worker() -> None:
+        nonlocal done
+        while time.monotonic() < end:
+            async with session.post(url, json=body) as r:
+                await r.read()
+                if r.status != 200:
+                    raise RuntimeError(f"{url} answered {r.status}")
+            done += 1
+
+    await asyncio.gather(*(worker() for _ in range(conc)))
+    return done
+
+
+async def main(args: argparse.Namespace) -> None:
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        sim_port = free_port()
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "gateway",
+                    "sim",
+                    "--port",
+                    str(sim_port),
+                    "--model",
+                    "m",
+                    "--ttft-ms",
+                    "0",
+                    "--itl-ms",
+                    "0",
+                ],  # fmt: skip
+                cwd=REPO,
+            )
+        )
+        await wait_up(f"http://127.0.0.1:{sim_port}/health")
+        cfg = Path(tempfile.mkdtemp()) / "models.yaml"
+        cfg.write_text(
+            f"models:\n  - name: m\n    engine: openai\n    endpoints: [http://127.0.0.1:{sim_port}]\n"
+        )
+        gws: dict[str, tuple[int, str]] = {}
+        for mode in ("plain", "guarded"):
+            port = free_port()
+            p = subprocess.Popen(
+                [sys.executable, "-c", RUNNER, str(cfg), str(port), mode], cwd=REPO
+            )
+            procs.append(p)
+            gws[mode] = (p.pid, f"http://127.0.0.1:{port}")
+        for _pid, url in gws.values():
+            await wait_up(url + "/health")
+        totals = {m: [0, 0.0, 0.0] for m in gws}  # requests, seconds, cpu seconds
+        conn = aiohttp.TCPConnector(limit=0)
+        async with aiohttp.ClientSession(connector=conn) as session:
+            for _pid, url in gws.values():  # warm-up
+                await closed_loop(session, url + "/v1/chat/completions", args.concurrency, 1.0)
+            order = []
+            for r in range(args.rounds):
+                order += ["plain", "guarded"] if r % 2 == 0 else ["guarded", "plain"]
+            for mode in order:
+                pid, url = gws[mode]
+                c0, t0 = cpu_s(pid), time.monotonic()
+                n = await closed_loop(
+                    session, url + "/v1/chat/completions", args.concurrency, args.seconds
+                )
+                t, c = time.monotonic() - t0, cpu_s(pid) - c0
+                totals[mode][0] += n
+                totals[mode][1] += t
+                totals[mode][2] += c
+                print(f"{mode:8s} {n / t:8.1f} req/s  {c / n * 1e6:7.1f} µs CPU/req", flush=True)
+        rate = {m: v[0] / v[1] for m, v in totals.items()}
+        cpu = {m: v[2] / v[0] * 1e6 for m, v in totals.items()}
+        for m in gws:
+            print(f"total {m:8s} {rate[m]:8.1f} req/s  {cpu[m]:7.1f} µs CPU/req")
+        print(
+            f"guarded/plain: throughput {rate['guarded'] / rate['plain']:.3f}, "
+            f"CPU per request {cpu['guarded'] / cpu['plain']:.3f}"
+        )
+    finally:
+        for p in reversed(procs):
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--seconds", type=float, default=3.0)
+    ap.add_argument("--concurrency", type=int, default=16)
+    asyncio.run(main(ap.parse_args()))
