@@ -49,8 +49,8 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICK
 
 
-async def wait_up(url: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
+async def wait_up(url: str, limit_s: float = 60) -> None:
+    deadline = time.monotonic() + limit_s
     async with aiohttp.ClientSession() as s:
         while True:
             try:
@@ -82,71 +82,61 @@ async def closed_loop(session: aiohttp.ClientSession, url: str, conc: int, secon
     return done
 
 
-async def main(args: argparse.Namespace) -> None:
+def start(procs: list[subprocess.Popen[bytes]]) -> tuple[str, dict[str, tuple[int, str]]]:
+    """The simulator and the two gateways (plain, guarded): (sim URL, mode → (pid, URL))."""
+    sim_port = free_port()
+    sim = [sys.executable, "-m", "gateway", "sim", "--port", str(sim_port), "--model", "m"]
+    procs.append(subprocess.Popen([*sim, "--ttft-ms", "0", "--itl-ms", "0"], cwd=REPO))
+    cfg = Path(tempfile.mkdtemp()) / "models.yaml"
+    cfg.write_text(
+        f"models:\n  - name: m\n    engine: openai\n    endpoints: [http://127.0.0.1:{sim_port}]\n"
+    )
+    gws: dict[str, tuple[int, str]] = {}
+    for mode in ("plain", "guarded"):
+        port = free_port()
+        p = subprocess.Popen([sys.executable, "-c", RUNNER, str(cfg), str(port), mode], cwd=REPO)
+        procs.append(p)
+        gws[mode] = (p.pid, f"http://127.0.0.1:{port}")
+    return f"http://127.0.0.1:{sim_port}", gws
+
+
+async def measure(args: argparse.Namespace, sim: str, gws: dict[str, tuple[int, str]]) -> None:
+    await wait_up(sim + "/health")
+    for _pid, url in gws.values():
+        await wait_up(url + "/health")
+    totals = {m: [0, 0.0, 0.0] for m in gws}  # requests, seconds, cpu seconds
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        for _pid, url in gws.values():  # warm-up
+            await closed_loop(session, url + "/v1/chat/completions", args.concurrency, 1.0)
+        order: list[str] = []
+        for r in range(args.rounds):
+            order += ["plain", "guarded"] if r % 2 == 0 else ["guarded", "plain"]
+        for mode in order:
+            pid, url = gws[mode]
+            c0, t0 = cpu_s(pid), time.monotonic()
+            n = await closed_loop(
+                session, url + "/v1/chat/completions", args.concurrency, args.seconds
+            )
+            t, c = time.monotonic() - t0, cpu_s(pid) - c0
+            totals[mode][0] += n
+            totals[mode][1] += t
+            totals[mode][2] += c
+            print(f"{mode:8s} {n / t:8.1f} req/s  {c / n * 1e6:7.1f} µs CPU/req", flush=True)
+    rate = {m: v[0] / v[1] for m, v in totals.items()}
+    cpu = {m: v[2] / v[0] * 1e6 for m, v in totals.items()}
+    for m in gws:
+        print(f"total {m:8s} {rate[m]:8.1f} req/s  {cpu[m]:7.1f} µs CPU/req")
+    print(
+        f"guarded/plain: throughput {rate['guarded'] / rate['plain']:.3f}, "
+        f"CPU per request {cpu['guarded'] / cpu['plain']:.3f}"
+    )
+
+
+def main(args: argparse.Namespace) -> None:
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        sim_port = free_port()
-        procs.append(
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "gateway",
-                    "sim",
-                    "--port",
-                    str(sim_port),
-                    "--model",
-                    "m",
-                    "--ttft-ms",
-                    "0",
-                    "--itl-ms",
-                    "0",
-                ],  # fmt: skip
-                cwd=REPO,
-            )
-        )
-        await wait_up(f"http://127.0.0.1:{sim_port}/health")
-        cfg = Path(tempfile.mkdtemp()) / "models.yaml"
-        cfg.write_text(
-            f"models:\n  - name: m\n    engine: openai\n    endpoints: [http://127.0.0.1:{sim_port}]\n"
-        )
-        gws: dict[str, tuple[int, str]] = {}
-        for mode in ("plain", "guarded"):
-            port = free_port()
-            p = subprocess.Popen(
-                [sys.executable, "-c", RUNNER, str(cfg), str(port), mode], cwd=REPO
-            )
-            procs.append(p)
-            gws[mode] = (p.pid, f"http://127.0.0.1:{port}")
-        for _pid, url in gws.values():
-            await wait_up(url + "/health")
-        totals = {m: [0, 0.0, 0.0] for m in gws}  # requests, seconds, cpu seconds
-        conn = aiohttp.TCPConnector(limit=0)
-        async with aiohttp.ClientSession(connector=conn) as session:
-            for _pid, url in gws.values():  # warm-up
-                await closed_loop(session, url + "/v1/chat/completions", args.concurrency, 1.0)
-            order = []
-            for r in range(args.rounds):
-                order += ["plain", "guarded"] if r % 2 == 0 else ["guarded", "plain"]
-            for mode in order:
-                pid, url = gws[mode]
-                c0, t0 = cpu_s(pid), time.monotonic()
-                n = await closed_loop(
-                    session, url + "/v1/chat/completions", args.concurrency, args.seconds
-                )
-                t, c = time.monotonic() - t0, cpu_s(pid) - c0
-                totals[mode][0] += n
-                totals[mode][1] += t
-                totals[mode][2] += c
-                print(f"{mode:8s} {n / t:8.1f} req/s  {c / n * 1e6:7.1f} µs CPU/req", flush=True)
-        rate = {m: v[0] / v[1] for m, v in totals.items()}
-        cpu = {m: v[2] / v[0] * 1e6 for m, v in totals.items()}
-        for m in gws:
-            print(f"total {m:8s} {rate[m]:8.1f} req/s  {cpu[m]:7.1f} µs CPU/req")
-        print(
-            f"guarded/plain: throughput {rate['guarded'] / rate['plain']:.3f}, "
-            f"CPU per request {cpu['guarded'] / cpu['plain']:.3f}"
-        )
+        sim, gws = start(procs)
+        asyncio.run(measure(args, sim, gws))
     finally:
         for p in reversed(procs):
             p.terminate()
@@ -162,4 +152,4 @@ if __name__ == "__main__":
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--concurrency", type=int, default=16)
-    asyncio.run(main(ap.parse_args()))
+    main(ap.parse_args())

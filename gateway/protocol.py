@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, TypeVar, cast
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from engines.base import InvalidRequest
 from engines.spec import ModelSpec
@@ -70,12 +70,6 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
-    # Media host names still to resolve (gateway.media.check_hosts): host → its param.
-    _media_hosts: dict[str, str] = PrivateAttr(default_factory=dict)
-
-    @property
-    def media_hosts(self) -> dict[str, str]:
-        return self._media_hosts
 
 
 Prompt = str | list[str] | list[int] | list[list[int]]
@@ -162,15 +156,13 @@ def _check_common(req: _Sampling, max_model_len: int, settings: Settings) -> Non
 
 
 def validate_chat(
-    body: dict[str, Any], spec: ModelSpec, settings: Settings
+    body: dict[str, Any], spec: ModelSpec, settings: Settings, hosts: dict[str, str]
 ) -> ChatCompletionRequest:
-    """Screen (in place), bound and parse a chat body. Media hosts still to resolve are
-    in the result's `media_hosts`."""
+    """Screen (in place), bound and parse a chat body. Media host names still to resolve
+    (`gateway.media.check_hosts`) go into `hosts` (host → the param of its URL)."""
     screen_fields(body, "chat", spec.request_fields)
-    hosts: dict[str, str] = {}
     bounds.check_chat(body, spec, settings, hosts)
     req = _parse(ChatCompletionRequest, body)
-    req._media_hosts = hosts
     max_model_len = spec.max_model_len
     _check_common(req, max_model_len, settings)
     if req.max_completion_tokens is not None and req.max_completion_tokens > max_model_len:

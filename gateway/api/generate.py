@@ -80,9 +80,10 @@ async def _generate(gw: Gateway, route: Route, scope: Scope, receive: Receive, s
             for key, value in defaults.items():
                 body.setdefault(key, value)
         if route == "chat":
-            parsed: Any = validate_chat(body, spec, gw.settings)
-            if parsed.media_hosts:
-                await check_hosts(parsed.media_hosts, spec.media)
+            hosts: dict[str, str] = {}
+            parsed: Any = validate_chat(body, spec, gw.settings, hosts)
+            if hosts:  # media URLs to listed hosts: their addresses must be public
+                await check_hosts(hosts, spec.media)
         else:
             parsed = validate_completion(body, spec, gw.settings)
         apply_cache_salt(body, spec, tenant=None)
