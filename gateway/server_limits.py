@@ -240,12 +240,20 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if self.transport.is_closing():
             return
         cycle = self.cycle
-        started = False
-        if cycle is not None and not cycle.response_complete:
-            started = cycle.response_started
-            cycle.disconnected = True
-            cycle.message_event.set()
-        if response is not None and not started:
+        if cycle is not None:
+            # In the body phase `cycle` is this request's: if it has answered (say, a 413
+            # before reading the rest), a second answer would corrupt the stream. In the
+            # header phase it is the previous request's: if that one is still answering
+            # (pipelining), likewise say nothing.
+            answering = (
+                cycle.response_started if self._phase == _BODY else not cycle.response_complete
+            )
+            if answering:
+                response = None
+            if not cycle.response_complete:
+                cycle.disconnected = True
+                cycle.message_event.set()
+        if response is not None:
             self.transport.write(response)
         self._phase = _IDLE
         self.transport.close()

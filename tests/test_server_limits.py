@@ -265,3 +265,27 @@ def test_connection_caps(upstream: RecordingUpstream, tmp_path: Path) -> None:
         for s in held:
             s.close()
         server.stop()
+
+
+def test_early_answer_then_trickle_gets_no_second_answer(gw: ServerThread) -> None:
+    """The gateway answers 413 from Content-Length before reading the body; a client that
+    keeps trickling the body is cut at the body deadline without a second response."""
+
+    async def run() -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        writer.write(_post_head(10_000_000) + b"{")
+        reader_task = asyncio.create_task(_read_all(reader, BODY_S * 5))
+        while not reader_task.done():
+            try:
+                writer.write(b" ")
+                await writer.drain()
+            except (ConnectionResetError, BrokenPipeError):
+                break
+            await asyncio.sleep(0.3)
+        data, _ = await reader_task
+        writer.close()
+        return data
+
+    data = asyncio.run(run())
+    assert data.startswith(b"HTTP/1.1 413 ")
+    assert data.count(b"HTTP/1.1 ") == 1
