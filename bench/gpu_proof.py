@@ -552,7 +552,7 @@ class Proof:
     # ------------------------------------------------------------------ 3. ngram
 
     def worker_metrics(self, url: str) -> dict[str, float]:
-        from engines.prom_text import sum_samples
+        from engines.upstream.prom_text import sum_samples
 
         _, _, body = self.http("GET", "/metrics", base=url, timeout=10)
         return sum_samples(body.decode(), "vllm:spec_decode")

@@ -17,7 +17,7 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Any, Literal
 
-from engines.base import InvalidRequest
+from engines.errors import InvalidRequest
 from engines.spec import ModelSpec, RequestFieldsSpec
 
 Route = Literal["chat", "completions", "embeddings"]

@@ -16,7 +16,7 @@ from typing import Any
 
 import orjson
 
-from engines.base import InvalidRequest
+from engines.errors import InvalidRequest
 from engines.spec import ModelSpec
 from gateway.media import check_part
 from gateway.settings import Settings

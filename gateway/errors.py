@@ -31,6 +31,7 @@ __all__ = [
     "EngineTimeout",
     "EngineUnavailable",
     "InvalidRequest",
+    "MethodNotAllowed",
     "ModelNotFound",
     "NotFound",
     "PayloadTooLarge",
@@ -56,6 +57,10 @@ class ModelNotFound(InvalidRequest):
 
 class NotFound(InvalidRequest):
     status = 404
+
+
+class MethodNotAllowed(InvalidRequest):
+    status = 405
 
 
 class PayloadTooLarge(InvalidRequest):

@@ -21,7 +21,7 @@ import socket
 from typing import Any
 from urllib.parse import urlsplit
 
-from engines.base import InvalidRequest
+from engines.errors import InvalidRequest
 from engines.spec import MediaSpec
 
 TEXT_PARTS = frozenset({"text", "refusal"})

@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal, TypeVar, cast
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from engines.base import InvalidRequest
+from engines.errors import InvalidRequest
 from engines.spec import ModelSpec
 from gateway import bounds
 from gateway.allowlist import screen_fields

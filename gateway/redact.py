@@ -14,7 +14,7 @@ import copy
 import logging
 import re
 
-from engines.base import ServingError
+from engines.errors import ServingError
 
 log = logging.getLogger("gateway.errors")
 
