@@ -10,7 +10,7 @@ Why a protocol subclass: uvicorn's httptools protocol has no header-read or body
 timeout and no header size limit (its h11 protocol's size limit does not apply), so a
 slow client holds a connection forever; these are connection-level events no ASGI
 middleware sees. Cost on the hot path, measured: per request two attribute stores and a
-comparison in `data_received` / `on_headers_complete` / `on_message_complete`, and no
+comparison in `data_received` and `on_headers_complete`, no clock read and no
 timer per request — one sweeper per server wakes a few times per header timeout and
 checks every connection's deadline. Measured with `bench/guard_overhead.py --rounds 6
 --seconds 3` (the same gateway on both protocols, ABBA, 2 shared cores): guarded/plain
@@ -120,16 +120,24 @@ class ConnectionGuard:
 
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with read deadlines, a header size limit and
-    connection caps (the class made by `guarded_protocol` carries its guard)."""
+    connection caps (the class made by `guarded_protocol` carries its guard).
+
+    Per request it overrides only `data_received` (which uvicorn's already is) and
+    `on_headers_complete`, and reads no clock: the sweeper stamps each phase's deadline
+    when it first sees the phase (deadline precision: one sweep interval, at most a
+    quarter of the shortest timeout), and notices body progress by a counter."""
 
     guard: ClassVar[ConnectionGuard]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self._max_head = self.guard.max_header_bytes
         self._phase = _IDLE
         self._head_bytes = 0
-        self._deadline = 0.0  # the current phase's (header, or body total)
+        self._deadline = 0.0  # the phase's (header, or body total); 0: not stamped yet
         self._gap_deadline = 0.0  # body: the next chunk's
+        self._fed = 0  # data_received calls: body progress, as the sweeper sees it
+        self._fed_seen = 0
         self._admitted = False
         self._too_large = False
 
@@ -155,7 +163,17 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if not self._admitted:
             return
-        if self._phase != _BODY:
+        self._fed += 1
+        phase = self._phase
+        if phase != _HEAD:
+            cycle = self.cycle
+            if phase == _IDLE or cycle is None or not cycle.more_body:
+                # A new request's first bytes: its header deadline starts (stamped by the
+                # sweeper), and its head is counted from here.
+                self._phase = phase = _HEAD
+                self._deadline = 0.0
+                self._head_bytes = 0
+        if phase == _HEAD:
             self._head_bytes += len(data)
         # uvicorn's data_received, with the 431 told apart from other parser errors.
         self._unset_keepalive_if_required()
@@ -175,59 +193,49 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             else:
                 self._unsupported_upgrade_warning()
             return
-        if self._phase == _HEAD and self._head_bytes > self.guard.max_header_bytes:
+        if self._phase == _HEAD and self._head_bytes > self._max_head:
             self._end(HEADERS_TOO_LARGE)
 
-    # ------------------------------------------------------------------ parser callbacks
-
-    def on_message_begin(self) -> None:
-        super().on_message_begin()
-        if self._phase != _HEAD:  # the first request's deadline runs from the connection
-            self._phase = _HEAD
-            self._deadline = self.loop.time() + self.guard.header_timeout
-
     def on_headers_complete(self) -> None:
-        limit = self.guard.max_header_bytes
-        if self._head_bytes > limit:  # the raw count may include body bytes: count exactly
+        if self._head_bytes > self._max_head:  # the raw count may include body bytes
             size = len(self.url) + sum(len(k) + len(v) + 4 for k, v in self.headers)
-            if size > limit:
+            if size > self._max_head:
                 self._too_large = True
                 raise _HeadersTooLarge
-        self._head_bytes = 0
         self._phase = _BODY
-        now = self.loop.time()
-        self._deadline = now + self.guard.body_timeout
-        self._gap_deadline = now + self.guard.body_gap_timeout
+        self._deadline = 0.0
         super().on_headers_complete()
-
-    def on_body(self, body: bytes) -> None:
-        self._gap_deadline = self.loop.time() + self.guard.body_gap_timeout
-        super().on_body(body)
-
-    def on_message_complete(self) -> None:
-        self._phase = _APP
-        super().on_message_complete()
-
-    def on_response_complete(self) -> None:
-        if self._phase == _APP:
-            self._phase = _IDLE  # uvicorn's keep-alive timer takes over
-        super().on_response_complete()
 
     # ------------------------------------------------------------------ deadlines
 
     def expired(self, now: float) -> bool:
-        """Called by the sweeper: end the connection if its phase ran out of time."""
+        """Called by the sweeper: stamp a new phase's deadlines, end the connection if
+        its phase ran out of time."""
         phase = self._phase
         if phase == _HEAD:
+            if not self._deadline:
+                self._deadline = now + self.guard.header_timeout
+                return False
             if now < self._deadline:
                 return False
             # Nothing of a request yet: just close; else say why.
             self._end(HEADER_TIMEOUT if self._head_bytes else None)
             return True
         if phase == _BODY:
-            if self.flow.read_paused:  # the app is not reading: not the client's delay
-                self._gap_deadline = now + self.guard.body_gap_timeout
+            cycle = self.cycle
+            if cycle is None or not cycle.more_body:
+                return False  # the body is in: the app's turn, not the client's
+            guard = self.guard
+            if not self._deadline:
+                self._deadline = now + guard.body_timeout
+                self._gap_deadline = now + guard.body_gap_timeout
+                self._fed_seen = self._fed
                 return False
+            if self._fed != self._fed_seen or self.flow.read_paused:
+                # Bytes arrived since the last sweep (or the app is not reading: not the
+                # client's delay): the gap restarts.
+                self._fed_seen = self._fed
+                self._gap_deadline = now + guard.body_gap_timeout
             if now < self._deadline and now < self._gap_deadline:
                 return False
             self._end(BODY_TIMEOUT)

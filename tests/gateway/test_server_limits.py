@@ -289,3 +289,28 @@ def test_early_answer_then_trickle_gets_no_second_answer(gw: ServerThread) -> No
     data = asyncio.run(run())
     assert data.startswith(b"HTTP/1.1 413 ")
     assert data.count(b"HTTP/1.1 ") == 1
+
+
+def test_slow_second_request_on_a_kept_alive_connection(gw: ServerThread) -> None:
+    """The header deadline restarts for every request of a connection."""
+
+    async def run() -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        await reader.readuntil(b'"models"')
+        await asyncio.sleep(KEEPALIVE_S / 4)
+        writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+        reader_task = asyncio.create_task(_read_all(reader, HEADER_S * 5))
+        while not reader_task.done():
+            try:
+                writer.write(b"X")
+                await writer.drain()
+            except (ConnectionResetError, BrokenPipeError):
+                break
+            await asyncio.sleep(0.2)
+        data, _ = await reader_task
+        writer.close()
+        return data
+
+    rest = asyncio.run(run())
+    assert b"HTTP/1.1 408 " in rest, rest[:300]
