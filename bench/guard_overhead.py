@@ -2,6 +2,12 @@
 protocol against the same gateway with `gateway.server_limits`' guarded one, side by side.
 
     .venv/bin/python bench/guard_overhead.py [--rounds 4] [--seconds 3] [--concurrency 16]
+    .venv/bin/python bench/guard_overhead.py --micro [--rounds 80]
+
+`--micro`: the protocols alone in this process (no sockets, no gateway): one keep-alive
+connection on an in-memory transport, a typical chat request fed to `data_received` and
+answered by a trivial app; per round 1000 requests on each protocol, paired, CPU time
+(`time.process_time`, less disturbed by a shared machine than wall time).
 
 Starts the simulator (zero latency) and two gateways attaching it (`engine: openai`), one
 per protocol, each its own process; then alternates closed-loop runs of non-streamed chat
@@ -21,10 +27,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
 REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # run as a script: make `gateway` importable
+    sys.path.insert(0, str(REPO))
 TICK = os.sysconf("SC_CLK_TCK")
 
 RUNNER = """
@@ -132,7 +141,109 @@ async def measure(args: argparse.Namespace, sim: str, gws: dict[str, tuple[int, 
     )
 
 
+_BODY = b'{"model":"m","messages":[{"role":"user","content":"hi"}],"max_tokens":8}'
+_REQ = (
+    b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:8000\r\n"
+    b"Accept: application/json\r\nContent-Type: application/json\r\n"
+    b"User-Agent: OpenAI/Python 1.0\r\nAuthorization: Bearer x\r\n"
+    b"Content-Length: %d\r\n\r\n%s" % (len(_BODY), _BODY)
+)
+
+
+async def _ok_app(scope: Any, receive: Any, send: Any) -> None:
+    if scope["type"] != "http":
+        return
+    await receive()
+    await send(
+        {"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]}
+    )
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+class _Transport:
+    """Enough of an asyncio transport for uvicorn's protocol."""
+
+    def __init__(self) -> None:
+        self.writes = 0
+        self.closing = False
+
+    def write(self, data: bytes) -> None:
+        self.writes += 1
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close(self) -> None:
+        self.closing = True
+
+    def get_extra_info(self, key: str, default: Any = None) -> Any:
+        return {"sockname": ("127.0.0.1", 8000), "peername": ("127.0.0.1", 5555)}.get(key, default)
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+async def _micro_run(cls: Any, n: int) -> float:
+    """CPU µs per request of `n` requests on one connection of protocol `cls`."""
+    import uvicorn
+    from uvicorn.server import ServerState
+
+    cfg = uvicorn.Config(_ok_app, http=cls, log_level="warning", lifespan="off")
+    cfg.load()
+    proto = cls(
+        config=cfg, server_state=ServerState(), app_state={}, _loop=asyncio.get_running_loop()
+    )
+    t = _Transport()
+    proto.connection_made(t)
+    t0 = time.process_time()
+    for _ in range(n):
+        proto.data_received(_REQ)
+        for _ in range(4):  # let the request's task run to its response
+            await asyncio.sleep(0)
+    took = time.process_time() - t0
+    if t.writes < n:
+        raise RuntimeError(f"{cls.__name__}: {t.writes} answers to {n} requests")
+    proto.connection_lost(None)
+    return took / n * 1e6
+
+
+async def micro(rounds: int) -> None:
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    from gateway.server_limits import guarded_protocol
+    from gateway.settings import Settings
+
+    plain, guarded = HttpToolsProtocol, guarded_protocol(Settings())
+    ratios, cost = [], {"plain": [], "guarded": []}
+    for r in range(rounds):
+        order = [("plain", plain), ("guarded", guarded)]
+        got = {
+            name: await _micro_run(cls, 1000)
+            for name, cls in (order if r % 2 == 0 else order[::-1])
+        }
+        ratios.append(got["guarded"] / got["plain"])
+        for k, v in got.items():
+            cost[k].append(v)
+    ratios.sort()
+    q = len(ratios) // 4
+    for k, v in cost.items():
+        v.sort()
+        print(f"{k:8s} CPU per request: min {v[0]:.1f} µs, median {v[len(v) // 2]:.1f} µs")
+    print(
+        f"paired guarded/plain CPU per request: median {ratios[len(ratios) // 2]:.3f} "
+        f"(quartiles {ratios[q]:.3f}..{ratios[-q - 1]:.3f}, {rounds} rounds)"
+    )
+
+
 def main(args: argparse.Namespace) -> None:
+    if args.micro:
+        import uvloop
+
+        uvloop.run(micro(args.rounds))
+        return
     procs: list[subprocess.Popen[bytes]] = []
     try:
         sim, gws = start(procs)
@@ -152,4 +263,5 @@ if __name__ == "__main__":
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--micro", action="store_true", help="the protocols alone, in-process")
     main(ap.parse_args())

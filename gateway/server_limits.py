@@ -9,12 +9,15 @@ Owns `GuardedHttpToolsProtocol` (uvicorn's httptools protocol with those limits)
 Why a protocol subclass: uvicorn's httptools protocol has no header-read or body-read
 timeout and no header size limit (its h11 protocol's size limit does not apply), so a
 slow client holds a connection forever; these are connection-level events no ASGI
-middleware sees. Cost on the hot path, measured: per request two attribute stores and a
-comparison in `data_received` and `on_headers_complete`, no clock read and no
-timer per request — one sweeper per server wakes a few times per header timeout and
-checks every connection's deadline. Measured with `bench/guard_overhead.py --rounds 6
---seconds 3` (the same gateway on both protocols, ABBA, 2 shared cores): guarded/plain
-1.31 in throughput and 0.87 in CPU per request, i.e. within the noise; no measurable cost.
+middleware sees. Cost on the hot path: per request a few attribute stores and
+comparisons in `data_received` and `on_headers_complete` (the only per-request overrides;
+no clock read, no timer — one sweeper per server wakes a few times per header timeout and
+checks every connection). Measured, `bench/guard_overhead.py --micro --rounds 80` (the
+protocols alone, paired rounds of CPU time): guarded/plain 1.021 and 1.030 in two runs,
+about 1.5 µs of ~48 µs per request; a first version that overrode four more callbacks and
+read the clock per request measured 1.06-1.08 and was reworked. End to end through the
+gateway (`bench/guard_overhead.py --rounds 6 --seconds 3`, 2 cores shared with other
+work) the ratios scatter 0.84-1.31: no difference visible above that noise.
 """
 
 from __future__ import annotations
@@ -61,6 +64,9 @@ TOO_MANY_FROM_CLIENT = _raw_response(
 TOO_MANY_CONNECTIONS = _raw_response(
     503, "The server has too many open connections; try again shortly.", "overloaded_error"
 )
+
+
+_base_headers_complete = HttpToolsProtocol.on_headers_complete
 
 
 class _HeadersTooLarge(Exception):
@@ -204,7 +210,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
                 raise _HeadersTooLarge
         self._phase = _BODY
         self._deadline = 0.0
-        super().on_headers_complete()
+        _base_headers_complete(self)  # not super(): a measurable share of this call
 
     # ------------------------------------------------------------------ deadlines
 
