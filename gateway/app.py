@@ -28,7 +28,7 @@ from gateway.api.requests import error_response
 from gateway.catalog import Catalog, load_catalog
 from gateway.cors import Cors
 from gateway.cors import enabled as cors_enabled
-from gateway.errors import NotFound, error_body, error_headers
+from gateway.errors import MethodNotAllowed, NotFound, error_body, error_headers
 from gateway.openapi import build_openapi
 from gateway.settings import Settings, SettingsError, load_settings
 from gateway.state import Gateway
@@ -53,7 +53,10 @@ async def _on_http_error(request: Request, exc: Exception) -> Response:
     err = ServingError(str(exc.detail))
     err.status = exc.status_code  # type: ignore[misc]
     err.type = "invalid_request_error"  # type: ignore[misc]
-    return _error_response(err)
+    resp = _error_response(err)
+    if exc.headers:  # e.g. a 405's Allow
+        resp.headers.update(exc.headers)
+    return resp
 
 
 async def _on_unexpected(request: Request, exc: Exception) -> Response:
@@ -123,9 +126,12 @@ class FrontDoor:
             await self._dispatch(scope, receive, send)
 
     async def _dispatch(self, scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST":
+        if scope["type"] == "http":
             handler = HOT.get(scope["path"])
             if handler is not None:
+                if scope["method"] != "POST":
+                    await _method_not_allowed(scope, receive, send)
+                    return
                 try:
                     await handler(self.gateway, scope, receive, send)
                 except Exception as exc:
@@ -135,6 +141,13 @@ class FrontDoor:
                         await error_response(err, "-")(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+async def _method_not_allowed(scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
+    err = MethodNotAllowed(f"Method {scope['method']} is not allowed here; use POST.")
+    resp = error_response(err, "-")
+    resp.headers = [*resp.headers, (b"allow", b"POST")]
+    await resp(scope, receive, send)
 
 
 def app_from_env() -> FrontDoor:

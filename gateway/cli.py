@@ -37,6 +37,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from gateway.app import create_app
     from gateway.catalog import CatalogError
+    from gateway.server_limits import uvicorn_config
 
     overrides = {
         k: v
@@ -54,17 +55,9 @@ def _serve(args: argparse.Namespace) -> int:
     except CatalogError as e:
         print(e, file=sys.stderr)
         return 2
-    uvicorn.run(
-        app,
-        host=settings.host,
-        port=settings.port,
-        loop="uvloop",
-        http="httptools",
-        log_level=settings.log_level.lower(),
-        access_log=False,
-        proxy_headers=False,
-        timeout_graceful_shutdown=settings.drain_seconds,
-    )
+    # On SIGTERM, requests in flight get GATEWAY_DRAIN_SECONDS to finish.
+    config = uvicorn_config(app, settings, timeout_graceful_shutdown=settings.drain_seconds)
+    uvicorn.Server(config).run()
     return 0
 
 

@@ -143,15 +143,13 @@ class UnloadLoraAdapterRequest(_Doc):
     lora_name: str = Field(min_length=1)
 
 
-class WorkerHealth(_Doc):
-    url: str
-    healthy: bool
-
-
 class ModelHealth(_Doc):
     ready: bool
-    detail: str
-    workers: list[WorkerHealth]
+    state: str
+    workers: dict[str, Any] = Field(
+        description="healthy and total counts; the list with URLs only with the admin key"
+    )
+    detail: str | None = Field(default=None, description="only with the admin key")
 
 
 class Health(_Doc):
@@ -164,7 +162,8 @@ class Probe(_Doc):
 
 
 class Status(_Doc):
-    """What the status page shows; see `gateway/api/status.py` for the fields."""
+    """What the status page (/ui) shows: per model its state, queue, adapters and workers;
+    request counts and cumulative latency histograms."""
 
     models: list[dict[str, Any]]
     traffic: dict[str, Any]

@@ -4,7 +4,9 @@ Per model: readiness, the engine's queue, adapters and each worker's health, in-
 queue, KV-cache use and restarts (null where the engine does not report it); for the
 whole gateway: request counts by status class and the cumulative latency histograms, from
 which the page computes the live rate and percentiles between two polls. Needs the client
-key when keys are set. Reads the engines' status and the metrics registry; owns nothing.
+key when keys are set; worker URLs and details only with the admin key (as `/health`:
+the page must not map the network behind the gateway for any client). Reads the engines'
+status and the metrics registry; owns nothing.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from typing import TYPE_CHECKING, Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from gateway.api.auth import check_client_key
+from engines.base import ServingError
+from gateway.api.auth import check_admin_key, check_client_key
 from gateway.api.requests import Incoming
 
 if TYPE_CHECKING:
@@ -57,7 +60,13 @@ def _traffic(gw: Gateway) -> dict[str, Any]:
 
 async def status(request: Request) -> Any:
     gw: Gateway = request.app.state.gateway
-    check_client_key(gw, Incoming(request.scope, request.receive))
+    inc = Incoming(request.scope, request.receive)
+    try:
+        check_admin_key(gw, inc)
+        admin = True
+    except ServingError:
+        admin = False
+        check_client_key(gw, inc)
     listing = gw.served.listing()
     models = []
     for name, engine in gw.served.engines.items():
@@ -69,21 +78,21 @@ async def status(request: Request) -> Any:
                 "engine": spec.engine,
                 "task": spec.task,
                 "ready": st.ready,
-                "detail": st.detail,
+                "detail": st.detail if admin else "",
                 "running": st.running,
                 "waiting": st.waiting,
                 "adapters": [e["id"] for e in listing if e["parent"] == name],
                 "workers": [
                     {
-                        "url": w.url,
+                        "url": w.url if admin else f"worker {i + 1}",
                         "healthy": w.healthy,
-                        "detail": w.detail,
+                        "detail": w.detail if admin else "",
                         "running": w.running,
                         "waiting": w.waiting,
                         "kv_cache_usage": w.kv_cache_usage,
                         "restarts": getattr(w, "restarts", None),
                     }
-                    for w in st.workers
+                    for i, w in enumerate(st.workers)
                 ],
             }
         )
