@@ -197,3 +197,17 @@ def test_metrics_process_series_long_buckets_and_the_dashboard(fleet: dict[str, 
         assert names, expr
         missing = [n for n in names if n not in exported]
         assert not missing, (expr, missing)
+
+
+def test_status_names_workers_only_for_the_admin(fleet: dict[str, Any]) -> None:
+    from tests.conftest import ADMIN_KEY
+
+    gw = fleet["gw"]
+    anyone = httpx.get(f"{gw.url}/status").json()
+    (m,) = [x for x in anyone["models"] if x["name"] == "m"]
+    assert m["ready"] and [w["url"] for w in m["workers"]] == ["worker 1"]
+    assert m["workers"][0]["healthy"] is True and m["workers"][0]["kv_cache_usage"] is not None
+    admin = httpx.get(f"{gw.url}/status", headers={"authorization": f"Bearer {ADMIN_KEY}"})
+    (m,) = [x for x in admin.json()["models"] if x["name"] == "m"]
+    assert [w["url"] for w in m["workers"]] == [fleet["worker"].url]
+    assert set(anyone["traffic"]) == {"requests", "in_flight", "histograms"}
