@@ -227,7 +227,8 @@ def _recipe(req: QuantizeRequest, group_size: int | None) -> list[Any]:
 
     scheme = preset_name_to_scheme(req.scheme, ["Linear"])
     w = scheme.weights
-    if w is not None and group_size is not None and str(w.strategy.value) == "group":
+    strategy = str(getattr(w.strategy, "value", w.strategy)) if w is not None else ""
+    if w is not None and group_size is not None and strategy == "group":
         args = w.model_dump()
         if group_size == -1:
             args.update(strategy="channel", group_size=None)
@@ -245,23 +246,26 @@ def _recipe(req: QuantizeRequest, group_size: int | None) -> list[Any]:
     return [quant]
 
 
-def _calibration_dataset(req: QuantizeRequest, tokenizer: Any) -> Any:
-    from datasets import Dataset
+def _calibration_loader(req: QuantizeRequest, tokenizer: Any) -> Any:
+    """The calibration samples, tokenised, as a torch DataLoader of one sample per batch
+    (llmcompressor takes a DataLoader as it is: datasets/utils.py
+    get_calibration_dataloader). Not a `datasets.Dataset`: building one fingerprints the
+    data with dill, which fails on some pyarrow/dill pairs and buys nothing here."""
+    import torch
+    from torch.utils.data import DataLoader
 
     samples = load_calibration(req.calib)
-    texts = []
+    rows = []
     for s in samples[: req.num_samples]:
-        if isinstance(s, str):
-            texts.append(s)
-        else:
-            texts.append(tokenizer.apply_chat_template(s, tokenize=False))
-    enc = [
-        tokenizer(t, max_length=req.max_seq_len, truncation=True, add_special_tokens=False)
-        for t in texts
-    ]
-    return Dataset.from_list(
-        [{"input_ids": e["input_ids"], "attention_mask": e["attention_mask"]} for e in enc]
-    )
+        text = s if isinstance(s, str) else tokenizer.apply_chat_template(s, tokenize=False)
+        enc = tokenizer(text, max_length=req.max_seq_len, truncation=True, add_special_tokens=False)
+        rows.append(
+            {
+                "input_ids": torch.tensor([enc["input_ids"]]),
+                "attention_mask": torch.tensor([enc["attention_mask"]]),
+            }
+        )
+    return DataLoader(rows, batch_size=None, shuffle=False)
 
 
 def quantize(
@@ -272,6 +276,10 @@ def quantize(
 ) -> dict[str, Any]:
     """Run the recipe and write the checkpoint; returns the `quantize.json` record."""
     gpu = require_gpu(req.allow_cpu)
+    if gpu == "cpu" and req.method == "awq":
+        # llmcompressor/pipelines/cache.py pins calibration tensors (pin_memory), which
+        # needs an accelerator: "Cannot access accelerator device when none is available".
+        raise QuantizeError("llm-compressor's AWQ needs a GPU even with --cpu (gptq, fp8 run)")
     version = require_llmcompressor()
     from llmcompressor import oneshot
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -289,13 +297,9 @@ def quantize(
     kwargs: dict[str, Any] = {}
     n = 0
     if req.scheme not in NO_CALIBRATION:
-        ds = _calibration_dataset(req, tokenizer)
-        n = len(ds)
-        kwargs = {
-            "dataset": ds,
-            "num_calibration_samples": n,
-            "max_seq_length": req.max_seq_len,
-        }
+        loader = _calibration_loader(req, tokenizer)
+        n = len(loader)
+        kwargs = {"dataset": loader}
     progress(f"{req.method} {req.scheme}" + (f" group {group}" if group else "") + f", {n} samples")
     oneshot(model=model, recipe=recipe, **kwargs)
     req.out.parent.mkdir(parents=True, exist_ok=True)
