@@ -153,7 +153,7 @@ class Run:
         def start(name: str, argv: list[str], env: dict[str, str]) -> None:
             f = (self.work / f"{name}.log").open("wb")
             procs[name] = (
-                subprocess.Popen(argv, env=env, stdout=f, stderr=subprocess.STDOUT),
+                subprocess.Popen(argv, env=env, stdout=f, stderr=subprocess.STDOUT, cwd=TREE),
                 f,
                 time.time(),
             )
@@ -242,6 +242,7 @@ class Run:
         def lm(model: str, **kw: Any) -> dict[str, Any]:
             return {**base, "engine": "lmdeploy", "model": model, "options": dict(lopts), **kw}
 
+        largs = {"logprobs-mode": "raw_logprobs"}  # LMDeploy answers logprobs only with it
         e = {
             "smol": v(SMOL),
             "smol-awq": v(str(CK / "awq"), quantization="awq"),
@@ -257,9 +258,13 @@ class Run:
             ),
         }
         if not self.args.no_lmdeploy:
-            e["lmd-awq"] = lm(str(CK / "awq-g32"), quantization="awq")  # backend: probed
-            e["lmd-bf16"] = lm(SMOL, options={**lopts, "backend": "pytorch"})
-            e["lmd-fp16"] = lm(SMOL, dtype="float16", options={**lopts, "backend": "pytorch"})
+            e["lmd-awq"] = lm(
+                str(CK / "awq-g32"), quantization="awq", engine_args=largs
+            )  # backend: probed
+            e["lmd-bf16"] = lm(SMOL, options={**lopts, "backend": "pytorch"}, engine_args=largs)
+            e["lmd-fp16"] = lm(
+                SMOL, dtype="float16", options={**lopts, "backend": "pytorch"}, engine_args=largs
+            )
         if self.args.dry_run:
             for m in e.values():
                 m.update(engine="sim", options={"ttft_ms": 20, "itl_ms": 3})
@@ -286,6 +291,7 @@ class Run:
             port += 1
             chk = subprocess.run(
                 [sys.executable, "-m", "gateway", "check", "--config", str(cfg)],
+                cwd=TREE,
                 env=self.env,
                 capture_output=True,
                 text=True,
@@ -304,6 +310,7 @@ class Run:
                     str(port),
                 ],
                 env=self.env,
+                cwd=TREE,
                 stdout=f,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
@@ -365,6 +372,7 @@ class Run:
         f = (self.work / "gw-front.log").open("wb")
         self.front = subprocess.Popen(
             [sys.executable, "-m", "gateway", "serve", "--config", str(cfg), "--port", "9000"],
+            cwd=TREE,
             env=self.env,
             stdout=f,
             stderr=subprocess.STDOUT,
@@ -434,7 +442,12 @@ class Run:
             str(self.out / "eval.json"),
         ]
         p = subprocess.run(
-            argv, env=self.env, capture_output=True, text=True, timeout=max(30, self.left() - 120)
+            argv,
+            cwd=TREE,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=max(30, self.left() - 120),
         )
         self.R["eval"] = {
             "cmd": " ".join(argv[1:]),
@@ -538,6 +551,7 @@ class Run:
                 ]
                 p = subprocess.run(
                     argv,
+                    cwd=TREE,
                     env=self.env,
                     capture_output=True,
                     text=True,
