@@ -28,6 +28,8 @@ class CheckpointQuant:
 
     method: str
     config: dict[str, Any]
+    # config.json's first `architectures` entry ("" when absent).
+    architecture: str = ""
 
     @property
     def quantized(self) -> bool:
@@ -87,8 +89,10 @@ def read_checkpoint_quant(model: str | Path) -> CheckpointQuant | None:
         return None
     if not isinstance(cfg, dict):
         return None
+    archs = cfg.get("architectures")
+    arch = str(archs[0]) if isinstance(archs, list) and archs else ""
     for holder in (cfg, cfg.get("text_config"), cfg.get("llm_config")):
         if isinstance(holder, dict) and isinstance(holder.get("quantization_config"), dict):
             q = holder["quantization_config"]
-            return CheckpointQuant(str(q.get("quant_method", "")).lower(), q)
-    return CheckpointQuant("", {})
+            return CheckpointQuant(str(q.get("quant_method", "")).lower(), q, arch)
+    return CheckpointQuant("", {}, arch)

@@ -270,9 +270,9 @@ class LMDeployEngine(LaunchedEngine):
                     )
                 )
             else:
-                why = _unsupported_checkpoint(found, backend)
-                if why:
-                    out.append(SpecIssue(path=where, message=f"{model}: {why}"))
+                refusal = _unsupported_checkpoint(found, backend)
+                if refusal:
+                    out.append(SpecIssue(path=where, message=f"{model}: {refusal}"))
         if q == "fp8" and backend == "turbomind" and not (found and found.method == "fp8"):
             # lmdeploy/turbomind/weight_format.py FP8Format accepts only fp8 weights with
             # weight_scale_inv: TurboMind loads blocked-FP8 checkpoints, it does not
@@ -365,36 +365,43 @@ class LMDeployEngine(LaunchedEngine):
 
     # ------------------------------------------------------------------ backend probe
 
-    async def resolve_paths(self, ctx: EngineContext) -> ResolvedPaths:
-        """After resolving the checkpoint: when the backend was left to the gateway and
-        would be TurboMind, ask the worker's own Python whether LMDeploy's TurboMind
-        extension is there (`turbomind_available`). Without it, LMDeploy itself would fall
-        back to its PyTorch engine (lmdeploy/archs.py autoget_backend: "Fallback to pytorch
-        engine because turbomind is not built"); the gateway makes that choice explicit
-        (`--backend pytorch`) and checks the entry against the PyTorch engine's support
-        matrix first, so what it cannot serve (GPTQ; compressed-tensors other than W4A16
-        symmetric group 32) is refused with the reason instead of failing in the worker.
-        The resolved checkpoint is then checked against the backend that will run."""
-        paths = await super().resolve_paths(ctx)
+    async def start_workers(self) -> list[str]:
+        """Launch: when the backend was left to the gateway and would be TurboMind, first
+        ask the worker's own Python whether LMDeploy's TurboMind extension is there
+        (`turbomind_available`). Without it LMDeploy itself would fall back to its PyTorch
+        engine (lmdeploy/archs.py autoget_backend: "Fallback to pytorch engine because
+        turbomind is not built"); the gateway makes that choice explicit (`--backend
+        pytorch`, as if models.yaml said so) so that `resolve_paths` checks the entry
+        against the PyTorch engine's support matrix and refuses what it cannot serve
+        (GPTQ; compressed-tensors other than W4A16 symmetric group 32 on an architecture
+        whose LMDeploy model passes module prefixes) instead of failing in the worker."""
         spec = self.spec
-        backend = resolve_backend(spec)
-        if "backend" not in spec.options and backend == "turbomind":
+        if (
+            not spec.attach
+            and "backend" not in spec.options
+            and resolve_backend(spec) == ("turbomind")
+        ):
             opts = self.launch_options(spec)
             available = await turbomind_available(opts.command or [self.program], opts.env)
             if available is False:
-                backend = "pytorch"
                 self.progress(
                     f"model {spec.name!r}: LMDeploy's TurboMind extension is not installed "
                     "for this worker; using its PyTorch engine"
                 )
-                spec = spec.model_copy(update={"options": {**spec.options, "backend": backend}})
-        issues = self._quantization_issues(spec, backend, "quantization", paths.model)
+                options = {**spec.options, "backend": "pytorch"}
+                self.spec = spec.model_copy(update={"options": options})
+        return await super().start_workers()
+
+    async def resolve_paths(self, ctx: EngineContext) -> ResolvedPaths:
+        """The resolved checkpoint checked against the backend that will run it."""
+        paths = await super().resolve_paths(ctx)
+        backend = resolve_backend(self.spec)
+        issues = self._quantization_issues(self.spec, backend, "quantization", paths.model)
         if issues:
             raise EngineUnavailable(
-                f"model {spec.name!r} on LMDeploy's {backend} backend: "
+                f"model {self.spec.name!r} on LMDeploy's {backend} backend: "
                 + "; ".join(f"{i.path}: {i.message}" for i in issues)
             )
-        self.spec = spec
         return paths
 
     # ------------------------------------------------------------------ adapters
@@ -557,6 +564,22 @@ async def turbomind_available(
     return {0: True, 3: False}.get(rc)
 
 
+# Architectures whose LMDeploy 0.18 PyTorch model builds its Linear layers with module
+# prefixes (lmdeploy/pytorch/models/*.py passing `prefix=`, names from module_map.py).
+_PT_PREFIXED_ARCHS = frozenset(
+    {
+        "DeepseekV2ForCausalLM",
+        "DeepseekV3ForCausalLM",
+        "DeepseekV32ForCausalLM",
+        "Glm4MoeLiteForCausalLM",
+        "GlmMoeDsaForCausalLM",
+        "HYV3ForCausalLM",
+        "Qwen3ForCausalLM",
+        "Qwen3MoeForCausalLM",
+    }
+)
+
+
 def _unsupported_checkpoint(found: CheckpointQuant, backend: Backend) -> str | None:
     """Why LMDeploy 0.18's `backend` cannot load this (already matching) quantized
     checkpoint, or None."""
@@ -575,6 +598,17 @@ def _unsupported_checkpoint(found: CheckpointQuant, backend: Backend) -> str | N
                 and all(w.get(k) == v for k, v in want.items())
                 and w.get("symmetric") is True
             )
+            arch = found.architecture
+            if ok and arch not in _PT_PREFIXED_ARCHS:
+                # lmdeploy/pytorch/config.py get_quant_method: compressed-tensors
+                # "dispatch requires a non-empty canonical module prefix", and only these
+                # models pass one when building their layers (llama.py passes none: seen
+                # failing with SmolLM2 on the H200, docs/gpu.md).
+                return (
+                    f"LMDeploy 0.18's PyTorch engine loads compressed-tensors only for "
+                    f"{', '.join(sorted(_PT_PREFIXED_ARCHS))}, not {arch or 'this model'} "
+                    "(serve it with vLLM, or use an AutoAWQ-format checkpoint)"
+                )
             if not ok:
                 return (
                     "LMDeploy's PyTorch engine loads compressed-tensors only as W4A16, "

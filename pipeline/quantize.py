@@ -265,7 +265,7 @@ def _calibration_loader(req: QuantizeRequest, tokenizer: Any) -> Any:
                 "attention_mask": torch.tensor([enc["attention_mask"]]),
             }
         )
-    return DataLoader(rows, batch_size=None, shuffle=False)
+    return DataLoader(rows, batch_size=None, shuffle=False)  # type: ignore[arg-type]
 
 
 def quantize(

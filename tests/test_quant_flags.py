@@ -18,6 +18,8 @@ from engines.lmdeploy import LMDeployEngine, resolve_backend, turbomind_availabl
 from engines.spec import ModelSpec
 from engines.vllm import VLLMEngine
 
+REPO = Path(__file__).resolve().parent.parent
+
 
 def ct_config(
     *, bits: int = 4, kind: str = "int", group: int | None = 64, sym: bool = False, acts: Any = None
@@ -49,10 +51,12 @@ def ct_config(
 FP8_ACTS = {"num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False}
 
 
-def checkpoint(tmp: Path, name: str, qcfg: dict[str, Any] | None) -> str:
+def checkpoint(
+    tmp: Path, name: str, qcfg: dict[str, Any] | None, arch: str = "LlamaForCausalLM"
+) -> str:
     d = tmp / name
     d.mkdir()
-    cfg: dict[str, Any] = {"architectures": ["LlamaForCausalLM"], "hidden_size": 576}
+    cfg: dict[str, Any] = {"architectures": [arch], "hidden_size": 576}
     if qcfg is not None:
         cfg["quantization_config"] = qcfg
     (d / "config.json").write_text(json.dumps(cfg))
@@ -148,19 +152,23 @@ def test_vllm_refuses_a_checkpoint_that_is_not_what_is_declared(tmp_path: Path) 
 
 
 def test_lmdeploy_pytorch_engine_support_matrix_for_compressed_tensors(tmp_path: Path) -> None:
+    pt = {"backend": "pytorch"}
     # llm-compressor's default AWQ output (asymmetric, group 64) is not what the PyTorch
     # engine loads (lmdeploy/pytorch/config.py: W4A16 symmetric group 32 only).
-    asym = lspec(checkpoint(tmp_path, "asym", ct_config()), "awq", options={"backend": "pytorch"})
+    asym = lspec(checkpoint(tmp_path, "asym", ct_config(), "Qwen3ForCausalLM"), "awq", options=pt)
     got = {i.path: i.message for i in LMDeployEngine.check_spec(asym)}
     assert "symmetric, group size 32" in got["options.backend"]
-    ok = lspec(
-        checkpoint(tmp_path, "g32", ct_config(group=32, sym=True)),
-        "awq",
-        options={"backend": "pytorch"},
-    )
+    g32 = ct_config(group=32, sym=True)
+    ok = lspec(checkpoint(tmp_path, "qwen3", g32, "Qwen3ForCausalLM"), "awq", options=pt)
     assert LMDeployEngine.check_spec(ok) == []
     argv = LMDeployEngine.launch_commands(ok)[0]
     assert flag(argv, "--backend") == "pytorch" and "--model-format" not in argv
+    # Llama's LMDeploy model passes no module prefixes, which compressed-tensors needs
+    # ("compressed-tensors dispatch requires a non-empty canonical module prefix", seen
+    # with SmolLM2 on the H200).
+    llama = lspec(checkpoint(tmp_path, "llama", g32), "awq", options=pt)
+    got = {i.path: i.message for i in LMDeployEngine.check_spec(llama)}
+    assert "not LlamaForCausalLM" in got["options.backend"]
 
 
 def test_lmdeploy_turbomind_reads_the_checkpoint_format_itself(tmp_path: Path) -> None:
@@ -200,32 +208,56 @@ async def test_turbomind_probe_runs_the_workers_interpreter(tmp_path: Path) -> N
     assert await turbomind_available(["/no/such/lmdeploy"], {}) is None
 
 
+FAKE_LMDEPLOY = r"""
+import sys
+args = sys.argv[1:]
+print("fake lmdeploy:", " ".join(args), flush=True)
+def value(flag):
+    return args[args.index(flag) + 1]
+from engines.sim import serve_main
+sys.exit(serve_main(["--host", value("--server-name"), "--port", value("--server-port"),
+                     "--model", value("--model-name")]))
+"""
+
+
 async def test_awq_goes_to_the_pytorch_engine_when_turbomind_is_missing(tmp_path: Path) -> None:
+    # A stand-in `lmdeploy` console script (the simulator behind LMDeploy's CLI) whose
+    # interpreter sees an lmdeploy package without TurboMind.
     site = _stand_in_lmdeploy(tmp_path / "site", turbomind=False)
-    ckpt = checkpoint(tmp_path, "g32", ct_config(group=32, sym=True))
-    opts = {"command": [sys.executable, "-m", "lmdeploy"], "env": {"PYTHONPATH": str(site)}}
+    script = tmp_path / "bin" / "lmdeploy"
+    script.parent.mkdir()
+    script.write_text(f"#!{sys.executable}\n{FAKE_LMDEPLOY}")
+    script.chmod(0o755)
+    ckpt = checkpoint(tmp_path, "awq", {"quant_method": "awq", "bits": 4, "version": "gemm"})
+    opts = {"command": [str(script)], "env": {"PYTHONPATH": f"{site}:{REPO}"}}
     s = lspec(ckpt, "awq", options=opts)
     assert resolve_backend(s) == "turbomind"  # what config load sees
+    assert flag(LMDeployEngine.launch_commands(s)[0], "--backend") == "turbomind"
     lines: list[str] = []
     engine = LMDeployEngine(s, EngineContext(tmp_path / "cache", tmp_path, lines.append))
-    paths = await engine.resolve_paths(engine._context())
-    argv = LMDeployEngine.worker_commands(engine.spec, ports=[9000], paths=paths)[0].argv
-    assert flag(argv, "--backend") == "pytorch" and "--model-format" not in argv
-    assert any("TurboMind extension is not installed" in ln for ln in lines)
+    await engine.start()
+    try:
+        log = (tmp_path / "cache" / "logs" / "smol" / "lmdeploy_0_.log").read_text()
+        launched = next(ln for ln in log.splitlines() if ln.startswith("fake lmdeploy:"))
+        assert "--backend pytorch" in launched and "--model-format" not in launched
+        assert any("TurboMind extension is not installed" in ln for ln in lines)
+    finally:
+        await engine.stop()
 
 
 async def test_what_the_pytorch_engine_cannot_serve_is_refused_at_launch(tmp_path: Path) -> None:
     site = _stand_in_lmdeploy(tmp_path / "site", turbomind=False)
     opts = {"command": [sys.executable, "-m", "lmdeploy"], "env": {"PYTHONPATH": str(site)}}
     gptq = checkpoint(tmp_path, "gptq", {"quant_method": "gptq", "bits": 4, "group_size": 128})
-    asym = checkpoint(tmp_path, "asym", ct_config())
+    llama_ct = checkpoint(tmp_path, "ct", ct_config(group=32, sym=True))
     for model, q, why in (
         (gptq, "gptq", "GPTQ runs on TurboMind only"),
-        (asym, "awq", "symmetric, group size 32"),
+        (llama_ct, "awq", "not LlamaForCausalLM"),
     ):
-        engine = LMDeployEngine(
-            lspec(model, q, options=opts), EngineContext(tmp_path / "c", tmp_path, print)
-        )
+        s = lspec(model, q, options=opts)
+        assert LMDeployEngine.check_spec(s) == []  # fine for TurboMind, as far as load knows
+        engine = LMDeployEngine(s, EngineContext(tmp_path / "c", tmp_path, print))
         with pytest.raises(EngineUnavailable, match=why) as err:
-            await engine.resolve_paths(engine._context())
+            await engine.start_workers()
         assert "pytorch backend" in str(err.value)
+        assert engine.supervisor is None  # nothing was launched
