@@ -17,10 +17,12 @@ setup: $(VENV)/.installed
 serve: $(VENV)/.installed
 	$(VENV)/bin/gateway serve
 
-# pytest exits 5 when it collects no tests: not a failure of the code under test.
-test: $(VENV)/.installed
+# The checks first (ruff, format, strict mypy), then the suite. pytest exits 5 when it
+# collects no tests: not a failure of the code under test.
+test: lint
 	$(VENV)/bin/pytest -q -p no:cacheprovider; rc=$$?; [ $$rc -eq 5 ] && rc=0; exit $$rc
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy

@@ -28,6 +28,9 @@ fake adapter, so the script itself is tested without a GPU.
 
 Does not own: the bundle and its setup (../shared/gpu), the gateway or the load generator.
 Everything it starts is stopped before it exits.
+
+Why one file of this size: it is copied to a GPU machine and run there as one script; every
+step is a function, in the order it runs.
 """
 
 from __future__ import annotations
@@ -552,7 +555,7 @@ class Proof:
     # ------------------------------------------------------------------ 3. ngram
 
     def worker_metrics(self, url: str) -> dict[str, float]:
-        from engines.prom_text import sum_samples
+        from engines.upstream.prom_text import sum_samples
 
         _, _, body = self.http("GET", "/metrics", base=url, timeout=10)
         return sum_samples(body.decode(), "vllm:spec_decode")

@@ -20,9 +20,12 @@ Pinning on 2 CPUs (design §8): this process (the load generator) and the simula
 CPU 0; the target runs alone on CPU 1. A peer that cannot be installed or started is
 recorded with its error and the run goes on.
 
-Does not own: the load generator (gateway.loadgen) or the targets' commands (peers.py).
+Does not own: the load generator (loadgen) or the targets' commands (peers.py).
 Traffic goes only to 127.0.0.1; every run is bounded in time and every process it starts
 is stopped before it exits.
+
+Why one file of this size: one benchmark, run as a script; measurement, checks and the
+report are its steps in order (targets' commands live in bench/peers.py).
 """
 
 from __future__ import annotations
@@ -47,8 +50,8 @@ if str(REPO) not in sys.path:  # run as a script: make `gateway` and `bench` imp
 import orjson  # noqa: E402
 
 from bench.peers import MODEL, TARGETS, Proc, Target, ensure_installed, free_port  # noqa: E402
-from gateway.loadgen import LoadConfig, RequestRecord, Result, open_session, run_load  # noqa: E402
-from gateway.loadgen.metrics import summarize  # noqa: E402
+from loadgen import LoadConfig, RequestRecord, Result, open_session, run_load  # noqa: E402
+from loadgen.metrics import summarize  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
 DOCS = REPO / "docs" / "benchmarks.md"
@@ -360,7 +363,7 @@ def markdown(doc: dict[str, Any], plots: list[str]) -> str:
         f"Run: {doc['created']} · {doc['host']} · git `{doc['git']}`"
         + (" · **quick smoke run, not the final numbers**" if doc["quick"] else ""),
         "",
-        f"Setup: load generator (`gateway.loadgen`, this process) and simulator (`gateway sim`) "
+        f"Setup: load generator (`loadgen`, this process) and simulator (`gateway sim`) "
         f"on CPU {doc['cpus'][0] if doc['cpus'] else '(unpinned)'}, the proxy under test alone "
         f"on CPU {doc['cpus'][1] if doc['cpus'] else '(unpinned)'}. At each concurrency: "
         f"warm-up, then {plan['rounds']} pairs of {plan['run_s']} s runs alternating direct and "
@@ -462,7 +465,7 @@ def write_docs(path: Path, section: str) -> None:
 
 def draw(doc: dict[str, Any], out_dir: Path) -> list[Path]:
     """Per mode: ratio and added latency against concurrency, and absolute latencies."""
-    from gateway.loadgen.plots import _pyplot, plain_axes, plot_sweep
+    from loadgen.plots import _pyplot, plain_axes, plot_sweep
 
     plt = _pyplot()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -550,6 +553,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--stream-itl-ms", type=float, default=20.0)
     p.add_argument("--timeout", type=float, default=60.0, help="per-request timeout, seconds")
     p.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
+    p.add_argument(
+        "--baseline",
+        type=Path,
+        default=None,
+        help="another checkout of this gateway (e.g. a git worktree of the commit "
+        "before a change), measured as target gateway-baseline in the same run",
+    )
     p.add_argument("--no-install", action="store_true", help="skip peers not yet installed")
     p.add_argument("--docs", type=Path, default=None,
                    help=f"markdown file to update (default: {DOCS.relative_to(REPO)}; "
@@ -584,6 +594,14 @@ def main(argv: list[str] | None = None) -> int:
     workdir = RESULTS / f"overhead-{stamp}"
     workdir.mkdir(parents=True, exist_ok=True)
     wanted = [t.strip() for t in args.targets.split(",") if t.strip()]
+    if args.baseline is not None:
+        rev = subprocess.run(["git", "-C", str(args.baseline), "rev-parse", "--short", "HEAD"],
+                             capture_output=True, text=True).stdout.strip() or "?"  # fmt: skip
+        TARGETS["gateway-baseline"] = replace(
+            TARGETS["gateway"], name="gateway-baseline", title=f"this gateway at {rev}",
+            repo=args.baseline.resolve(),
+        )  # fmt: skip
+        wanted.append("gateway-baseline")
     unknown = [t for t in wanted if t not in TARGETS]
     if unknown:
         log(f"unknown targets: {unknown}; known: {list(TARGETS)}")
@@ -596,7 +614,7 @@ def main(argv: list[str] | None = None) -> int:
             st["skipped"] = True
             continue
         if target.requirement is None:
-            st["version"] = "this checkout"
+            st["version"] = "this checkout" if target.repo is None else str(target.title)
             continue
         try:
             if args.no_install:

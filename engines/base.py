@@ -18,15 +18,27 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol
 
+from engines.errors import (
+    AdapterError,
+    AdapterNotFound,
+    EngineOverloaded,
+    EngineTimeout,
+    EngineUnavailable,
+    InvalidRequest,
+    ServingError,
+    UpstreamError,
+)
 from engines.spec import ModelSpec, SpecIssue
 
 __all__ = [
     "AdapterError",
+    "AdapterNotFound",
     "Completed",
     "EmbedRequest",
     "Engine",
+    "EngineBase",
     "EngineContext",
     "EngineOverloaded",
     "EngineStatus",
@@ -42,64 +54,6 @@ __all__ = [
     "Usage",
     "WorkerStatus",
 ]
-
-
-# --------------------------------------------------------------------------- errors
-
-
-class ServingError(Exception):
-    """Root of the one exception tree. Each subclass fixes the HTTP status and OpenAI
-    error `type`; `gateway.errors` turns any of them into the OpenAI error envelope."""
-
-    status: ClassVar[int] = 500
-    type: ClassVar[str] = "internal_error"
-
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.message = message
-        self.param = param
-        self.code = code
-
-
-class InvalidRequest(ServingError):
-    """The request is wrong (the engine found out, e.g. prompt longer than the context)."""
-
-    status = 400
-    type = "invalid_request_error"
-
-
-class AdapterError(InvalidRequest):
-    """An adapter cannot be loaded, unloaded or used as asked."""
-
-
-class UpstreamError(ServingError):
-    """A worker failed or answered with something that is not a valid response."""
-
-    status = 502
-    type = "upstream_error"
-
-
-class EngineUnavailable(ServingError):
-    """No worker can take the request now (starting, dead, draining)."""
-
-    status = 503
-    type = "service_unavailable"
-
-
-class EngineOverloaded(ServingError):
-    """The engine's queue is full; the client should retry later."""
-
-    status = 429
-    type = "rate_limit_exceeded"
-
-    def __init__(self, message: str, *, retry_after: float = 1.0, **kw: Any):
-        super().__init__(message, **kw)
-        self.retry_after = retry_after
-
-
-class EngineTimeout(ServingError):
-    status = 504
-    type = "timeout"
 
 
 # --------------------------------------------------------------------------- data types
@@ -192,12 +146,16 @@ class EngineContext:
 # --------------------------------------------------------------------------- the Protocol
 
 
-@runtime_checkable
 class Engine(Protocol):
     """What every engine implements. One instance serves one models.yaml entry (all its
-    replicas or endpoints, and its adapters)."""
+    replicas or endpoints, and its adapters). `EngineBase` gives the defaults, so a new
+    engine writes only what it does."""
 
     spec: ModelSpec
+
+    def __init__(self, spec: ModelSpec, context: EngineContext | None = None) -> None:
+        """Cheap: no loading, launching or I/O (that is `start`)."""
+        ...
 
     @classmethod
     def check_spec(cls, spec: ModelSpec) -> list[SpecIssue]:
@@ -208,6 +166,12 @@ class Engine(Protocol):
     @classmethod
     def launch_commands(cls, spec: ModelSpec) -> list[list[str]]:
         """The exact worker command lines this spec launches (empty when nothing is)."""
+        ...
+
+    @classmethod
+    def prefetch(cls, spec: ModelSpec, context: EngineContext) -> str | None:
+        """Fetch (download, convert) what `start` will need, without serving; a line for
+        `gateway pull`, or None when the engine has nothing to fetch."""
         ...
 
     async def start(self) -> None:
@@ -238,3 +202,64 @@ class Engine(Protocol):
         ...
 
     def status(self) -> EngineStatus: ...
+
+
+def _no_progress(*_args: Any, **_kw: Any) -> None:
+    return None
+
+
+class EngineBase:
+    """Default behaviour for the `Engine` contract: accepts every spec, launches and
+    prefetches nothing, serves no embeddings and no adapters (each refused with a clear
+    error). Subclasses override what they do; `complete`, `stream` and `status` have no
+    sensible default and must be written."""
+
+    def __init__(self, spec: ModelSpec, context: EngineContext | None = None) -> None:
+        self.spec = spec
+        self.context = context
+        self.progress: Any = context.progress if context is not None else _no_progress
+
+    @classmethod
+    def check_spec(cls, spec: ModelSpec) -> list[SpecIssue]:
+        return []
+
+    @classmethod
+    def launch_commands(cls, spec: ModelSpec) -> list[list[str]]:
+        return []
+
+    @classmethod
+    def prefetch(cls, spec: ModelSpec, context: EngineContext) -> str | None:
+        return None
+
+    async def start(self) -> None:
+        return None
+
+    async def stop(self) -> None:
+        return None
+
+    async def complete(self, req: GenerateRequest) -> Completed:
+        raise NotImplementedError
+
+    def stream(self, req: GenerateRequest) -> EngineStream:
+        raise NotImplementedError
+
+    async def embed(self, req: EmbedRequest) -> Completed:
+        raise InvalidRequest(
+            f"The model `{self.spec.name}` does not serve embeddings.", param="model"
+        )
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        raise AdapterError(
+            f"The model `{self.spec.name}` does not take LoRA adapters.", param="lora_name"
+        )
+
+    async def unload_adapter(self, name: str) -> None:
+        raise AdapterError(
+            f"The model `{self.spec.name}` does not take LoRA adapters.", param="lora_name"
+        )
+
+    def adapters(self) -> list[str]:
+        return []
+
+    def status(self) -> EngineStatus:
+        raise NotImplementedError

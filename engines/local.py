@@ -29,6 +29,7 @@ import orjson
 from engines import model_source
 from engines.base import (
     AdapterError,
+    AdapterNotFound,
     Completed,
     EmbedRequest,
     EngineContext,
@@ -708,7 +709,7 @@ class LocalEngine:
     async def unload_adapter(self, name: str) -> None:
         batcher = self._batcher
         if name not in self._adapters or batcher is None:
-            raise AdapterError(f"adapter {name!r} is not loaded", param="lora_name")
+            raise AdapterNotFound(f"adapter {name!r} is not loaded", param="lora_name")
         # New requests for it are refused from now on; running ones finish first.
         del self._adapters[name]
         last = not self._adapters

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from engines import ENGINES
 
 Quantization = Literal["none", "awq", "gptq", "fp8"]
-EngineName = Literal["transformers", "vllm", "lmdeploy", "openai", "sim"]
 
 
 class _Strict(BaseModel):
@@ -87,6 +88,26 @@ class RequestDefaults(_Strict):
         }
 
 
+class RoutingSpec(_Strict):
+    """How a request picks one of the model's workers (`engines.upstream.routing`):
+    scorer name → weight. The default is fewest outstanding requests among healthy
+    workers, ties round-robin."""
+
+    scorers: dict[str, float] = Field(default_factory=lambda: {"least_outstanding": 1.0})
+
+    @field_validator("scorers")
+    @classmethod
+    def _weights(cls, v: dict[str, float]) -> dict[str, float]:
+        if not v:
+            raise ValueError("name at least one scorer")
+        for name, w in v.items():
+            if not 0 <= w <= 100:
+                raise ValueError(f"{name}: weight must be between 0 and 100")
+        if not any(v.values()):
+            raise ValueError("at least one weight must be > 0")
+        return v
+
+
 class BatchingSpec(_Strict):
     max_sequences: int = Field(default=16, ge=1, le=4096)
     max_batched_tokens: int | None = Field(default=None, ge=16)
@@ -96,7 +117,8 @@ class ModelSpec(_Strict):
     """One entry of `models:` in models.yaml."""
 
     name: str = Field(min_length=1, max_length=256, pattern=r"^[A-Za-z0-9._:/-]+$")
-    engine: EngineName
+    # One of the registry's names (`engines.ENGINES`).
+    engine: str
     # A local path, a hub id, or `pypi:PACKAGE==VERSION/path/inside/the/wheel` for models
     # shipped on PyPI (the default model). Unused by `openai`/`sim` attach-only engines.
     model: str | None = None
@@ -104,7 +126,9 @@ class ModelSpec(_Strict):
     # The model name the upstream worker serves under, when it differs from `name`.
     served_model_name: str | None = None
     max_model_len: int = Field(default=2048, ge=16)
-    # max_tokens when a request gives none.
+    # max_tokens when a request gives none. Set here, the gateway applies it to every
+    # engine; left out, each engine's own default holds (embedded: this value, 256; vLLM:
+    # the rest of the context).
     max_tokens_default: int = Field(default=256, ge=1)
     request_defaults: RequestDefaults = Field(default_factory=RequestDefaults)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -113,6 +137,7 @@ class ModelSpec(_Strict):
     lora: LoraSpec | None = None
     batching: BatchingSpec = Field(default_factory=BatchingSpec)
     # Launch mode: how many worker processes; attach mode: the worker base URLs.
+    routing: RoutingSpec = Field(default_factory=RoutingSpec)
     replicas: int = Field(default=1, ge=1, le=64)
     endpoints: list[str] = Field(default_factory=list)
     gpus_per_replica: int = Field(default=1, ge=0, le=16)
@@ -122,6 +147,13 @@ class ModelSpec(_Strict):
     options: dict[str, Any] = Field(default_factory=dict)
     # Raw extra flags passed through to the engine's launcher, e.g. {"enforce-eager": true}.
     engine_args: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("engine")
+    @classmethod
+    def _known_engine(cls, v: str) -> str:
+        if v not in ENGINES:
+            raise ValueError(f"must be one of {', '.join(ENGINES)}; got {v!r}")
+        return v
 
     @model_validator(mode="after")
     def _general(self) -> ModelSpec:

@@ -1,57 +1,34 @@
-"""`create_app()`: the FastAPI application, and the lifespan that owns every resource.
+"""`create_app()`: the application, its front door, and the lifespan that owns every resource.
 
-The `Gateway` object built here holds the settings, the served models (engines) and the
-metrics; the lifespan starts and stops them, and routes reach it as
-`request.app.state.gateway` (the hot routes get it from the front door). No module-level
-state anywhere. Errors of every kind, raised
-anywhere, are rendered here by one handler into the OpenAI envelope.
+Builds the `Gateway` state (`gateway.state`), whose engines the lifespan starts and stops;
+puts the `FrontDoor` before the FastAPI app so the hot routes skip the framework; and
+installs the framework's exception handlers. Rendering an error (body, headers, SSE event)
+is `gateway.errors`' alone; the handlers here and `error_response` in the routes only send
+what it renders.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, MutableMapping
 from contextlib import asynccontextmanager
-from typing import Any, ClassVar
+from typing import Any
 
 from fastapi import FastAPI
-from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
 
-from engines.base import EngineContext, ServingError
-from gateway.api import adapters, embeddings, generate, models, ops
-from gateway.api.common import RequestIds, error_response
+from engines.base import ServingError
+from gateway.api import COLD, HOT
+from gateway.api.requests import error_response
 from gateway.catalog import Catalog, load_catalog
-from gateway.errors import InvalidRequest, NotFound, error_body, error_headers
-from gateway.metrics import Metrics
-from gateway.served import ServedModels
+from gateway.errors import NotFound, error_body, error_headers
 from gateway.settings import Settings
+from gateway.state import Gateway
 
 log = logging.getLogger("gateway")
-
-
-class Gateway:
-    """Everything one running gateway owns."""
-
-    def __init__(self, settings: Settings, catalog: Catalog):
-        self.settings = settings
-        self.client_keys = settings.client_keys
-        self.served = ServedModels(
-            catalog=catalog,
-            context=EngineContext(
-                cache_dir=settings.cache_dir, config_dir=catalog.base_dir, progress=_progress
-            ),
-        )
-        self.metrics = Metrics(self.served.statuses, self.served.adapter_counts)
-        self.request_ids = RequestIds()
-
-
-def _progress(line: str) -> None:
-    log.info("%s", line)
 
 
 def _error_response(exc: ServingError) -> Response:
@@ -74,13 +51,6 @@ async def _on_http_error(request: Request, exc: Exception) -> Response:
     return _error_response(err)
 
 
-async def _on_validation_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, RequestValidationError)
-    first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid"}
-    param = ".".join(str(p) for p in first["loc"][1:]) or None
-    return _error_response(InvalidRequest(f"Invalid request: {first['msg']}.", param=param))
-
-
 async def _on_unexpected(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error on %s", request.url.path, exc_info=exc)
     return _error_response(ServingError("The server had an error while processing the request."))
@@ -99,30 +69,18 @@ def create_app(settings: Settings | None = None, catalog: Catalog | None = None)
         finally:
             await gateway.served.stop()
 
-    routes: list[Any] = [
-        Route("/v1/models", models.list_models, methods=["GET"]),
-        Route("/v1/models/{model_id:path}", models.get_model, methods=["GET"]),
-        Route("/v1/load_lora_adapter", adapters.load_lora_adapter, methods=["POST"]),
-        Route("/v1/unload_lora_adapter", adapters.unload_lora_adapter, methods=["POST"]),
-        Route("/health", ops.health, methods=["GET"]),
-        Route("/metrics", ops.metrics, methods=["GET"]),
-    ]
     app = FastAPI(
         title="LLM gateway",
         lifespan=lifespan,
-        routes=routes,
+        routes=list(COLD),
         exception_handlers={
             ServingError: _on_serving_error,
             HTTPException: _on_http_error,
-            RequestValidationError: _on_validation_error,
             Exception: _on_unexpected,
         },
     )
     app.state.gateway = gateway
     return FrontDoor(app, gateway)
-
-
-HotHandler = Callable[[Gateway, MutableMapping[str, Any], Any, Any], Awaitable[None]]
 
 
 class FrontDoor:
@@ -133,12 +91,6 @@ class FrontDoor:
     the gateway's CPU under load went to the framework rather than to the request.
     """
 
-    HOT: ClassVar[dict[str, HotHandler]] = {
-        "/v1/chat/completions": generate.chat_completions,
-        "/v1/completions": generate.completions,
-        "/v1/embeddings": embeddings.embeddings,
-    }
-
     def __init__(self, app: FastAPI, gateway: Gateway):
         self.app = app
         self.state = app.state
@@ -146,7 +98,7 @@ class FrontDoor:
 
     async def __call__(self, scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "http" and scope["method"] == "POST":
-            handler = self.HOT.get(scope["path"])
+            handler = HOT.get(scope["path"])
             if handler is not None:
                 try:
                     await handler(self.gateway, scope, receive, send)

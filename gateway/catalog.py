@@ -3,7 +3,7 @@
 Owns the file format (a top-level `models:` list of `engines.spec.ModelSpec`), the
 cross-model rules (unique names for models and adapters), asking each engine what it
 refuses, and rendering every problem as `models[2].speculative.num_speculative_tokens:
-must be ≥ 1`. It does not start engines (`gateway.app` does) nor define a model's fields
+must be ≥ 1`. It does not start engines (`gateway.served` does) nor define a model's fields
 (`engines.spec` does).
 """
 
@@ -40,9 +40,6 @@ class Catalog:
     models: list[ModelSpec]
     # Directory of the file: relative model and adapter paths resolve against it.
     base_dir: Path
-
-    def get(self, name: str) -> ModelSpec | None:
-        return next((m for m in self.models if m.name == name), None)
 
 
 def _path(loc: tuple[int | str, ...], prefix: str = "") -> str:

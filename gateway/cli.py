@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import shlex
 import sys
 from pathlib import Path
@@ -59,8 +58,9 @@ def _serve(args: argparse.Namespace) -> int:
 def _catalog(args: argparse.Namespace) -> tuple[Path, Catalog | None]:
     """models.yaml from --config or $GATEWAY_CONFIG; None (problems printed) if invalid."""
     from gateway.catalog import CatalogError, load_catalog
+    from gateway.settings import Settings
 
-    path = Path(args.config or os.environ.get("GATEWAY_CONFIG", "models.yaml"))
+    path = args.config or Settings().config
     try:
         return path, load_catalog(path)
     except CatalogError as e:
@@ -99,16 +99,18 @@ def _pull(args: argparse.Namespace) -> int:
         progress=lambda line: print(line, flush=True),
     )
     for spec in catalog.models:
-        prefetch = getattr(engine_class(spec.engine), "prefetch", None)
-        if prefetch is None:
+        line = engine_class(spec.engine).prefetch(spec, ctx)
+        if line is None:
             print(f"- {spec.name}: engine {spec.engine} fetches nothing ahead")
             continue
-        print(f"- {spec.name}: {prefetch(spec, ctx)}")
+        print(f"- {spec.name}: {line}")
     return 0
 
 
 def _sim(argv: list[str]) -> int:
-    return int(engine_class("sim").serve_main(argv))
+    from simulator.__main__ import serve_main  # the test instrument, imported only here
+
+    return serve_main(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     pipeline_cli.add_commands(sub)
     # --- end pipeline -------------------------------------------------------------------
     if argv and argv[0] == "bench":
-        from gateway.loadgen.cli import add_arguments, run
+        from loadgen.cli import add_arguments, run
 
         bench = argparse.ArgumentParser(
             prog="gateway bench", description="Load-test an OpenAI-compatible URL."

@@ -13,11 +13,12 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 
 from gateway.adapters import resolve_adapter_path
-from gateway.api.common import Incoming, check_admin_key, read_json
+from gateway.api.auth import check_admin_key
+from gateway.api.requests import Incoming, read_json
 from gateway.errors import InvalidRequest
 
 if TYPE_CHECKING:
-    from gateway.app import Gateway
+    from gateway.state import Gateway
 
 
 def _str_field(body: dict[str, Any], name: str, *, required: bool = True) -> str | None:

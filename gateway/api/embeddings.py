@@ -6,13 +6,13 @@ import time
 from typing import TYPE_CHECKING
 
 from engines.base import EmbedRequest, ServingError
-from gateway.api.common import (
+from gateway.api.auth import check_client_key
+from gateway.api.requests import (
     Incoming,
     RawResponse,
     Receive,
     RequestRecord,
     Scope,
-    check_client_key,
     error_response,
     read_json,
     request_id,
@@ -22,7 +22,7 @@ from gateway.protocol import embedding_inputs, validate_embedding
 from gateway.streaming import Send
 
 if TYPE_CHECKING:
-    from gateway.app import Gateway
+    from gateway.state import Gateway
 
 
 async def embeddings(gw: Gateway, scope: Scope, receive: Receive, send: Send) -> None:

@@ -15,13 +15,13 @@ import time
 from typing import TYPE_CHECKING, Any, Literal
 
 from engines.base import EngineStream, GenerateRequest, ServingError
-from gateway.api.common import (
+from gateway.api.auth import check_client_key
+from gateway.api.requests import (
     Incoming,
     RawResponse,
     Receive,
     RequestRecord,
     Scope,
-    check_client_key,
     error_response,
     read_json,
     request_id,
@@ -31,7 +31,7 @@ from gateway.protocol import validate_chat, validate_completion
 from gateway.streaming import DisconnectWatch, RelayResponse, Send
 
 if TYPE_CHECKING:
-    from gateway.app import Gateway
+    from gateway.state import Gateway
 
 log = logging.getLogger("gateway.generate")
 
@@ -76,6 +76,13 @@ async def _generate(gw: Gateway, route: Route, scope: Scope, receive: Receive, s
         if defaults:
             for key, value in defaults.items():
                 body.setdefault(key, value)
+        if (
+            "max_tokens_default" in spec.model_fields_set
+            and body.get("max_tokens") is None
+            and body.get("max_completion_tokens") is None
+        ):
+            # Set in models.yaml: the gateway applies it for every engine alike.
+            body["max_tokens"] = spec.max_tokens_default
         if route == "chat":
             parsed: Any = validate_chat(body, spec.max_model_len, gw.settings)
         else:

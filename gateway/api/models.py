@@ -7,11 +7,12 @@ from typing import TYPE_CHECKING, Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from gateway.api.common import Incoming, check_client_key
+from gateway.api.auth import check_client_key
+from gateway.api.requests import Incoming
 from gateway.errors import ModelNotFound
 
 if TYPE_CHECKING:
-    from gateway.app import Gateway
+    from gateway.state import Gateway
 
 
 async def list_models(request: Request) -> Any:

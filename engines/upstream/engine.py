@@ -1,0 +1,564 @@
+"""The engine for any OpenAI-compatible upstream, and the base of the vLLM, LMDeploy and sim
+engines.
+
+Owns the upstream hop: one keep-alive connection pool per endpoint (`engines.upstream.http1`) for
+the generate and embedding requests and one aiohttp session for the cold paths (health,
+metrics, adapters), picking an endpoint (fewest outstanding requests among healthy ones),
+one retry on another endpoint before the first byte, relaying non-streamed bodies and
+streamed SSE bytes, normalising upstream errors into `engines.base.ServingError`s, a
+background loop that checks `/health`, scrapes the workers' `/metrics`, and re-applies
+adapters to a worker that comes back, and the runtime LoRA API (`/v1/load_lora_adapter`,
+`/v1/unload_lora_adapter`) on every endpoint. It does not launch workers (subclasses do,
+through `start_workers`), validate client requests, frame SSE for the client, or count
+anything for the gateway's metrics: those belong to the gateway.
+
+Hooks for subclasses:
+- `start_workers()` returns the workers' base URLs (default: `spec.endpoints`);
+- `apply_start_adapters()` loads `spec.lora.adapters` (default: through the runtime API);
+- `metrics_prefix` and `read_worker_metrics()` map the worker's metrics into `WorkerStatus`;
+- `normalise_error(status, body)` turns an upstream error answer into a ServingError;
+- `transform_response(obj)` / `transform_chunk(obj)`: overriding either one switches that
+  path from byte relay to parse → transform → dump (the fast path never calls them);
+- `options_model` (a pydantic model, `engines.upstream.options`) types the `options:` keys;
+- `routing:` in models.yaml picks the scorers (`engines.upstream.routing`).
+
+Why a hand-written client (`engines.upstream.http1`) rather than aiohttp or httpx for the hot path:
+aiohttp's client was ~30 % of the gateway's CPU at 64 concurrent non-streamed requests
+(httpx's far more: docs/benchmarks.md), the hand-written one ~4 times cheaper per request
+(numbers in `engines.upstream.http1`); every microsecond of this hop is the gateway's overhead.
+The request bytes are built once per request from a per-endpoint, per-route head (request
+line, Host, Content-Type, Authorization) in one `%` operation.
+
+Why the stream relay is hand-written: each upstream read is split at the last `\\n\\n`
+(`engines.upstream.sse.SSEBuffer`) and the run of complete events is yielded as the very bytes the
+upstream sent; JSON is parsed only for runs that contain `[DONE]`, an `"error"` key, an SSE
+comment, or when a model rename / transform hook is active.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import AsyncGenerator
+from typing import Any, ClassVar
+
+import aiohttp
+import orjson
+
+from engines.base import (
+    Completed,
+    EmbedRequest,
+    EngineBase,
+    EngineContext,
+    EngineOverloaded,
+    EngineStatus,
+    EngineTimeout,
+    EngineUnavailable,
+    GenerateRequest,
+    ServingError,
+    SpecIssue,
+    UpstreamError,
+    Usage,
+    WorkerStatus,
+)
+from engines.options import EngineOptions, options_issues, parse_options
+from engines.spec import ModelSpec
+from engines.upstream import http1
+from engines.upstream.adapters import AdapterFanout
+from engines.upstream.endpoints import Endpoint
+from engines.upstream.errors import error_status_of_event, normalise_error
+from engines.upstream.options import UpstreamOptions
+from engines.upstream.prom_text import sum_samples
+from engines.upstream.relay import process_run
+from engines.upstream.routing import SCORERS, Router, RoutingRequest
+from engines.upstream.sse import SSEBuffer
+
+__all__ = ["OpenAIEngine"]
+
+log = logging.getLogger("engines.upstream")
+
+
+class OpenAIEngine(EngineBase):
+    """Engine "openai": relays to OpenAI-compatible servers listed in `spec.endpoints`."""
+
+    metrics_prefix: ClassVar[str] = "vllm:"
+    options_model: ClassVar[type[EngineOptions]] = UpstreamOptions
+
+    def __init__(self, spec: ModelSpec, context: EngineContext | None = None) -> None:
+        super().__init__(spec, context)
+        opts = parse_options(spec, self.options_model)
+        assert isinstance(opts, UpstreamOptions)
+        self.opts: UpstreamOptions = opts
+        self._session: aiohttp.ClientSession | None = None
+        self._endpoints: list[Endpoint] = []
+        self.router = Router([(SCORERS[n](), w) for n, w in spec.routing.scorers.items()])
+        self.adapter_state = AdapterFanout(spec.name, self.normalise_error, opts.adapter_timeout_s)
+        self._adapters = self.adapter_state.loaded
+        self._health_task: asyncio.Task[None] | None = None
+        self._forward_id = opts.forward_request_id
+        self._probe_timeout = aiohttp.ClientTimeout(total=opts.health_timeout_s)
+        # The name to write into responses when the upstream serves under another one.
+        self._rename: str | None = (
+            spec.name if spec.served_model_name and spec.served_model_name != spec.name else None
+        )
+        cls = type(self)
+        self._custom_response = cls.transform_response is not OpenAIEngine.transform_response
+        self._custom_chunk = cls.transform_chunk is not OpenAIEngine.transform_chunk
+
+    # ------------------------------------------------------------------ spec checks
+
+    @classmethod
+    def check_options(cls, spec: ModelSpec) -> list[SpecIssue]:
+        """`options:` against the engine's options model, and `routing:` against the
+        scorers this engine knows."""
+        issues = options_issues(spec, cls.options_model)
+        for name in spec.routing.scorers:
+            if name not in SCORERS:
+                issues.append(
+                    SpecIssue(
+                        path=f"routing.scorers.{name}",
+                        message=f"unknown scorer; known: {', '.join(sorted(SCORERS))}",
+                    )
+                )
+        return issues
+
+    @classmethod
+    def check_spec(cls, spec: ModelSpec) -> list[SpecIssue]:
+        issues: list[SpecIssue] = []
+        if not spec.endpoints:
+            issues.append(
+                SpecIssue(
+                    path="endpoints",
+                    message="the openai engine attaches to running servers: list their base "
+                    "URLs (it launches nothing)",
+                )
+            )
+        why = "the openai engine attaches to a running server and cannot apply it; configure "
+        why += "the upstream itself, or use engine vllm / lmdeploy to launch one"
+        if spec.quantization != "none":
+            issues.append(SpecIssue(path="quantization", message=why))
+        if spec.speculative is not None:
+            issues.append(SpecIssue(path="speculative", message=why))
+        if "batching" in spec.model_fields_set:
+            issues.append(SpecIssue(path="batching", message=why))
+        if spec.engine_args:
+            issues.append(SpecIssue(path="engine_args", message=why))
+        return issues + cls.check_options(spec)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start_workers(self) -> list[str]:
+        """Base URLs of the workers to relay to. Subclasses that launch workers override
+        this (launch, then return their URLs); `start()` then waits for their health."""
+        return list(self.spec.endpoints)
+
+    def _upstream_headers(self) -> dict[str, str]:
+        """Headers every upstream request carries (Content-Type, Authorization)."""
+        headers = {"Content-Type": "application/json"}
+        if self.spec.api_key_env:
+            key = os.environ.get(self.spec.api_key_env)
+            if not key:
+                raise EngineUnavailable(
+                    f"model {self.spec.name!r}: environment variable "
+                    f"{self.spec.api_key_env} (api_key_env) is not set"
+                )
+            headers["Authorization"] = f"Bearer {key}"
+        return headers
+
+    def _make_session(self) -> aiohttp.ClientSession:
+        """The cold paths' session (health, metrics, adapters)."""
+        headers = self._upstream_headers()
+        o = self.opts
+        return aiohttp.ClientSession(
+            # No pool limit: the gateway's admission control bounds concurrency, and a
+            # second limit here would only queue requests invisibly.
+            connector=aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=75),
+            timeout=aiohttp.ClientTimeout(
+                total=None,
+                sock_connect=o.connect_timeout_s,
+                sock_read=o.read_timeout_s,
+            ),
+            headers=headers,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            trust_env=False,
+        )
+
+    async def start(self) -> None:
+        self._session = self._make_session()
+        try:
+            urls = await self.start_workers()
+            if not urls:
+                raise EngineUnavailable(f"model {self.spec.name!r}: no endpoints")
+            self._endpoints = [Endpoint.make(u) for u in urls]
+            headers = self._upstream_headers()
+            connect_s = self.opts.connect_timeout_s
+            read_s = self.opts.read_timeout_s
+            for ep in self._endpoints:
+                ep.connect(headers, connect_s, read_s)
+            await self._wait_healthy(self.opts.start_timeout_s)
+            await self.apply_start_adapters()
+            self._health_task = asyncio.create_task(
+                self._health_loop(), name=f"health:{self.spec.name}"
+            )
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def stop(self) -> None:
+        task, self._health_task = self._health_task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
+        for ep in self._endpoints:
+            ep.healthy, ep.detail = False, "stopped"
+            if ep.pool is not None:
+                ep.pool.close()
+
+    async def _wait_healthy(self, timeout_s: float) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while True:
+            await asyncio.gather(*(self._probe(ep) for ep in self._endpoints))
+            if all(ep.healthy for ep in self._endpoints):
+                return
+            if loop.time() >= deadline:
+                down = "; ".join(
+                    f"{ep.url}: {ep.detail}" for ep in self._endpoints if not ep.healthy
+                )
+                if any(ep.healthy for ep in self._endpoints):
+                    self.progress(f"model {self.spec.name!r}: starting without {down}")
+                    return
+                raise EngineUnavailable(
+                    f"model {self.spec.name!r}: no endpoint healthy after {timeout_s:g} s ({down})"
+                )
+            await asyncio.sleep(0.1)
+
+    async def _health_loop(self) -> None:
+        interval = self.opts.health_interval_s
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await asyncio.gather(*(self._probe(ep) for ep in self._endpoints))
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # never let the loop die; the next round retries
+                log.exception("health check of %s failed", self.spec.name)
+
+    async def _probe(self, ep: Endpoint) -> None:
+        """Check one worker; scrape its metrics; re-apply adapters when it comes back."""
+        session = self._session
+        if session is None:
+            return
+        try:
+            async with session.get(
+                ep.url + self.opts.health_path, timeout=self._probe_timeout
+            ) as r:
+                await r.read()
+                ok, detail = r.status < 500, f"health answered {r.status}"
+        except (aiohttp.ClientError, TimeoutError, OSError) as e:
+            ok, detail = False, f"health check failed: {e!r}"
+        if ok and self.metrics_prefix:
+            try:
+                async with session.get(ep.url + "/metrics", timeout=self._probe_timeout) as r:
+                    if r.status == 200:
+                        ep.metrics = sum_samples(await r.text(), self.metrics_prefix)
+                        load = WorkerStatus(url=ep.url, healthy=True)
+                        self.read_worker_metrics(ep.metrics, load)
+                        ep.load = load
+            except (aiohttp.ClientError, TimeoutError, OSError, UnicodeDecodeError):
+                pass  # metrics are best effort; health decides
+        if not ok:
+            ep.healthy, ep.detail = False, detail
+            return
+        if not ep.healthy:
+            # Back (or up for the first time): it may have restarted without our adapters.
+            try:
+                await self.adapter_state.reapply(session, ep)
+            except ServingError as e:
+                ep.detail = f"re-applying adapters failed: {e.message}"
+                return
+            ep.healthy, ep.detail = True, "ok"
+
+    # ------------------------------------------------------------------ the hot path
+
+    def _pick(self, req: RoutingRequest | None, exclude: Endpoint | None = None) -> Endpoint | None:
+        """The endpoint for one attempt (`engines.upstream.routing`)."""
+        return self.router.pick(self._endpoints, req, exclude)
+
+    def _encode(self, body: dict[str, Any], adapter: str | None) -> bytes:
+        target = adapter or self.spec.upstream_name
+        if body.get("model") != target:
+            body = {**body, "model": target}
+        return orjson.dumps(body)
+
+    async def _send(
+        self,
+        route: str,
+        data: bytes,
+        request_id: str,
+        stream: bool,
+        rreq: RoutingRequest | None = None,
+    ) -> tuple[Endpoint, Any]:
+        """POST to a picked endpoint; before any response byte, retry a failed connection
+        once on another endpoint (or the same one when it is the only one and the failure
+        was a dropped connection). Returns the endpoint, with its outstanding count raised
+        (the caller lowers it), and an `http1.Stream` (stream) or a whole `http1.Response`."""
+        if self._session is None:
+            raise EngineUnavailable(f"model {self.spec.name!r} is not started")
+        ep = self._pick(rreq)
+        if ep is None:
+            raise EngineUnavailable(f"model {self.spec.name!r} has no endpoints")
+        rid = (
+            request_id.encode()
+            if self._forward_id and request_id.isascii() and request_id.isprintable()
+            else None
+        )
+        for attempt in (0, 1):
+            pool = ep.pool
+            if pool is None:
+                raise EngineUnavailable(f"model {self.spec.name!r} is not started")
+            head: bytes = getattr(ep, route)
+            if rid is None:
+                req = b"%sContent-Length: %d\r\n\r\n%s" % (head, len(data), data)
+            else:
+                req = b"%sX-Request-Id: %s\r\nContent-Length: %d\r\n\r\n%s" % (
+                    head,
+                    rid,
+                    len(data),
+                    data,
+                )
+            ep.outstanding += 1
+            try:
+                resp: Any = await (pool.stream(req) if stream else pool.fetch(req))
+            except TimeoutError as e:
+                ep.outstanding -= 1
+                raise EngineTimeout(f"upstream {ep.url} did not answer in time: {e!r}") from e
+            except (http1.ConnectError, http1.Disconnected) as e:
+                ep.outstanding -= 1
+                refused = isinstance(e, http1.ConnectError)
+                if refused:
+                    ep.healthy, ep.detail = False, f"connection failed: {e}"
+                other = self._pick(rreq, ep)
+                if attempt == 0 and (other is not None or not refused):
+                    ep = other or ep
+                    continue
+                raise EngineUnavailable(f"upstream {ep.url} unreachable: {e}") from e
+            except http1.ProtocolError as e:
+                ep.outstanding -= 1
+                raise UpstreamError(f"upstream {ep.url} failed mid-response: {e}") from e
+            except BaseException:
+                ep.outstanding -= 1
+                raise
+            return ep, resp
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _answer_error(self, status: int, body: bytes, retry_after: bytes | None) -> ServingError:
+        err = self.normalise_error(status, body)
+        if isinstance(err, EngineOverloaded) and retry_after is not None:
+            with contextlib.suppress(ValueError):
+                err.retry_after = float(retry_after)
+        return err
+
+    async def _read_error(self, resp: http1.Stream) -> ServingError:
+        try:
+            body = await resp.read()
+        except (http1.ProtocolError, TimeoutError):
+            body = b""
+        return self._answer_error(resp.status, body, resp.header(b"retry-after"))
+
+    async def _request(
+        self, route: str, data: bytes, request_id: str, rreq: RoutingRequest | None = None
+    ) -> bytes:
+        """A whole upstream answer's body (non-streamed routes). A cancelled request closes
+        its connection (inside `http1`): that is how it reaches the upstream at once."""
+        ep, resp = await self._send(route, data, request_id, False, rreq)
+        ep.outstanding -= 1
+        if resp.status != 200:
+            raise self._answer_error(resp.status, resp.body, resp.header(b"retry-after"))
+        body: bytes = resp.body
+        return body
+
+    def _decode(self, body: bytes) -> dict[str, Any]:
+        try:
+            obj = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            raise UpstreamError("upstream answered 200 with a body that is not JSON") from None
+        if not isinstance(obj, dict):
+            raise UpstreamError("upstream answered 200 with a JSON body that is not an object")
+        if "error" in obj and "choices" not in obj and "data" not in obj:
+            raise self._error_from_event(obj, body)
+        return obj
+
+    @staticmethod
+    def _usage(obj: dict[str, Any]) -> Usage | None:
+        u = obj.get("usage")
+        if not isinstance(u, dict):
+            return None
+        return Usage(int(u.get("prompt_tokens") or 0), int(u.get("completion_tokens") or 0))
+
+    async def complete(self, req: GenerateRequest) -> Completed:
+        route = "chat" if req.route == "chat" else "completions"
+        rreq = RoutingRequest(adapter=req.adapter)
+        body = await self._request(route, self._encode(req.body, req.adapter), req.request_id, rreq)
+        obj = self._decode(body)
+        rename = self._rename if req.adapter is None else None
+        if rename is not None or self._custom_response:
+            if rename is not None:
+                obj["model"] = rename
+            obj = self.transform_response(obj)
+            body = orjson.dumps(obj)
+        return Completed(body=body, usage=self._usage(obj))
+
+    async def embed(self, req: EmbedRequest) -> Completed:
+        body = await self._request("embeddings", self._encode(req.body, None), req.request_id)
+        obj = self._decode(body)
+        if self._rename is not None or self._custom_response:
+            if self._rename is not None:
+                obj["model"] = self._rename
+            obj = self.transform_response(obj)
+            body = orjson.dumps(obj)
+        return Completed(body=body, usage=self._usage(obj))
+
+    async def stream(self, req: GenerateRequest) -> AsyncGenerator[bytes, None]:
+        route = "chat" if req.route == "chat" else "completions"
+        ep, resp = await self._send(
+            route,
+            self._encode(req.body, req.adapter),
+            req.request_id,
+            True,
+            RoutingRequest(adapter=req.adapter),
+        )
+        try:
+            if resp.status != 200:
+                raise await self._read_error(resp)
+            rename = self._rename if req.adapter is None else None
+            slow = rename is not None or self._custom_chunk
+            buf = SSEBuffer()
+            read = resp.read_chunk
+            done = False
+            while True:
+                try:
+                    data = await read()
+                except TimeoutError as e:
+                    raise EngineTimeout(f"upstream {ep.url} stalled mid-stream") from e
+                except http1.ProtocolError as e:
+                    raise UpstreamError(f"upstream {ep.url} broke the stream: {e}") from e
+                if not data:
+                    break
+                run = buf.feed(data)
+                if not run:
+                    continue
+                # The fast path: the run is relayed as received. Everything unusual (the
+                # final [DONE], an error event, comments, non-`data: ` lines) goes slow.
+                if (
+                    slow
+                    or b"[DONE]" in run
+                    or b'"error"' in run
+                    or b"\n:" in run
+                    or not run.startswith(b"data: ")
+                ):
+                    run, seen_done, error = process_run(
+                        run,
+                        rename,
+                        self.transform_chunk if self._custom_chunk else None,
+                        self._error_from_event,
+                    )
+                    done = done or seen_done
+                    if run:
+                        yield run
+                    if error is not None:
+                        raise error
+                    continue
+                yield run
+            if not done:
+                raise UpstreamError(f"upstream {ep.url} ended the stream before [DONE]")
+        finally:
+            ep.outstanding -= 1
+            # A body read to its end returns the connection to the pool; anything else
+            # (consumer gone, upstream broken, an error event) closes it, so the upstream
+            # sees the disconnect and stops generating.
+            resp.release()
+
+    def _error_from_event(self, obj: dict[str, Any], raw: bytes) -> ServingError:
+        """An error sent with status 200 (in a stream, or a body): its own code decides."""
+        return self.normalise_error(error_status_of_event(obj), raw)
+
+    # ------------------------------------------------------------------ hooks
+
+    def transform_response(self, obj: dict[str, Any]) -> dict[str, Any]:
+        """Rewrite a whole response before it reaches the client. Overriding this puts
+        every non-streamed response on the parse → dump path."""
+        return obj
+
+    def transform_chunk(self, obj: dict[str, Any]) -> dict[str, Any] | None:
+        """Rewrite (or drop, with None) one stream chunk. Overriding this puts every
+        stream on the parse → dump path."""
+        return obj
+
+    def normalise_error(self, status: int, body: bytes) -> ServingError:
+        """The ServingError for an upstream error answer (`engines.upstream.errors`)."""
+        return normalise_error(status, body)
+
+    # ------------------------------------------------------------------ adapters
+
+    async def apply_start_adapters(self) -> None:
+        """Load `spec.lora.adapters` on every healthy endpoint through the runtime API.
+        Subclasses that pass adapters on the worker's command line may override this to
+        only record them."""
+        if self.spec.lora is None:
+            return
+        healthy = [ep for ep in self._endpoints if ep.healthy]
+        await self.adapter_state.apply_start(
+            self._session, healthy, [(a.name, a.path) for a in self.spec.lora.adapters]
+        )
+
+    def adapters(self) -> list[str]:
+        return list(self._adapters)
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        await self.adapter_state.load(self._session, self._endpoints, name, path)
+
+    async def unload_adapter(self, name: str) -> None:
+        await self.adapter_state.unload(self._session, self._endpoints, name)
+
+    async def _adapter_call(
+        self, ep: Endpoint, op: str, name: str, path: str | None = None, tolerate: bool = False
+    ) -> None:
+        await self.adapter_state.call(self._session, ep, op, name, path, tolerate)
+
+    # ------------------------------------------------------------------ status
+
+    def read_worker_metrics(self, m: dict[str, float], w: WorkerStatus) -> None:
+        """Fill `w` from a worker's scraped metric sums (names with `metrics_prefix`)."""
+        p = self.metrics_prefix
+
+        def get(name: str) -> float | None:
+            return m.get(p + name)
+
+        running, waiting = get("num_requests_running"), get("num_requests_waiting")
+        w.running = None if running is None else int(running)
+        w.waiting = None if waiting is None else int(waiting)
+        kv = get("kv_cache_usage_perc")
+        w.kv_cache_usage = kv if kv is not None else get("gpu_cache_usage_perc")
+        w.spec_accepted_tokens = get("spec_decode_num_accepted_tokens_total")
+        w.spec_draft_tokens = get("spec_decode_num_draft_tokens_total")
+
+    def status(self) -> EngineStatus:
+        workers: list[WorkerStatus] = []
+        for ep in self._endpoints:
+            w = WorkerStatus(url=ep.url, healthy=ep.healthy, detail=ep.detail)
+            self.read_worker_metrics(ep.metrics, w)
+            workers.append(w)
+        healthy = sum(w.healthy for w in workers)
+        return EngineStatus(
+            ready=healthy > 0,
+            detail=f"{healthy}/{len(workers)} endpoints healthy",
+            running=sum(w.running or 0 for w in workers),
+            waiting=sum(w.waiting or 0 for w in workers),
+            workers=workers,
+        )

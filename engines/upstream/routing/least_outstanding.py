@@ -1,0 +1,25 @@
+"""Scorer `least_outstanding`: prefer the endpoint with the fewest requests this gateway
+has in flight on it.
+
+    score(e) = 1 − outstanding(e) / max(outstanding over candidates)     (1 when all are 0)
+
+The gateway's own count, exact and current (no scrape delay); blind to work other gateway
+replicas send to the same worker.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from engines.upstream.endpoints import Endpoint
+from engines.upstream.routing.base import RoutingRequest
+
+
+class LeastOutstandingScorer:
+    name = "least_outstanding"
+
+    def score(self, candidates: Sequence[Endpoint], request: RoutingRequest) -> list[float]:
+        top = max(e.outstanding for e in candidates)
+        if top == 0:
+            return [1.0] * len(candidates)
+        return [1.0 - e.outstanding / top for e in candidates]

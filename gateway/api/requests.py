@@ -1,0 +1,158 @@
+"""What every API route does before and after its own work: read a bounded JSON body, name
+the request, account for it in the metrics, and send a finished response.
+
+Works on the raw ASGI scope and `receive` channel (`Incoming`), not Starlette's Request:
+the generate routes are the hot path and skip the framework entirely (`gateway.app`'s
+front door); the cold routes wrap their Request the same way. Authentication is
+`gateway.api.auth`; rendering an error is `gateway.errors`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from engines.base import ServingError, Usage
+from gateway.errors import InvalidRequest, PayloadTooLarge, error_body, error_headers
+from gateway.metrics import RouteMetrics
+from gateway.streaming import StreamObserver
+
+if TYPE_CHECKING:
+    from gateway.ids import RequestIds
+    from gateway.state import Gateway
+
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Scope = MutableMapping[str, Any]
+
+
+class Incoming:
+    """The parts of a request the routes read: headers (lower-case bytes) and the body."""
+
+    __slots__ = ("headers", "receive")
+
+    def __init__(self, scope: MutableMapping[str, Any], receive: Receive):
+        self.headers: dict[bytes, bytes] = dict(scope["headers"])
+        self.receive = receive
+
+    def header(self, name: bytes) -> str | None:
+        value = self.headers.get(name)
+        return value.decode("latin-1") if value is not None else None
+
+
+def request_id(inc: Incoming, ids: RequestIds) -> str:
+    """The client's X-Request-Id when it is sane, else a fresh one."""
+    rid = inc.header(b"x-request-id")
+    if rid and len(rid) <= 128 and rid.isascii() and rid.isprintable():
+        return rid
+    return ids.next()
+
+
+async def read_json(inc: Incoming, limit: int) -> dict[str, Any]:
+    """The body as a JSON object; 413 past `limit` bytes (checked as it arrives, so a
+    chunked body cannot grow past it either), 400 if it is not a JSON object."""
+    length = inc.headers.get(b"content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise PayloadTooLarge(f"The request body is {int(length)} bytes; at most {limit} allowed.")
+    message = await inc.receive()
+    body = message.get("body", b"")
+    if message.get("more_body"):
+        parts, size = [body], len(body)
+        while message.get("more_body"):
+            message = await inc.receive()
+            if message["type"] == "http.disconnect":
+                break
+            part = message.get("body", b"")
+            size += len(part)
+            if size > limit:
+                raise PayloadTooLarge(f"The request body exceeds {limit} bytes.")
+            parts.append(part)
+        body = b"".join(parts)
+    if len(body) > limit:
+        raise PayloadTooLarge(f"The request body is {len(body)} bytes; at most {limit} allowed.")
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as e:
+        raise InvalidRequest(f"The body is not valid JSON: {e}.", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise InvalidRequest("The body must be a JSON object.", code="invalid_json")
+    return data
+
+
+class RequestRecord(StreamObserver):
+    """One request's account in the metrics; also the stream observer of its relay."""
+
+    __slots__ = ("_began", "_done", "_m", "gw", "model", "route", "start")
+
+    def __init__(self, gw: Gateway, route: str, start: float):
+        self.gw = gw
+        self.route = route
+        self.model = "_unknown"
+        self.start = start
+        self._done = False
+        self._began = False
+        self._m: RouteMetrics | None = None
+
+    def begin(self) -> None:
+        """The request passed validation and goes to the engine."""
+        self._began = True
+        self._m = self.gw.metrics.route(self.model, self.route)
+        self._m.in_flight.inc()
+
+    def first_chunk(self, at: float) -> None:
+        if self._m is not None:
+            self._m.ttft.observe(at - self.start)
+
+    def chunk(self, gap: float) -> None:
+        if self._m is not None:
+            self._m.itl.observe(gap)
+
+    def finished(self, usage: Usage | None, error: ServingError | None, disconnected: bool) -> None:
+        if self._done:
+            return
+        self._done = True
+        rm = self._m or self.gw.metrics.route(self.model, self.route)
+        if self._began:
+            rm.in_flight.dec()
+        rm.duration.observe(time.perf_counter() - self.start)
+        if usage is not None:
+            rm.prompt_tokens.inc(usage.prompt_tokens)
+            rm.completion_tokens.inc(usage.completion_tokens)
+        if not disconnected and error is None:
+            rm.ok.inc()
+            return
+        m = self.gw.metrics
+        if disconnected:
+            m.client_disconnects.labels(self.model).inc()
+            status = 499  # nginx's "client closed request"
+        else:
+            assert error is not None
+            status = error.status
+            m.errors.labels(self.model, self.route, error.type).inc()
+            if status == 429:
+                m.rate_limited.labels(self.model).inc()
+        m.requests.labels(self.model, self.route, f"{status // 100}xx").inc()
+
+
+def error_response(exc: ServingError, rid: str) -> RawResponse:
+    return RawResponse(
+        exc.status, error_body(exc), [*error_headers(exc), (b"x-request-id", rid.encode())]
+    )
+
+
+class RawResponse:
+    """A finished response as two ASGI messages: no header normalisation on the hot path."""
+
+    __slots__ = ("body", "headers", "status")
+
+    def __init__(self, status: int, body: bytes, headers: list[tuple[bytes, bytes]]):
+        self.status = status
+        self.body = body
+        self.headers = headers
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        headers = [*self.headers, (b"content-length", str(len(self.body)).encode())]
+        await send({"type": "http.response.start", "status": self.status, "headers": headers})
+        await send({"type": "http.response.body", "body": self.body})

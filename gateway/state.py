@@ -1,0 +1,40 @@
+"""`Gateway`: everything one running gateway owns, built once by `create_app`.
+
+Holds the settings, the served models (engines), the metrics and the request-id source.
+The app's lifespan starts and stops what needs it; routes reach it as
+`request.app.state.gateway` (the hot routes get it from the front door). No module-level
+state anywhere.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from engines.base import EngineContext
+from gateway.catalog import Catalog
+from gateway.ids import RequestIds
+from gateway.metrics import Metrics
+from gateway.served import ServedModels
+from gateway.settings import Settings
+
+log = logging.getLogger("gateway")
+
+
+def _progress(line: str) -> None:
+    log.info("%s", line)
+
+
+class Gateway:
+    """Everything one running gateway owns."""
+
+    def __init__(self, settings: Settings, catalog: Catalog):
+        self.settings = settings
+        self.client_keys = settings.client_keys
+        self.served = ServedModels(
+            catalog=catalog,
+            context=EngineContext(
+                cache_dir=settings.cache_dir, config_dir=catalog.base_dir, progress=_progress
+            ),
+        )
+        self.metrics = Metrics(self.served.statuses, self.served.adapter_counts)
+        self.request_ids = RequestIds()

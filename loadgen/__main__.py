@@ -1,0 +1,7 @@
+"""`python -m loadgen …` runs the same command as `gateway bench …`."""
+
+import sys
+
+from loadgen.cli import main
+
+sys.exit(main())

@@ -1,0 +1,271 @@
+"""What the simulator answers: generation (chunks, whole bodies, usage), embeddings and the
+runtime LoRA API, with vLLM's messages and statuses.
+
+Owns request parsing into a `Gen`, the byte templates of every response and the token
+accounting. Does not own the connection, timing or faults (`simulator.connection` runs a
+`Gen` on the clock and injects faults) nor the server's counters' exposition
+(`simulator.server`).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import math
+import random
+import struct
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from simulator.config import FINGERPRINT
+from simulator.wire import HttpError, count_words
+
+if TYPE_CHECKING:
+    from simulator.state import SimState
+
+
+@dataclass(slots=True)
+class Gen:
+    """One parsed generation request."""
+
+    chat: bool
+    stream: bool
+    model: str
+    n: int
+    n_out: int
+    prompt_tokens: int
+    include_usage: bool
+    finish: bytes  # JSON of the last chunk's finish_reason (+ stop_reason)
+
+
+# ------------------------------------------- LoRA runtime API (vLLM's messages and statuses)
+
+
+def load_lora(s: SimState, body: bytes) -> bytes:
+    req = json_body(body)
+    name, path = req.get("lora_name"), req.get("lora_path")
+    if not name or not path:
+        raise HttpError(
+            400, "Both 'lora_name' and 'lora_path' must be provided.", "InvalidUserInput"
+        )
+    if name in s.adapters:
+        raise HttpError(
+            400, f"The lora adapter '{name}' has already been loaded.", "InvalidUserInput"
+        )
+    s.adapters[str(name)] = str(path)
+    return f"Success: LoRA adapter '{name}' added successfully.".encode()
+
+
+def unload_lora(s: SimState, body: bytes) -> bytes:
+    req = json_body(body)
+    name = req.get("lora_name")
+    if not name:
+        raise HttpError(
+            400,
+            "'lora_name' needs to be provided to unload a LoRA adapter.",
+            "InvalidUserInput",
+        )
+    if name not in s.adapters:
+        raise HttpError(404, f"The lora adapter '{name}' cannot be found.", "NotFoundError")
+    del s.adapters[name]
+    return f"Success: LoRA adapter '{name}' removed successfully.".encode()
+
+
+# -------------------------------------------------------------------------------- embeddings
+
+
+def embeddings(s: SimState, body: bytes, req_id: bytes | None) -> bytes:
+    req = json_body(body)
+    model = check_model(s, req)
+    inputs = req.get("input")
+    if isinstance(inputs, str) or (
+        isinstance(inputs, list) and inputs and isinstance(inputs[0], int)
+    ):
+        inputs = [inputs]
+    if not isinstance(inputs, list) or not inputs:
+        raise HttpError(400, "'input' must be a string or a non-empty list.")
+    b64 = req.get("encoding_format") == "base64"
+    dim = s.config.embedding_dim
+    data, prompt = [], 0
+    for i, item in enumerate(inputs):
+        prompt += count_words(item)
+        seed = hashlib.blake2b(orjson.dumps(item), digest_size=8).digest()
+        rng = random.Random(seed)
+        vec = [rng.uniform(-1.0, 1.0) for _ in range(dim)]
+        norm = math.sqrt(sum(v * v for v in vec)) or 1.0
+        vec = [v / norm for v in vec]
+        emb: Any = base64.b64encode(struct.pack(f"<{dim}f", *vec)).decode() if b64 else vec
+        data.append({"object": "embedding", "index": i, "embedding": emb})
+    s.prompt_tokens_total += prompt
+    return orjson.dumps(
+        {
+            "id": "embd-" + s.new_id(req_id).decode(),
+            "object": "list",
+            "created": int(time.time()),
+            "model": model,
+            "data": data,
+            "usage": {"prompt_tokens": prompt, "total_tokens": prompt, "completion_tokens": 0},
+        }
+    )
+
+
+# -------------------------------------------------------------------------------- generation
+
+
+def json_body(body: bytes) -> dict[str, Any]:
+    try:
+        req = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise HttpError(400, "The request body is not valid JSON.") from None
+    if not isinstance(req, dict):
+        raise HttpError(400, "The request body must be a JSON object.")
+    return req
+
+
+def check_model(s: SimState, req: dict[str, Any]) -> str:
+    model = req.get("model") or s.config.model
+    if model != s.config.model and model not in s.adapters:
+        raise HttpError(404, f"The model `{model}` does not exist.", "NotFoundError")
+    return str(model)
+
+
+def parse_gen(s: SimState, chat: bool, body: bytes) -> Gen:
+    c = s.config
+    req = json_body(body)
+    model = check_model(s, req)
+    if chat:
+        messages = req.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise HttpError(400, "'messages' must be a non-empty list.")
+        prompt_tokens = count_words(messages)
+    else:
+        if "prompt" not in req:
+            raise HttpError(400, "'prompt' is required.")
+        prompt_tokens = count_words(req["prompt"])
+    prompt_tokens = max(1, prompt_tokens)
+    max_tokens = req.get("max_completion_tokens") or req.get("max_tokens")
+    if max_tokens is None:
+        n_out, finish = c.output_tokens, b'"stop","stop_reason":null'
+    else:
+        if not isinstance(max_tokens, int) or max_tokens < 1:
+            raise HttpError(400, f"max_tokens must be at least 1, got {max_tokens!r}.")
+        n_out, finish = max_tokens, b'"length","stop_reason":null'
+    if prompt_tokens + n_out > c.max_model_len:
+        raise HttpError(
+            400,
+            f"This model's maximum context length is {c.max_model_len} tokens. However, "
+            f"you requested {prompt_tokens + n_out} tokens ({prompt_tokens} in the "
+            f"messages, {n_out} in the completion). Please reduce the length of the "
+            "messages or completion.",
+        )
+    n = req.get("n") or 1
+    if not isinstance(n, int) or not 1 <= n <= 128:
+        raise HttpError(400, "n must be between 1 and 128.")
+    opts = req.get("stream_options")
+    include_usage = bool(isinstance(opts, dict) and opts.get("include_usage"))
+    return Gen(chat, bool(req.get("stream")), model, n, n_out, prompt_tokens, include_usage, finish)
+
+
+def templates(s: SimState, g: Gen, rid: bytes) -> tuple[bytes, bytes]:
+    """(head of every chunk up to `"choices":[`, JSON id) for this request."""
+    created = b"%d" % int(time.time())
+    if g.chat:
+        full_id, obj = b"chatcmpl-" + rid, b"chat.completion.chunk"
+    else:
+        full_id, obj = b"cmpl-" + rid, b"text_completion"
+    head = (
+        b'data: {"id":"'
+        + full_id
+        + b'","object":"'
+        + obj
+        + b'","created":'
+        + created
+        + b',"model":'
+        + s.mjson(g.model)
+        + b',"system_fingerprint":"gateway-sim","choices":['
+    )
+    return head, full_id
+
+
+def token_events(s: SimState, g: Gen, head: bytes, step: int, first: bool) -> bytes:
+    """The SSE events of output token `step` for every choice (one token per chunk)."""
+    toks = s.tok_json
+    w = len(toks)
+    fin = g.finish if step == g.n_out - 1 else b"null"
+    parts = []
+    for i in range(g.n):
+        tok = toks[(i + step) % w]
+        if g.chat:
+            if first:
+                parts.append(
+                    head + b'{"index":%d,"delta":{"role":"assistant","content":""},'
+                    b'"logprobs":null,"finish_reason":null}]}\n\n' % i
+                )
+            parts.append(
+                head + b'{"index":%d,"delta":{"content":%s},"logprobs":null,'
+                b'"finish_reason":%s}]}\n\n' % (i, tok, fin)
+            )
+        else:
+            parts.append(
+                head
+                + b'{"index":%d,"text":%s,"logprobs":null,"finish_reason":%s}]}\n\n' % (i, tok, fin)
+            )
+    return b"".join(parts)
+
+
+def usage_event(g: Gen, head: bytes) -> bytes:
+    c = g.n_out * g.n
+    usage = b'],"usage":{"prompt_tokens":%d,"total_tokens":%d,"completion_tokens":%d}}\n\n'
+    return head + usage % (g.prompt_tokens, g.prompt_tokens + c, c)
+
+
+def whole_body(s: SimState, g: Gen, full_id: bytes) -> bytes:
+    finish = "length" if g.finish.startswith(b'"length"') else "stop"
+    choices: list[dict[str, Any]] = []
+    for i in range(g.n):
+        text = s.text(i, g.n_out)
+        if g.chat:
+            choices.append(
+                {
+                    "index": i,
+                    "message": {"role": "assistant", "content": text, "tool_calls": []},
+                    "logprobs": None,
+                    "finish_reason": finish,
+                    "stop_reason": None,
+                }
+            )
+        else:
+            choices.append(
+                {
+                    "index": i,
+                    "text": text,
+                    "logprobs": None,
+                    "finish_reason": finish,
+                    "stop_reason": None,
+                }
+            )
+    c = g.n_out * g.n
+    return orjson.dumps(
+        {
+            "id": full_id.decode(),
+            "object": "chat.completion" if g.chat else "text_completion",
+            "created": int(time.time()),
+            "model": g.model,
+            "choices": choices,
+            "usage": {
+                "prompt_tokens": g.prompt_tokens,
+                "total_tokens": g.prompt_tokens + c,
+                "completion_tokens": c,
+            },
+            "system_fingerprint": FINGERPRINT,
+        }
+    )
+
+
+def account(s: SimState, g: Gen) -> None:
+    s.generation_tokens_total += g.n_out * g.n
+    s.requests_total += 1
+    s.count_spec(g.n_out * g.n)

@@ -1,0 +1,315 @@
+"""The simulator (the simulator package) as a vLLM stand-in: driven over real loopback HTTP with the
+official `openai` SDK and httpx."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import AsyncIterator
+
+import httpx
+import openai
+import pytest
+
+from engines.upstream.prom_text import sum_samples
+from simulator import SimConfig, SimServer
+from simulator.config import config_from_args
+
+MODEL = "sim-m"
+
+
+async def _server(**kw: object) -> SimServer:
+    server = SimServer(SimConfig(model=MODEL, seed=1), **kw)
+    await server.start("127.0.0.1", 0)
+    return server
+
+
+@pytest.fixture
+async def sim() -> AsyncIterator[SimServer]:
+    server = await _server(output_tokens=5)
+    yield server
+    await server.stop()
+
+
+def _client(server: SimServer) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0)
+
+
+async def _metrics(server: SimServer) -> dict[str, float]:
+    async with httpx.AsyncClient() as c:
+        r = await c.get(f"{server.url}/metrics")
+    return sum_samples(r.text, "vllm:")
+
+
+async def test_chat_not_streamed(sim: SimServer) -> None:
+    async with _client(sim) as client:
+        r = await client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "one two three"}]
+        )
+    assert r.system_fingerprint == "gateway-sim"
+    assert r.model == MODEL
+    assert r.choices[0].message.content == " the quick brown fox jumps"
+    assert r.choices[0].finish_reason == "stop"
+    assert r.usage is not None
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (3, 5)
+
+
+async def test_chat_streamed_with_usage(sim: SimServer) -> None:
+    async with _client(sim) as client:
+        stream = await client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "hi"}],
+            max_tokens=4,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        chunks = [c async for c in stream]
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == " the quick brown fox"
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert finals[-1] == "length" and set(finals[:-1]) == {None}
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == 4
+    assert all(c.system_fingerprint == "gateway-sim" for c in chunks)
+
+
+async def test_stream_without_usage_and_done_marker(sim: SimServer) -> None:
+    async with (
+        httpx.AsyncClient() as c,
+        c.stream(
+            "POST",
+            f"{sim.url}/v1/chat/completions",
+            json={"model": MODEL, "messages": [{"role": "user", "content": "x"}], "stream": True},
+        ) as r,
+    ):
+        body = b"".join([b async for b in r.aiter_bytes()])
+    assert r.headers["content-type"].startswith("text/event-stream")
+    assert body.endswith(b"data: [DONE]\n\n")
+    assert b'"usage"' not in body
+
+
+async def test_completions_and_n(sim: SimServer) -> None:
+    async with _client(sim) as client:
+        r = await client.completions.create(model=MODEL, prompt="a b c d", max_tokens=3, n=2)
+        assert [c.index for c in r.choices] == [0, 1]
+        assert r.choices[0].text == " the quick brown"
+        assert r.choices[1].text == " quick brown fox"
+        assert r.usage is not None and r.usage.completion_tokens == 6
+        stream = await client.completions.create(
+            model=MODEL, prompt="a", max_tokens=3, n=2, stream=True
+        )
+        per: dict[int, str] = {0: "", 1: ""}
+        async for chunk in stream:
+            for ch in chunk.choices:
+                per[ch.index] += ch.text
+    assert per == {0: " the quick brown", 1: " quick brown fox"}
+
+
+async def test_models_and_embeddings(sim: SimServer) -> None:
+    async with _client(sim) as client:
+        models = await client.models.list()
+        assert [(m.id, m.owned_by) for m in models.data] == [(MODEL, "gateway-sim")]
+        # The SDK asks for base64 by default and decodes it.
+        e1 = await client.embeddings.create(model=MODEL, input=["hello", "world"])
+        e2 = await client.embeddings.create(model=MODEL, input="hello", encoding_format="float")
+    assert len(e1.data) == 2 and len(e1.data[0].embedding) == 64
+    assert e1.data[0].embedding == pytest.approx(e2.data[0].embedding, abs=1e-6)
+    assert e1.data[0].embedding != e1.data[1].embedding
+
+
+async def test_lora_load_use_unload(sim: SimServer) -> None:
+    async with httpx.AsyncClient(base_url=sim.url) as c, _client(sim) as client:
+        body = {"lora_name": "ad1", "lora_path": "/adapters/ad1"}
+        r = await c.post("/v1/load_lora_adapter", json=body)
+        assert r.status_code == 200 and "added successfully" in r.text
+        r = await c.post("/v1/load_lora_adapter", json=body)
+        assert r.status_code == 400
+        assert "has already been loaded" in r.json()["error"]["message"]
+        listed = {m.id: m for m in (await client.models.list()).data}
+        assert listed["ad1"].model_extra is not None
+        assert listed["ad1"].model_extra["parent"] == MODEL
+        out = await client.chat.completions.create(
+            model="ad1", messages=[{"role": "user", "content": "x"}], max_tokens=2
+        )
+        assert out.model == "ad1"
+        r = await c.post("/v1/unload_lora_adapter", json={"lora_name": "ad1"})
+        assert r.status_code == 200
+        r = await c.post("/v1/unload_lora_adapter", json={"lora_name": "ad1"})
+        assert r.status_code == 404 and "cannot be found" in r.json()["error"]["message"]
+        with pytest.raises(openai.NotFoundError) as exc:
+            await client.chat.completions.create(
+                model="ad1", messages=[{"role": "user", "content": "x"}]
+            )
+    assert "does not exist" in str(exc.value)
+
+
+async def test_latency_roughly_honoured() -> None:
+    server = await _server(ttft_ms=120, itl_ms=30)
+    try:
+        async with _client(server) as client:
+            t0 = time.perf_counter()
+            stream = await client.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=5,
+                stream=True,
+            )  # fmt: skip
+            stamps = []
+            async for chunk in stream:
+                if chunk.choices and chunk.choices[0].delta.content:
+                    stamps.append(time.perf_counter() - t0)
+    finally:
+        await server.stop()
+    assert len(stamps) == 5
+    # Floors only: the simulator may be late on a busy machine, never early.
+    assert stamps[0] >= 0.11
+    gaps = [b - a for a, b in itertools.pairwise(stamps)]
+    assert stamps[-1] - stamps[0] >= 0.1  # 4 gaps of 30 ms
+    assert min(gaps) > 0.015
+
+
+async def test_queueing_visible_in_metrics() -> None:
+    server = await _server(max_running=1, itl_ms=150)
+    try:
+        async with _client(server) as client:
+            calls = [
+                asyncio.create_task(
+                    client.chat.completions.create(
+                        model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=6
+                    )
+                )
+                for _ in range(3)
+            ]
+            # Each request holds the one slot for ~0.9 s: watch until two are seen waiting
+            # behind the running one (an event), never more than one running.
+            seen: list[tuple[float, float, float]] = []
+            while not all(c.done() for c in calls):
+                m = await _metrics(server)
+                seen.append(
+                    (
+                        m["vllm:num_requests_running"],
+                        m["vllm:num_requests_waiting"],
+                        m["vllm:kv_cache_usage_perc"],
+                    )
+                )
+                if seen[-1][:2] == (1, 2):
+                    break
+                await asyncio.sleep(0.01)
+            assert (1, 2) in [s[:2] for s in seen]
+            assert max(s[0] for s in seen) == 1
+            assert seen[-1][2] > 0
+            await asyncio.gather(*calls)
+        m = await _metrics(server)
+        assert m["vllm:num_requests_running"] == 0 and m["vllm:num_requests_waiting"] == 0
+        assert m["vllm:generation_tokens_total"] == 18
+    finally:
+        await server.stop()
+
+
+@pytest.mark.parametrize(
+    ("status", "exc"),
+    [(429, openai.RateLimitError), (500, openai.InternalServerError),
+     (400, openai.BadRequestError)],
+)  # fmt: skip
+async def test_error_injection(status: int, exc: type[Exception]) -> None:
+    server = await _server(error_rate=1.0, error_status=status)
+    try:
+        async with _client(server) as client:
+            with pytest.raises(exc) as info:
+                await client.chat.completions.create(
+                    model=MODEL, messages=[{"role": "user", "content": "x"}]
+                )
+        assert "simulated fault" in str(info.value)
+    finally:
+        await server.stop()
+
+
+async def test_drop_after_cuts_the_stream() -> None:
+    server = await _server(drop_after=2, output_tokens=10)
+    try:
+        got = []
+        async with httpx.AsyncClient() as c:
+            with pytest.raises(httpx.RemoteProtocolError):
+                async with c.stream(
+                    "POST",
+                    f"{server.url}/v1/completions",
+                    json={"model": MODEL, "prompt": "x", "stream": True},
+                ) as r:
+                    async for line in r.aiter_lines():
+                        if line.startswith("data: "):
+                            got.append(line)
+        assert len(got) == 2
+        assert server.running == 0
+    finally:
+        await server.stop()
+
+
+async def test_stall() -> None:
+    server = await _server(stall_ms=300, stall_after=1, output_tokens=3)
+    try:
+        stamps = []
+        async with httpx.AsyncClient() as c:
+            t0 = time.perf_counter()
+            async with c.stream(
+                "POST",
+                f"{server.url}/v1/completions",
+                json={"model": MODEL, "prompt": "x", "stream": True},
+            ) as r:
+                async for line in r.aiter_lines():
+                    if line.startswith("data: {"):
+                        stamps.append(time.perf_counter() - t0)
+        assert len(stamps) == 3
+        assert stamps[1] - stamps[0] >= 0.28
+    finally:
+        await server.stop()
+
+
+async def test_slow_start_and_api_key() -> None:
+    server = await _server(startup_s=0.3, api_key="k")
+    try:
+        async with httpx.AsyncClient(base_url=server.url) as c:
+            assert (await c.get("/health")).status_code == 503
+            await asyncio.sleep(0.35)
+            assert (await c.get("/health")).status_code == 200
+            r = await c.get("/v1/models")
+            assert r.status_code == 401 and r.json() == {"error": "Unauthorized"}
+            r = await c.get("/v1/models", headers={"Authorization": "Bearer k"})
+            assert r.status_code == 200
+    finally:
+        await server.stop()
+
+
+async def test_client_disconnect_frees_the_slot() -> None:
+    server = await _server(itl_ms=50, output_tokens=100)
+    try:
+        async with (
+            httpx.AsyncClient() as c,
+            c.stream(
+                "POST",
+                f"{server.url}/v1/completions",
+                json={"model": MODEL, "prompt": "x", "stream": True},
+            ) as r,
+        ):
+            async for _ in r.aiter_lines():
+                break
+        for _ in range(250):
+            if server.running == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert server.running == 0
+    finally:
+        await server.stop()
+
+
+def test_command_line_flags() -> None:
+    cfg, host, port = config_from_args(
+        ["--port", "9001", "--model", "x", "--ttft-ms", "5", "--itl-ms", "2", "--jitter", "0.1",
+         "--max-running", "8", "--output-tokens", "7", "--error-rate", "0.5",
+         "--error-status", "503", "--stall-ms", "10", "--drop-after", "3",
+         "--lora-modules", "a=/p/a"]
+    )  # fmt: skip
+    assert (host, port) == ("127.0.0.1", 9001)
+    assert (cfg.model, cfg.ttft_ms, cfg.itl_ms, cfg.max_running) == ("x", 5, 2, 8)
+    assert (cfg.error_rate, cfg.error_status, cfg.drop_after) == (0.5, 503, 3)
+    assert cfg.lora_modules == {"a": "/p/a"}
+    with pytest.raises(SystemExit):
+        config_from_args(["--error-rate", "2"])
