@@ -8,8 +8,8 @@ a checkpoint in that tool's own format (`quant_method` awq / gptq) or in the
 compressed-tensors format llm-compressor writes for those recipes (weight-only integer
 groups, `W4A16`/`W8A16`); `quantization: fp8` is satisfied by an FP8 checkpoint (`fp8`, or
 compressed-tensors with 8-bit float weights) or by an unquantized one (quantized online).
-Does not own the engines' flags (engines/vllm.py, engines/lmdeploy.py), which decide from
-this what to pass.
+Does not own the engines' flags (engines/launch/vllm.py, engines/launch/lmdeploy.py), which
+decide from this what to pass.
 """
 
 from __future__ import annotations

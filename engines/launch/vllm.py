@@ -289,7 +289,8 @@ def quantization_flag(spec: ModelSpec, model: str) -> str | None:
       the kernel itself (vllm/config/model.py _verify_quantization; for compressed-tensors
       W4A16, kernels/linear/__init__.py choose_mp_linear_kernel tries CutlassW4A8, Machete,
       AllSpark, Marlin, Conch, Exllama, TritonW4A16 in that order and takes the first whose
-      can_implement accepts the layer). Naming a method here would only fail: a
+      can_implement accepts the layer; on the H200, SmolLM2's W4A16 layers got Marlin,
+      padded, and Machete: docs/gpu.md). Naming a method here would only fail: a
       compressed-tensors checkpoint (what llm-compressor's AWQ and GPTQ recipes write) under
       `--quantization awq` is "Quantization method specified in the model config
       (compressed-tensors) does not match" (ValueError). For AutoAWQ/GPTQ-format
@@ -310,7 +311,7 @@ def quantization_flag(spec: ModelSpec, model: str) -> str | None:
 
 def _quant_mismatch(model: str, quantization: str) -> str | None:
     """Why a local checkpoint cannot be served with `quantization` by vLLM, if it can't
-    (`engines.checkpoint_quant` says what satisfies what). vllm/config/model.py
+    (`engines.launch.checkpoint_quant` says what satisfies what). vllm/config/model.py
     _verify_quantization: awq/gptq load pre-quantized weights only, fp8 also quantizes
     unquantized weights online."""
     found = read_checkpoint_quant(model)
