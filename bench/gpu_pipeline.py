@@ -12,7 +12,8 @@ llm-compressor's wheels installed in /root/q and LMDeploy's add-on in /root/lmd:
 
 Steps (each recorded in results.json; a failing step is recorded and the next one runs):
 1. In parallel: four `gateway quantize` runs (awq, gptq, fp8, and an AWQ W4A16 group-32
-   checkpoint in the layout LMDeploy's PyTorch engine loads), the draft model (the first
+   checkpoint, the only compressed-tensors layout LMDeploy's PyTorch engine accepts; for a
+   Llama model it still cannot load it, docs/gpu.md), the draft model (the first
    DRAFT_LAYERS decoder layers of /root/smol), and a transformers reference of the greedy
    answer in bf16 / fp16 / fp32 on the GPU.
 2. One `gateway serve` per model (each its own models.yaml and port, so one model failing
