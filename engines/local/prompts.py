@@ -93,6 +93,7 @@ def plan_request(
         prompts = [chat_prompt(tok, msgs, tools)]
     else:
         prompts = _completion_prompts(tok, body, vocab)
+    max_new = body.get("max_completion_tokens") or body.get("max_tokens")
     for ids in prompts:
         if len(ids) >= context_len:
             raise InvalidRequest(
@@ -101,7 +102,18 @@ def plan_request(
                 param=param,
                 code="context_length_exceeded",
             )
-    max_new = body.get("max_completion_tokens") or body.get("max_tokens")
+        # The client's own limit past the context is a 400, as OpenAI and vLLM answer,
+        # not a silent clamp (the default limit is clamped to the room left).
+        if max_new is not None and int(max_new) > context_len - len(ids):
+            raise InvalidRequest(
+                f"This model's maximum context length is {context_len} tokens. "
+                f"However, you requested {len(ids) + int(max_new)} tokens ({len(ids)} in the "
+                f"{param}, {int(max_new)} in the completion).",
+                param="max_completion_tokens"
+                if body.get("max_completion_tokens")
+                else "max_tokens",
+                code="context_length_exceeded",
+            )
     temperature = body.get("temperature")
     top_p = body.get("top_p")
     seed = body.get("seed")

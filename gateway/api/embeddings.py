@@ -21,6 +21,7 @@ from gateway.api.requests import (
 )
 from gateway.errors import InvalidRequest
 from gateway.protocol import embedding_inputs, validate_embedding
+from gateway.redact import public_error
 from gateway.streaming import Send
 
 if TYPE_CHECKING:
@@ -34,6 +35,7 @@ async def embeddings(gw: Gateway, scope: Scope, receive: Receive, send: Send) ->
     record = RequestRecord(gw, "embeddings", start)
     inc = Incoming(scope, receive)
     rid = request_id(inc, gw.request_ids)
+    record.identify(inc, rid)
     try:
         check_client_key(gw, inc)
         body = await read_json(inc, gw.settings.max_body_bytes)
@@ -43,27 +45,26 @@ async def embeddings(gw: Gateway, scope: Scope, receive: Receive, send: Send) ->
             raise InvalidRequest(
                 f"The model `{target.spec.name}` does not serve embeddings.", param="model"
             )
-        parsed = validate_embedding(body, gw.settings)
-        req = EmbedRequest(
-            body=body, model=target.spec.name, request_id=rid, inputs=embedding_inputs(parsed)
-        )
-    except ServingError as exc:
-        record.finished(None, exc, False)
-        await error_response(exc, rid)(scope, receive, send)
-        return
-    record.begin()
-    try:
-        done = await target.engine.embed(req)
-    except BaseException as exc:  # every outcome settles the in-flight gauge and counters
-        if isinstance(exc, asyncio.CancelledError):
+        parsed = validate_embedding(body, target.spec, gw.settings)
+        record.begin()
+        try:
+            done = await target.engine.embed(
+                EmbedRequest(
+                    body=body,
+                    model=target.spec.name,
+                    request_id=rid,
+                    inputs=embedding_inputs(parsed),
+                )
+            )
+        except ServingError as exc:
+            raise public_error(exc, target.spec.name, rid) from None
+        except asyncio.CancelledError:  # the client left: still settle the gauge
             record.finished(None, None, True)
             raise
-        if not isinstance(exc, Exception):
-            record.finished(None, ServingError("The engine was interrupted."), False)
-            raise
-        if not isinstance(exc, ServingError):  # an engine bug: still a 500 in the envelope
+        except Exception as exc:  # an engine bug: a 500 envelope, counted as an error
             log.exception("engine %s failed", target.spec.name, exc_info=exc)
-            exc = ServingError("The engine failed while processing the request.")
+            raise ServingError("The engine failed while processing the request.") from None
+    except ServingError as exc:
         record.finished(None, exc, False)
         await error_response(exc, rid)(scope, receive, send)
         return
