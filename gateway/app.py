@@ -63,11 +63,13 @@ def create_app(settings: Settings | None = None, catalog: Catalog | None = None)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await gateway.tenancy.start()
         await gateway.served.start()
         try:
             yield
         finally:
             await gateway.served.stop()
+            await gateway.tenancy.close()
 
     app = FastAPI(
         title="LLM gateway",

@@ -168,6 +168,17 @@ class Metrics:
         self.adapters_loaded = Gauge(
             "gateway_adapters_loaded", "LoRA adapters loaded", ["model"], registry=r
         )
+        self.store_degraded = Gauge(
+            "gateway_state_store_degraded",
+            "1 while the shared state store (Redis) does not answer",
+            registry=r,
+        )
+        self.key_outcomes = Counter(
+            "gateway_key_requests",
+            "API-key requests settled, by outcome (full, partial, aborted, error); never by key",
+            ["model", "outcome"],
+            registry=r,
+        )
         self._adapters = adapters
         self._routes: dict[tuple[str, str], RouteMetrics] = {}
         r.register(_EngineCollector(statuses))

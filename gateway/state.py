@@ -1,6 +1,7 @@
 """`Gateway`: everything one running gateway owns, built once by `create_app`.
 
-Holds the settings, the served models (engines), the metrics and the request-id source.
+Holds the settings, the served models (engines), the metrics, the request-id source and
+the tenancy (API keys, limits, usage, and the shared state store behind them).
 The app's lifespan starts and stops what needs it; routes reach it as
 `request.app.state.gateway` (the hot routes get it from the front door). No module-level
 state anywhere.
@@ -13,6 +14,7 @@ import logging
 from engines.base import EngineContext
 from gateway.catalog import Catalog
 from gateway.ids import RequestIds
+from gateway.limits import Tenancy
 from gateway.metrics import Metrics
 from gateway.served import ServedModels
 from gateway.settings import Settings
@@ -38,3 +40,5 @@ class Gateway:
         )
         self.metrics = Metrics(self.served.statuses, self.served.adapter_counts)
         self.request_ids = RequestIds()
+        # API keys, limits and usage (gateway.limits); the store behind them.
+        self.tenancy = Tenancy(settings, self.metrics)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from starlette.routing import Route
 
-from gateway.api import adapters, embeddings, generate, models, ops
+from gateway.api import adapters, admin, embeddings, generate, models, ops
 
 if TYPE_CHECKING:
     from gateway.state import Gateway
@@ -34,6 +34,11 @@ COLD: list[Route] = [
     Route("/v1/unload_lora_adapter", adapters.unload_lora_adapter, methods=["POST"]),
     Route("/health", ops.health, methods=["GET"]),
     Route("/metrics", ops.metrics, methods=["GET"]),
+    Route("/admin/keys", admin.create_key, methods=["POST"]),
+    Route("/admin/keys", admin.list_keys, methods=["GET"]),
+    Route("/admin/keys/{key_id}", admin.get_key, methods=["GET"]),
+    Route("/admin/keys/{key_id}", admin.revoke_key, methods=["DELETE"]),
+    Route("/admin/keys/{key_id}/usage", admin.key_usage, methods=["GET"]),
 ]
 
 __all__ = ["COLD", "HOT", "HotHandler"]

@@ -37,6 +37,9 @@ log = logging.getLogger("gateway.generate")
 
 Route = Literal["chat", "completions"]
 
+# Engines that take vLLM's per-request `cache_salt` (the simulator accepts it too).
+SALTED_ENGINES = frozenset({"vllm", "sim"})
+
 # How long a request may run before a task starts watching for the client leaving.
 WATCH_DELAY_S = 0.02
 
@@ -65,7 +68,7 @@ async def _generate(gw: Gateway, route: Route, scope: Scope, receive: Receive, s
     inc = Incoming(scope, receive)
     rid = request_id(inc, gw.request_ids)
     try:
-        check_client_key(gw, inc)
+        tenant = await check_client_key(gw, inc)
         body = await read_json(inc, gw.settings.max_body_bytes)
         target = gw.served.resolve(body.get("model"))
         spec = target.spec
@@ -87,6 +90,12 @@ async def _generate(gw: Gateway, route: Route, scope: Scope, receive: Receive, s
             parsed: Any = validate_chat(body, spec.max_model_len, gw.settings)
         else:
             parsed = validate_completion(body, spec.max_model_len, gw.settings)
+        # Only the gateway sets the prefix-cache salt: tenants never share cache entries.
+        body.pop("cache_salt", None)
+        if tenant is not None:
+            record.ticket = await gw.tenancy.admit(tenant, spec.name, body)
+            if spec.engine in SALTED_ENGINES:
+                body["cache_salt"] = tenant.record.cache_salt
         record.begin()
         stream = parsed.stream
         want_usage = bool(stream and parsed.stream_options and parsed.stream_options.include_usage)
@@ -151,12 +160,15 @@ async def _generate(gw: Gateway, route: Route, scope: Scope, receive: Receive, s
                 (b"content-type", b"application/json"),
                 (b"x-request-id", rid.encode()),
                 (b"server-timing", timing),
+                *(record.ticket.headers if record.ticket is not None else ()),
             ],
         )(scope, receive, send)
         return
     record.first_chunk(now)
     assert agen is not None
     headers = [*_SSE_HEADERS, (b"x-request-id", rid.encode()), (b"server-timing", timing)]
+    if record.ticket is not None:
+        headers += record.ticket.headers
     await RelayResponse(first, agen, want_usage=want_usage, headers=headers, observer=record)(
         scope, receive, send
     )

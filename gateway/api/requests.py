@@ -22,6 +22,7 @@ from gateway.streaming import StreamObserver
 
 if TYPE_CHECKING:
     from gateway.ids import RequestIds
+    from gateway.limits import Ticket
     from gateway.state import Gateway
 
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
@@ -84,9 +85,11 @@ async def read_json(inc: Incoming, limit: int) -> dict[str, Any]:
 class RequestRecord(StreamObserver):
     """One request's account in the metrics; also the stream observer of its relay."""
 
-    __slots__ = ("_began", "_done", "_m", "gw", "model", "route", "start")
+    __slots__ = ("_began", "_done", "_m", "blocks", "gw", "model", "route", "start", "ticket")
 
     def __init__(self, gw: Gateway, route: str, start: float):
+        self.ticket: Ticket | None = None  # an API key's admission, settled in finished()
+        self.blocks = 0
         self.gw = gw
         self.route = route
         self.model = "_unknown"
@@ -102,10 +105,12 @@ class RequestRecord(StreamObserver):
         self._m.in_flight.inc()
 
     def first_chunk(self, at: float) -> None:
+        self.blocks = 1
         if self._m is not None:
             self._m.ttft.observe(at - self.start)
 
     def chunk(self, gap: float) -> None:
+        self.blocks += 1
         if self._m is not None:
             self._m.itl.observe(gap)
 
@@ -113,6 +118,8 @@ class RequestRecord(StreamObserver):
         if self._done:
             return
         self._done = True
+        if self.ticket is not None:
+            self.gw.tenancy.settle_soon(self.ticket, usage, error, disconnected, self.blocks)
         rm = self._m or self.gw.metrics.route(self.model, self.route)
         if self._began:
             rm.in_flight.dec()
