@@ -8,6 +8,7 @@ them on. Not here: checking a presented key or limiting it (`gateway.limits`).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from pydantic import ValidationError
@@ -56,6 +57,7 @@ class KeyAdmin:
             except StoreUnavailable:
                 raise self.t._unavailable() from None
         self.t._keys.pop(record.id, None)
+        self.t._file_checked = -math.inf
 
     async def create(self, policy: dict[str, Any]) -> tuple[str, KeyRecord]:
         self._check()

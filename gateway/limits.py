@@ -176,6 +176,8 @@ class Tenancy:
         self.metrics = metrics
         self._keys: dict[str, tuple[KeyRecord, float]] = {}
         self._file_mtime = -1.0
+        self._file_checked = -math.inf
+        self._file_keys: dict[str, KeyRecord] = {}
         self._pending: list[tuple[str, Limits, Spent, str]] = []
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -248,13 +250,17 @@ class Tenancy:
 
     async def _record(self, key_id: str) -> KeyRecord | None:
         now = time.monotonic()
+        if self.keys_file is not None and self.store.name == "memory":
+            if now - self._file_checked >= KEY_TTL_S:
+                self._file_checked = now
+                mtime = self.keys_file.mtime()
+                if mtime != self._file_mtime:
+                    self._file_mtime = mtime
+                    self._file_keys = self.keys_file.load()
+            return self._file_keys.get(key_id)
         cached = self._keys.get(key_id)
         if cached is not None and now - cached[1] < KEY_TTL_S:
             return cached[0]
-        if self.keys_file is not None and self.store.name == "memory":
-            self._reload_file()
-            found = self._keys.get(key_id)
-            return found[0] if found else None
         if self._skip_store():
             if cached is not None:
                 return cached[0]
@@ -273,16 +279,6 @@ class Tenancy:
         record = KeyRecord.model_validate_json(raw)
         self._keys[key_id] = (record, now)
         return record
-
-    def _reload_file(self) -> None:
-        assert self.keys_file is not None
-        mtime = self.keys_file.mtime()
-        now = time.monotonic()
-        if mtime != self._file_mtime:
-            self._file_mtime = mtime
-            self._keys = {k: (r, math.inf) for k, r in self.keys_file.load().items()}
-        else:
-            self._keys = {k: (r, now) for k, (r, _) in self._keys.items()}
 
     # -- may they --------------------------------------------------------------------
 
