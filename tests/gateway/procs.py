@@ -50,8 +50,10 @@ class OwnRedis:
         exe = shutil.which("redis-server")
         assert exe, "redis-server is not installed"
         self.proc = subprocess.Popen(
-            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir)]
-            + ["--appendonly", "yes", "--save", "", "--protected-mode", "no"],
+            [
+                *(exe, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir)),
+                *("--appendonly", "yes", "--save", "", "--protected-mode", "no"),
+            ],
             stdout=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 20

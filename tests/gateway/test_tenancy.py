@@ -113,9 +113,11 @@ def test_hashed_key_admin_api_headers_and_ledger(gw: ServerThread) -> None:
         assert chunks
         with pytest.raises(openai.PermissionDeniedError):
             client.chat.completions.create(model="slow", messages=CHAT, max_tokens=1)  # type: ignore[arg-type]
-    with openai.OpenAI(base_url=f"{gw.url}/v1", api_key=token + "x", max_retries=0) as bad:
-        with pytest.raises(openai.AuthenticationError):
-            bad.chat.completions.create(model="m", messages=CHAT, max_tokens=1)  # type: ignore[arg-type]
+    with (
+        openai.OpenAI(base_url=f"{gw.url}/v1", api_key=token + "x", max_retries=0) as bad,
+        pytest.raises(openai.AuthenticationError),
+    ):
+        bad.chat.completions.create(model="m", messages=CHAT, max_tokens=1)  # type: ignore[arg-type]
 
     u = settled(gw.url, made["id"])
     (day,) = u["days"].values()
@@ -132,9 +134,11 @@ def test_hashed_key_admin_api_headers_and_ledger(gw: ServerThread) -> None:
     )
 
     assert httpx.delete(f"{gw.url}/admin/keys/{made['id']}", headers=ADMIN).json()["revoked"]
-    with openai.OpenAI(base_url=f"{gw.url}/v1", api_key=token, max_retries=0) as client:
-        with pytest.raises(openai.AuthenticationError, match="revoked"):
-            client.chat.completions.create(model="m", messages=CHAT, max_tokens=1)  # type: ignore[arg-type]
+    with (
+        openai.OpenAI(base_url=f"{gw.url}/v1", api_key=token, max_retries=0) as client,
+        pytest.raises(openai.AuthenticationError, match="revoked"),
+    ):
+        client.chat.completions.create(model="m", messages=CHAT, max_tokens=1)  # type: ignore[arg-type]
 
 
 class _Attempts:
@@ -156,11 +160,13 @@ def test_sdk_retries_a_rate_limit_but_not_a_spent_budget(gw: ServerThread) -> No
         chunks = held.iter_bytes()  # kept: a dropped iterator would close the stream
         next(chunks)  # the slot is taken
         http = httpx.Client(event_hooks={"request": [attempts]})
-        with openai.OpenAI(
-            base_url=f"{gw.url}/v1", api_key=par["key"], max_retries=2, http_client=http
-        ) as client:
-            with pytest.raises(openai.RateLimitError) as err:
-                client.chat.completions.create(model="m", messages=CHAT, max_tokens=1)  # type: ignore[arg-type]
+        with (
+            openai.OpenAI(
+                base_url=f"{gw.url}/v1", api_key=par["key"], max_retries=2, http_client=http
+            ) as client,
+            pytest.raises(openai.RateLimitError) as err,
+        ):
+            client.chat.completions.create(model="m", messages=CHAT, max_tokens=1)  # type: ignore[arg-type]
         assert err.value.code == "rate_limit_exceeded"
         assert err.value.response.headers["retry-after"] == "1"
         assert attempts.count == 3
@@ -172,11 +178,13 @@ def test_sdk_retries_a_rate_limit_but_not_a_spent_budget(gw: ServerThread) -> No
     assert settled(gw.url, budget["id"])["in_flight"] == 0
     attempts = _Attempts()
     http = httpx.Client(event_hooks={"request": [attempts]})
-    with openai.OpenAI(
-        base_url=f"{gw.url}/v1", api_key=budget["key"], max_retries=2, http_client=http
-    ) as client:
-        with pytest.raises(openai.RateLimitError) as err:
-            client.chat.completions.create(model="m", messages=CHAT, max_tokens=1)  # type: ignore[arg-type]
+    with (
+        openai.OpenAI(
+            base_url=f"{gw.url}/v1", api_key=budget["key"], max_retries=2, http_client=http
+        ) as client,
+        pytest.raises(openai.RateLimitError) as err,
+    ):
+        client.chat.completions.create(model="m", messages=CHAT, max_tokens=1)  # type: ignore[arg-type]
     assert err.value.code == "insufficient_quota"
     assert err.value.response.headers["x-should-retry"] == "false"
     assert attempts.count == 1
