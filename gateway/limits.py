@@ -12,6 +12,12 @@
   reservation and writes the usage ledger (`StateStore.settle`) in the background; what
   cannot be written yet is queued and flushed when the store answers again or at shutdown.
 
+A stream cut before its usage chunk (the client left, or the engine failed mid-stream) is
+settled with what the gateway saw: completion tokens = SSE events relayed (one token per
+event from vLLM and the simulator), prompt tokens = the prompt's JSON bytes × a
+tokens-per-byte ratio learnt per model from real usage (the engine's own prompt count is
+not visible then). The same ratio sizes the prompt part of a TPM reservation.
+
 Outage policy (`GATEWAY_REDIS_OUTAGE`): "closed" answers 503 while Redis does not answer;
 "local" decides in this process with every limit divided by N (`GATEWAY_REDIS_LOCAL_SHARE`,
 default the number of front doors), so N processes together stay near the limit. A key is
@@ -52,6 +58,8 @@ log = logging.getLogger("gateway.limits")
 
 KEY_TTL_S = 1.0
 RETRY_S = 1.0
+# Prompt tokens per JSON byte of the prompt before any real usage is seen (then learnt).
+BYTES_RATIO = 0.25
 # A max_tokens-less request reserves this many completion tokens (settled to the real count).
 DEFAULT_RESERVE = 1024
 
@@ -125,7 +133,7 @@ class Ticket:
     tenant: Tenant
     model: str
     reserved: int
-    prompt_estimate: int
+    prompt_bytes: int
     limits: Limits
     local: bool
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)
@@ -133,15 +141,14 @@ class Ticket:
 
 
 def estimate(body: dict[str, Any]) -> tuple[int, int]:
-    """(prompt tokens, reserved completion tokens) for a TPM reservation: the prompt's
-    JSON bytes / 4 (a usual tokens-per-byte ratio; settlement corrects it)."""
+    """(prompt JSON bytes, reserved completion tokens) of a request."""
     if "input" in body:  # embeddings
-        return len(orjson.dumps(body["input"])) // 4 + 1, 0
+        return len(orjson.dumps(body["input"])), 0
     src = body.get("messages") if "messages" in body else body.get("prompt")
-    prompt = len(orjson.dumps(src)) // 4 + 1 if src is not None else 1
+    size = len(orjson.dumps(src)) if src is not None else 0
     mt = body.get("max_completion_tokens") or body.get("max_tokens") or DEFAULT_RESERVE
     n = body.get("n") or 1
-    return prompt, int(mt) * (int(n) if isinstance(n, int) else 1)
+    return size, int(mt) * (int(n) if isinstance(n, int) else 1)
 
 
 def outcome(
@@ -178,6 +185,8 @@ class Tenancy:
         self._file_mtime = -1.0
         self._file_checked = -math.inf
         self._file_keys: dict[str, KeyRecord] = {}
+        # Prompt tokens per prompt JSON byte, learnt per model from real usage.
+        self._ratio: dict[str, float] = {}
         self._pending: list[tuple[str, Limits, Spent, str]] = []
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -286,7 +295,8 @@ class Tenancy:
         record = tenant.record
         if record.models is not None and model not in record.models:
             raise PermissionDenied(f"This API key may not use the model `{model}`.", param="model")
-        prompt, completion = estimate(body)
+        size, completion = estimate(body)
+        prompt = int(size * self._ratio.get(model, BYTES_RATIO)) + 1
         cost = prompt + completion
         limits = record.limits
         now_ms = time.time() * 1000
@@ -320,7 +330,7 @@ class Tenancy:
                 "parallel": f"parallel requests (limit {limits.max_parallel})",
             }[decision.reason]
             raise RateLimited(f"Rate limit reached for {what}.", headers, kind)
-        return Ticket(tenant, model, cost, prompt, limits, local, headers)
+        return Ticket(tenant, model, cost, size, limits, local, headers)
 
     # -- what they used -------------------------------------------------------------------
 
@@ -337,12 +347,16 @@ class Tenancy:
             return
         ticket.settled = True
         how = outcome(usage, error, disconnected, blocks)
+        ratio = self._ratio.get(ticket.model, BYTES_RATIO)
         if usage is not None:
             prompt, completion = usage.prompt_tokens, usage.completion_tokens
+            if ticket.prompt_bytes and prompt:
+                ratio += 0.1 * (prompt / ticket.prompt_bytes - ratio)
+                self._ratio[ticket.model] = ratio
         elif how == "error":
             prompt = completion = 0
         else:  # aborted or failed mid-stream before the usage chunk: what was relayed
-            prompt, completion = ticket.prompt_estimate, blocks
+            prompt, completion = round(ticket.prompt_bytes * ratio), blocks
         spent = Spent(ticket.model, ticket.reserved, prompt, completion, how)
         if self.metrics is not None:
             self.metrics.key_outcomes.labels(ticket.model, how).inc()

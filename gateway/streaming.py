@@ -118,6 +118,9 @@ class StreamObserver:
 
     def first_chunk(self, at: float) -> None: ...
     def chunk(self, gap: float) -> None: ...
+    def relayed(self, events: int) -> None:
+        """SSE events relayed (a stream cut before its usage chunk is billed by them)."""
+
     def finished(
         self, usage: Usage | None, error: ServingError | None, disconnected: bool
     ) -> None: ...
@@ -150,14 +153,17 @@ class RelayResponse:
         error: ServingError | None = None
         want_usage = self._want_usage
         observer = self._observer
+        events = 0
         try:
             block, usage = take_usage(self._first, want_usage)
+            events = block.count(b"\n\n")
             await send({"type": "http.response.body", "body": block, "more_body": True})
             last = time.perf_counter()
             async for block in self._stream:
                 now = time.perf_counter()
                 observer.chunk(now - last)
                 last = now
+                events += block.count(b"\n\n")
                 block, found = take_usage(block, want_usage)
                 if found is not None:
                     usage = found
@@ -178,6 +184,8 @@ class RelayResponse:
         finally:
             watch.close()
             await self._stream.aclose()
+            if usage is None:
+                observer.relayed(events)
             observer.finished(usage, error, watch.disconnected)
 
     @staticmethod

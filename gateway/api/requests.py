@@ -104,13 +104,14 @@ class RequestRecord(StreamObserver):
         self._m = self.gw.metrics.route(self.model, self.route)
         self._m.in_flight.inc()
 
+    def relayed(self, events: int) -> None:
+        self.blocks = events
+
     def first_chunk(self, at: float) -> None:
-        self.blocks = 1
         if self._m is not None:
             self._m.ttft.observe(at - self.start)
 
     def chunk(self, gap: float) -> None:
-        self.blocks += 1
         if self._m is not None:
             self._m.itl.observe(gap)
 
