@@ -11,7 +11,6 @@ import random
 import time
 from collections import Counter
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -110,7 +109,7 @@ def test_usage_matches_engine_counters_with_aborts(fleet: dict[str, Any]) -> Non
     sim = fleet["sim"]
     keys = [_create(gws[0].url) for _ in range(5)]
     rng = random.Random(11)
-    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa"]
     total = 600  # 10,000 would take minutes on this shared 2-core box: scaled down
     before = _sim_tokens(sim)
 
