@@ -23,6 +23,8 @@ from __future__ import annotations
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from gateway.state_store import WINDOW_MS, Decision, Limits, StoreUnavailable, Usage
@@ -116,7 +118,7 @@ class RedisStore:
             decode_responses=True,
             health_check_interval=0,
         )
-        self._redis: Any = aioredis.Redis(connection_pool=pool, retry=None)
+        self._redis: Any = aioredis.Redis(connection_pool=pool, retry=Retry(NoBackoff(), 0))
         self._admit = self._redis.register_script(_ADMIT)
         self._settle = self._redis.register_script(_SETTLE)
 
