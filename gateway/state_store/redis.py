@@ -135,7 +135,7 @@ class RedisStore:
         await self._call(self._redis.ping())
 
     async def close(self) -> None:
-        await self._redis.aclose()
+        await self._redis.aclose(close_connection_pool=True)
 
     async def get_key(self, key_id: str) -> str | None:
         value = await self._call(self._redis.hget(self._k("keys"), key_id))

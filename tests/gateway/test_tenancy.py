@@ -278,8 +278,15 @@ def test_redis_outage_policy_and_recovery(
 ) -> None:
     own = OwnRedis(tmp_path)
     own.start()
+    # 500 ms rather than the default 50: on this shared 2-core box (load ≈ 8) a 50 ms
+    # budget is missed now and then with Redis up, which would make the test flaky.
     server = start_gateway(
-        models, tmp_path, redis_url=own.url, redis_outage=policy, redis_local_share=2
+        models,
+        tmp_path,
+        redis_url=own.url,
+        redis_outage=policy,
+        redis_local_share=2,
+        redis_timeout_ms=500,
     )
     try:
         made = create_key(server.url, rpm=600)
@@ -296,26 +303,37 @@ def test_redis_outage_policy_and_recovery(
             )
             return float(line.split()[-1])
 
+        ok = 0
         assert post().status_code == 200 and degraded() == 0
+        ok += 1
         own.stop()
         during = [post() for _ in range(5)]
+        ok += sum(r.status_code == 200 for r in during)
         if policy == "closed":
             assert [r.status_code for r in during] == [503] * 5
             assert during[0].json()["error"]["type"] == "service_unavailable"
         else:
             assert [r.status_code for r in during] == [200] * 5
-            # limit ÷ 2 applies locally
+            # The headers show the key's limit; the local decision used 600 ÷ 2.
             assert during[-1].headers["x-ratelimit-limit-requests"] == "600"
         assert degraded() == 1
         own.start()
         deadline = time.monotonic() + 30
-        while (r := post()).status_code != 200 or degraded() != 0:
+        while True:
+            r = post()
+            ok += r.status_code == 200
+            if r.status_code == 200 and degraded() == 0:
+                break
             assert time.monotonic() < deadline, r.text
             time.sleep(0.2)
-        u = usage(server.url, made["id"])
-        (day,) = u["days"].values()
-        # Every admitted request is in the ledger, the outage's local ones flushed after.
-        assert day["m"]["requests_full"] == (2 if policy == "closed" else 7)
+        assert ok >= (2 if policy == "closed" else 7)
+        # Every admitted request reaches the ledger, the outage's local ones flushed after.
+        while True:
+            (day,) = settled(server.url, made["id"])["days"].values()
+            if day["m"]["requests_full"] == ok:
+                break
+            assert time.monotonic() < deadline, (day, ok)
+            time.sleep(0.1)
     finally:
         server.stop()
         own.stop()
