@@ -28,13 +28,22 @@ def _serve(args: argparse.Namespace) -> int:
 
     overrides = {
         k: v
-        for k, v in (("config", args.config), ("host", args.host), ("port", args.port))
+        for k, v in (
+            ("config", args.config),
+            ("host", args.host),
+            ("port", args.port),
+            ("workers", args.workers),
+        )
         if v is not None
     }
     settings = Settings(**overrides)
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if settings.workers > 1:
+        from gateway.workers import serve_workers
+
+        return serve_workers(settings)
     try:
         app = create_app(settings)
     except CatalogError as e:
@@ -182,6 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     serve.add_argument("--host", help="listen address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="listen port (default 8000)")
+    serve.add_argument(
+        "--workers", type=int, help="front-door processes (default 1, or $GATEWAY_WORKERS)"
+    )
     check = sub.add_parser("check", help="validate models.yaml and show worker commands")
     check.add_argument("--config", type=Path)
     pull = sub.add_parser("pull", help="fetch and convert the models ahead of serving")
