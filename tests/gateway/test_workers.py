@@ -1,0 +1,81 @@
+"""`gateway serve --workers 3` as an operator runs it: a control process owning a
+launched engine (the simulator engine, in process there), three front doors on one port
+sharing the real Redis (own key prefix); SIGTERM stops every process it started."""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+
+from tests.gateway.procs import SHARED_REDIS, GatewayProcess, clean_prefix, new_prefix
+from tests.gateway.test_tenancy import CHAT, create_key
+
+
+def _descendants(pid: int) -> set[int]:
+    out: set[int] = set()
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            children = task / "children"
+            if children.exists():
+                for c in children.read_text().split():
+                    out.add(int(c))
+                    todo.append(int(c))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.split(") ", 1)[1][0] != "Z"
+
+
+@pytest.fixture
+def workers(tmp_path: Path) -> Iterator[dict[str, Any]]:
+    prefix = new_prefix()
+    models = [{"name": "m", "engine": "sim", "options": {"itl_ms": 1}}]
+    env = {"GATEWAY_REDIS_URL": SHARED_REDIS, "GATEWAY_REDIS_PREFIX": prefix}
+    gw = GatewayProcess(models, tmp_path, ("--workers", "3"), **env)
+    try:
+        yield {"gw": gw.wait_ready(timeout=180), "tmp": tmp_path}
+    finally:
+        gw.stop()
+        clean_prefix(prefix)
+
+
+def test_three_front_doors_share_limits_and_stop_on_sigterm(workers: dict[str, Any]) -> None:
+    gw: GatewayProcess = workers["gw"]
+    procs = _descendants(gw.proc.pid)
+    # The control process and uvicorn's three front doors (plus its resource tracker).
+    assert len(procs) >= 4, procs
+    free = create_key(gw.url)
+    with openai.OpenAI(base_url=f"{gw.url}/v1", api_key=free["key"], max_retries=0) as c:
+        for _ in range(12):  # new connections: the kernel spreads them over the front doors
+            r = c.chat.completions.create(model="m", messages=CHAT, max_tokens=2)  # type: ignore[arg-type]
+            assert r.usage is not None and r.usage.completion_tokens == 2
+    limited = create_key(gw.url, rpm=5)
+    admitted = 0
+    for _ in range(10):
+        with openai.OpenAI(base_url=f"{gw.url}/v1", api_key=limited["key"], max_retries=0) as c:
+            try:
+                c.chat.completions.create(model="m", messages=CHAT, max_tokens=1)  # type: ignore[arg-type]
+                admitted += 1
+            except openai.RateLimitError:
+                pass
+    assert admitted == 5  # one limit across the three processes
+    assert gw.stop(signal.SIGTERM) == 0
+    # uvicorn's resource tracker leaves when its pipe from the parent closes: wait for it.
+    deadline = time.monotonic() + 15
+    while [p for p in procs if _alive(p)] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [p for p in procs if _alive(p)]
+    assert not list(workers["tmp"].glob(".models-*"))  # the generated catalogs are removed
