@@ -65,9 +65,11 @@ def create_app(settings: Settings | None = None, catalog: Catalog | None = None)
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await gateway.tenancy.start()
         await gateway.served.start()
+        gateway.adapter_sync.start()
         try:
             yield
         finally:
+            await gateway.adapter_sync.stop()
             await gateway.served.stop()
             await gateway.tenancy.close()
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 
 from engines.base import EngineContext
+from gateway.adapter_sync import AdapterSync
 from gateway.catalog import Catalog
 from gateway.ids import RequestIds
 from gateway.limits import Tenancy
@@ -42,3 +43,5 @@ class Gateway:
         self.request_ids = RequestIds()
         # API keys, limits and usage (gateway.limits); the store behind them.
         self.tenancy = Tenancy(settings, self.metrics)
+        # Adapter desired state shared with the other front doors (gateway.adapter_sync).
+        self.adapter_sync = AdapterSync(self)

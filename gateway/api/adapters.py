@@ -45,6 +45,7 @@ async def load_lora_adapter(request: Request) -> Any:
     path = resolve_adapter_path(base.spec, raw_path, gw.served.catalog.base_dir)
     t0 = time.perf_counter()
     await gw.served.load_adapter(base, name, str(path))
+    await gw.adapter_sync.recorded(base.spec.name, name, str(path))
     took = time.perf_counter() - t0
     return PlainTextResponse(
         f"Success: LoRA adapter '{name}' added successfully.",
@@ -60,4 +61,5 @@ async def unload_lora_adapter(request: Request) -> Any:
     name = _str_field(body, "lora_name")
     assert name is not None
     await gw.served.unload_adapter(name)
+    await gw.adapter_sync.removed(name)
     return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
