@@ -24,6 +24,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from gateway.app import create_app
     from gateway.catalog import CatalogError
+    from gateway.server_limits import uvicorn_config
     from gateway.settings import Settings
 
     overrides = {
@@ -49,17 +50,7 @@ def _serve(args: argparse.Namespace) -> int:
     except CatalogError as e:
         print(e, file=sys.stderr)
         return 2
-    uvicorn.run(
-        app,
-        host=settings.host,
-        port=settings.port,
-        loop="uvloop",
-        http="httptools",
-        log_level=settings.log_level.lower(),
-        access_log=False,
-        proxy_headers=False,
-        timeout_graceful_shutdown=30,
-    )
+    uvicorn.Server(uvicorn_config(app, settings)).run()
     return 0
 
 

@@ -68,7 +68,7 @@ from engines.spec import ModelSpec
 from engines.upstream import http1
 from engines.upstream.adapters import AdapterFanout
 from engines.upstream.endpoints import Endpoint
-from engines.upstream.errors import error_status_of_event, normalise_error
+from engines.upstream.errors import error_status_of_event, is_json_error, normalise_error
 from engines.upstream.options import UpstreamOptions
 from engines.upstream.prom_text import sum_samples
 from engines.upstream.relay import process_run
@@ -337,7 +337,12 @@ class OpenAIEngine(EngineBase):
                 resp: Any = await (pool.stream(req) if stream else pool.fetch(req))
             except TimeoutError as e:
                 ep.outstanding -= 1
-                raise EngineTimeout(f"upstream {ep.url} did not answer in time: {e!r}") from e
+                log.warning(
+                    "request %s: upstream %s did not answer in time: %r", request_id, ep.url, e
+                )
+                raise EngineTimeout(
+                    f"model {self.spec.name!r}: a worker did not answer in time"
+                ) from e
             except (http1.ConnectError, http1.Disconnected) as e:
                 ep.outstanding -= 1
                 refused = isinstance(e, http1.ConnectError)
@@ -347,29 +352,53 @@ class OpenAIEngine(EngineBase):
                 if attempt == 0 and (other is not None or not refused):
                     ep = other or ep
                     continue
-                raise EngineUnavailable(f"upstream {ep.url} unreachable: {e}") from e
+                log.warning("request %s: upstream %s unreachable: %s", request_id, ep.url, e)
+                raise EngineUnavailable(f"model {self.spec.name!r}: no worker reachable") from e
             except http1.ProtocolError as e:
                 ep.outstanding -= 1
-                raise UpstreamError(f"upstream {ep.url} failed mid-response: {e}") from e
+                log.warning(
+                    "request %s: upstream %s failed mid-response: %s", request_id, ep.url, e
+                )
+                raise UpstreamError(
+                    f"model {self.spec.name!r}: a worker failed mid-response"
+                ) from e
             except BaseException:
                 ep.outstanding -= 1
                 raise
             return ep, resp
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _answer_error(self, status: int, body: bytes, retry_after: bytes | None) -> ServingError:
+    def _answer_error(
+        self, status: int, body: bytes, retry_after: bytes | None, request_id: str, ep: Endpoint
+    ) -> ServingError:
+        json_error = is_json_error(body)
+        if status >= 500 or not json_error:
+            # What the worker said stays in the log, with the request id; the client gets
+            # the normalised error (a generic text for a body that is not a JSON error).
+            log.warning(
+                "request %s: upstream %s answered HTTP %d: %s",
+                request_id,
+                ep.url,
+                status,
+                body[:4000].decode("utf-8", "replace"),
+            )
         err = self.normalise_error(status, body)
+        if not json_error:
+            err.message = (
+                f"The model `{self.spec.name}` answered HTTP {status} without an error message."
+            )
+            err.args = (err.message,)
         if isinstance(err, EngineOverloaded) and retry_after is not None:
             with contextlib.suppress(ValueError):
                 err.retry_after = float(retry_after)
         return err
 
-    async def _read_error(self, resp: http1.Stream) -> ServingError:
+    async def _read_error(self, resp: http1.Stream, request_id: str, ep: Endpoint) -> ServingError:
         try:
             body = await resp.read()
         except (http1.ProtocolError, TimeoutError):
             body = b""
-        return self._answer_error(resp.status, body, resp.header(b"retry-after"))
+        return self._answer_error(resp.status, body, resp.header(b"retry-after"), request_id, ep)
 
     async def _request(
         self, route: str, data: bytes, request_id: str, rreq: RoutingRequest | None = None
@@ -379,7 +408,9 @@ class OpenAIEngine(EngineBase):
         ep, resp = await self._send(route, data, request_id, False, rreq)
         ep.outstanding -= 1
         if resp.status != 200:
-            raise self._answer_error(resp.status, resp.body, resp.header(b"retry-after"))
+            raise self._answer_error(
+                resp.status, resp.body, resp.header(b"retry-after"), request_id, ep
+            )
         body: bytes = resp.body
         return body
 
@@ -435,7 +466,7 @@ class OpenAIEngine(EngineBase):
         )
         try:
             if resp.status != 200:
-                raise await self._read_error(resp)
+                raise await self._read_error(resp, req.request_id, ep)
             rename = self._rename if req.adapter is None else None
             slow = rename is not None or self._custom_chunk
             buf = SSEBuffer()
@@ -445,9 +476,19 @@ class OpenAIEngine(EngineBase):
                 try:
                     data = await read()
                 except TimeoutError as e:
-                    raise EngineTimeout(f"upstream {ep.url} stalled mid-stream") from e
+                    log.warning(
+                        "request %s: upstream %s stalled mid-stream", req.request_id, ep.url
+                    )
+                    raise EngineTimeout(
+                        f"model {self.spec.name!r}: a worker stalled mid-stream"
+                    ) from e
                 except http1.ProtocolError as e:
-                    raise UpstreamError(f"upstream {ep.url} broke the stream: {e}") from e
+                    log.warning(
+                        "request %s: upstream %s broke the stream: %s", req.request_id, ep.url, e
+                    )
+                    raise UpstreamError(
+                        f"model {self.spec.name!r}: a worker broke the stream"
+                    ) from e
                 if not data:
                     break
                 run = buf.feed(data)
@@ -476,7 +517,12 @@ class OpenAIEngine(EngineBase):
                     continue
                 yield run
             if not done:
-                raise UpstreamError(f"upstream {ep.url} ended the stream before [DONE]")
+                log.warning(
+                    "request %s: upstream %s ended the stream early", req.request_id, ep.url
+                )
+                raise UpstreamError(
+                    f"model {self.spec.name!r}: a worker ended the stream before [DONE]"
+                )
         finally:
             ep.outstanding -= 1
             # A body read to its end returns the connection to the pool; anything else

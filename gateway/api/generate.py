@@ -15,6 +15,7 @@ import time
 from typing import TYPE_CHECKING, Any, Literal
 
 from engines.base import EngineStream, GenerateRequest, ServingError
+from gateway.allowlist import apply_cache_salt
 from gateway.api.auth import check_client_key
 from gateway.api.requests import (
     Incoming,
@@ -27,7 +28,9 @@ from gateway.api.requests import (
     request_id,
 )
 from gateway.errors import InvalidRequest
+from gateway.media import check_hosts
 from gateway.protocol import validate_chat, validate_completion
+from gateway.redact import public_error
 from gateway.streaming import DisconnectWatch, RelayResponse, Send
 
 if TYPE_CHECKING:
@@ -36,9 +39,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("gateway.generate")
 
 Route = Literal["chat", "completions"]
-
-# Engines that take vLLM's per-request `cache_salt` (the simulator accepts it too).
-SALTED_ENGINES = frozenset({"vllm", "sim"})
 
 # How long a request may run before a task starts watching for the client leaving.
 WATCH_DELAY_S = 0.02
@@ -87,15 +87,16 @@ async def _generate(gw: Gateway, route: Route, scope: Scope, receive: Receive, s
             # Set in models.yaml: the gateway applies it for every engine alike.
             body["max_tokens"] = spec.max_tokens_default
         if route == "chat":
-            parsed: Any = validate_chat(body, spec.max_model_len, gw.settings)
+            hosts: dict[str, str] = {}
+            parsed: Any = validate_chat(body, spec, gw.settings, hosts)
+            if hosts:  # media URLs to listed hosts: their addresses must be public
+                await check_hosts(hosts, spec.media)
         else:
-            parsed = validate_completion(body, spec.max_model_len, gw.settings)
-        # Only the gateway sets the prefix-cache salt: tenants never share cache entries.
-        body.pop("cache_salt", None)
+            parsed = validate_completion(body, spec, gw.settings)
         if tenant is not None:
             record.ticket = await gw.tenancy.admit(tenant, spec.name, body)
-            if spec.engine in SALTED_ENGINES:
-                body["cache_salt"] = tenant.record.cache_salt
+        # The key's own secret: tenants never share prefix-cache entries.
+        apply_cache_salt(body, spec, tenant=tenant.record.cache_salt if tenant else None)
         record.begin()
         stream = parsed.stream
         want_usage = bool(stream and parsed.stream_options and parsed.stream_options.include_usage)
@@ -143,6 +144,7 @@ async def _generate(gw: Gateway, route: Route, scope: Scope, receive: Receive, s
         if not isinstance(exc, ServingError):  # an engine bug: still a 500 in the envelope
             log.exception("engine %s failed", target.spec.name, exc_info=exc)
             exc = ServingError("The engine failed while processing the request.")
+        exc = public_error(exc, target.spec.name, rid)
         record.finished(None, exc, False)
         await error_response(exc, rid)(scope, receive, send)
         return

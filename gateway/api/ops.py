@@ -1,7 +1,9 @@
-"""Operator routes: `GET /health` (liveness + readiness of every engine) and `GET /metrics`."""
+"""Operator routes: `GET /health` (liveness + readiness of every engine; worker details
+only with the admin key) and `GET /metrics`."""
 
 from __future__ import annotations
 
+import hmac
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -12,17 +14,32 @@ if TYPE_CHECKING:
     from gateway.state import Gateway
 
 
+def _is_admin(gw: Gateway, request: Request) -> bool:
+    admin = gw.settings.admin_key
+    scheme, _, token = (request.headers.get("authorization") or "").partition(" ")
+    return bool(admin) and scheme.lower() == "bearer" and hmac.compare_digest(token.strip(), admin)
+
+
 async def health(request: Request) -> Any:
+    """States for anyone; worker URLs and details only with the admin key (a public
+    health check must not map the network behind the gateway)."""
     gw: Gateway = request.app.state.gateway
     statuses = gw.served.statuses()
-    models = {
-        name: {
+    admin = _is_admin(gw, request)
+    models: dict[str, Any] = {}
+    for name, st in statuses.items():
+        healthy = sum(w.healthy for w in st.workers)
+        entry: dict[str, Any] = {
             "ready": st.ready,
-            "detail": st.detail,
-            "workers": [{"url": w.url, "healthy": w.healthy} for w in st.workers],
+            "state": "ready" if st.ready else "unavailable",
+            "workers": {"healthy": healthy, "total": len(st.workers)},
         }
-        for name, st in statuses.items()
-    }
+        if admin:
+            entry["detail"] = st.detail
+            entry["workers"]["list"] = [
+                {"url": w.url, "healthy": w.healthy, "detail": w.detail} for w in st.workers
+            ]
+        models[name] = entry
     ready = bool(statuses) and all(st.ready for st in statuses.values())
     return JSONResponse(
         {"status": "ok" if ready else "degraded", "models": models},

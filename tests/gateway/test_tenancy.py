@@ -358,3 +358,24 @@ def test_memory_and_redis_limiters_agree() -> None:
         clean_prefix(prefix)
     # Tokens bind first: 1000 / 90 → 11 would fit, but requests stop at 10.
     assert a == b == [True] * 10 + [False] * 5
+
+
+def test_cache_salt_is_the_keys_own_for_vllm_workers() -> None:
+    from engines.spec import ModelSpec
+    from gateway.allowlist import apply_cache_salt
+    from gateway.keys import mint
+
+    _, a = mint()
+    _, b = mint()
+    assert a.cache_salt != b.cache_salt and len(a.cache_salt) == 32
+    vllm = ModelSpec(name="v", engine="vllm", model="x")
+    relay = ModelSpec(name="o", engine="openai", endpoints=["http://127.0.0.1:1"])
+    body: dict[str, Any] = {"model": "v"}
+    apply_cache_salt(body, vllm, tenant=a.cache_salt)
+    assert body["cache_salt"] == a.cache_salt
+    body = {"model": "o"}
+    apply_cache_salt(body, relay, tenant=a.cache_salt)  # an unknown upstream may refuse it
+    assert "cache_salt" not in body
+    body = {"model": "v"}
+    apply_cache_salt(body, vllm, tenant=None)  # no keys, no tenants: the worker's default
+    assert "cache_salt" not in body
