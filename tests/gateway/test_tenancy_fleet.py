@@ -36,6 +36,8 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         "GATEWAY_REDIS_URL": SHARED_REDIS,
         "GATEWAY_REDIS_PREFIX": prefix,
         "GATEWAY_REDIS_TIMEOUT_MS": "1000",
+        # Every test client comes from 127.0.0.1: lift the per-client connection cap.
+        "GATEWAY_MAX_CONNECTIONS_PER_CLIENT": "2000",
     }
     gws = [GatewayProcess(models, tmp, **env) for _ in range(3)]
     try:
@@ -63,7 +65,9 @@ def test_limiter_holds_across_three_processes(fleet: dict[str, Any]) -> None:
     random.Random(7).shuffle(jobs)
 
     async def run() -> tuple[list[tuple[str, int, str]], float]:
-        limits = httpx.Limits(max_connections=1000, max_keepalive_connections=1000)
+        # No keep-alive: a pooled connection the server closes for idling while this
+        # client reuses it fails with ReadError, and the request's fate would be unknown.
+        limits = httpx.Limits(max_connections=1000, max_keepalive_connections=0)
         async with httpx.AsyncClient(limits=limits, timeout=120) as client:
 
             async def one(key: dict[str, Any], gw: GatewayProcess) -> tuple[str, int, str]:
@@ -116,7 +120,7 @@ def test_usage_matches_engine_counters_with_aborts(fleet: dict[str, Any]) -> Non
     async def run() -> Counter[str]:
         seen: Counter[str] = Counter()
         sem = asyncio.Semaphore(64)
-        limits = httpx.Limits(max_connections=200, max_keepalive_connections=200)
+        limits = httpx.Limits(max_connections=200, max_keepalive_connections=0)
         async with httpx.AsyncClient(limits=limits, timeout=120) as client:
 
             async def one(i: int) -> None:
