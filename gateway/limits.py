@@ -20,7 +20,10 @@ not visible then). The same ratio sizes the prompt part of a TPM reservation.
 
 Outage policy (`GATEWAY_REDIS_OUTAGE`): "closed" answers 503 while Redis does not answer;
 "local" decides in this process with every limit divided by N (`GATEWAY_REDIS_LOCAL_SHARE`,
-default the number of front doors), so N processes together stay near the limit. A key is
+default the number of front doors), so N processes together stay near the limit; the
+token budget is not enforced then (its running total lives in Redis). Several front doors
+with the in-memory store (a keys file, no Redis) likewise each decide at limit ÷ N, and
+each counts usage and budget for itself. A key is
 looked up in Redis at most once a second per process (revocation is seen within that
 second); during an outage the last record seen is used, and an unknown key gets 503. The
 change of state is one log line and the `gateway_state_store_degraded` gauge; after a
@@ -299,6 +302,9 @@ class Tenancy:
         prompt = int(size * self._ratio.get(model, BYTES_RATIO)) + 1
         cost = prompt + completion
         limits = record.limits
+        if self.store.name == "memory" and self.share > 1:
+            # Several front doors without Redis: each holds its share of the limits.
+            limits = _share(limits, self.share, keep_budget=True)
         now_ms = time.time() * 1000
         local = self._skip_store()
         decision: Decision | None = None
@@ -407,14 +413,17 @@ def _eq(a: str, b: str) -> bool:
     return hmac.compare_digest(a, b)
 
 
-def _share(limits: Limits, n: int) -> Limits:
+def _share(limits: Limits, n: int, keep_budget: bool = False) -> Limits:
+    """Each of n deciders' part of the limits. The budget is a lifetime total counted where
+    it is stored: kept as is for a process's own store, off while Redis is away."""
     if n <= 1:
         return limits
 
     def part(v: int) -> int:
         return max(1, v // n) if v else 0
 
-    return Limits(part(limits.rpm), part(limits.tpm), part(limits.max_parallel), 0)
+    budget = limits.budget_tokens if keep_budget else 0
+    return Limits(part(limits.rpm), part(limits.tpm), part(limits.max_parallel), budget)
 
 
 def _ledger_only(spent: Spent) -> Spent:

@@ -14,10 +14,12 @@ Layout of one multi-process gateway (the process that runs `gateway serve` is th
                                   control's loopback port; attach-mode models (`engine:
                                   openai` already) go straight to their workers
 
-Front doors share keys, limits and usage through the state store (Redis when
-`GATEWAY_REDIS_URL` is set; otherwise each front door has its own in-memory limiter, and
-`GATEWAY_REDIS_LOCAL_SHARE` defaults to N). The control process trusts only a random
-per-run token (its only client and admin key), passed to front doors in the environment.
+Front doors share keys, limits, usage and adapter desired state through the state store
+when `GATEWAY_REDIS_URL` is set. Without Redis each front door has its own in-memory
+limiter deciding at limit ÷ N, its own usage ledger, and serves only the adapters loaded
+through itself: use Redis with N > 1 when adapters are loaded at run time. The control
+process trusts only a random per-run token (its only client and admin key), passed to
+front doors in the environment.
 
 Stopping: Ctrl-C or SIGTERM to the parent stops the front doors (uvicorn's supervisor,
 graceful), then the control process (SIGTERM, then SIGKILL after `STOP_TIMEOUT_S`). uvicorn's
