@@ -121,6 +121,9 @@ class StreamObserver:
     def relayed(self, events: int) -> None:
         """SSE events relayed (a stream cut before its usage chunk is billed by them)."""
 
+    def tail(self, blocks: tuple[bytes | None, ...]) -> None:
+        """The stream's last two blocks (where the finish reason is), once at the end."""
+
     def finished(
         self, usage: Usage | None, error: ServingError | None, disconnected: bool
     ) -> None: ...
@@ -153,18 +156,20 @@ class RelayResponse:
         error: ServingError | None = None
         want_usage = self._want_usage
         observer = self._observer
+        tail, prev = self._first, None  # raw: the finish reason is in the last two
         events = 0
         try:
-            block, usage = take_usage(self._first, want_usage)
+            block, usage = take_usage(tail, want_usage)
             events = block.count(b"\n\n")
             await send({"type": "http.response.body", "body": block, "more_body": True})
             last = time.perf_counter()
-            async for block in self._stream:
+            async for raw in self._stream:
+                prev, tail = tail, raw
                 now = time.perf_counter()
                 observer.chunk(now - last)
                 last = now
-                events += block.count(b"\n\n")
-                block, found = take_usage(block, want_usage)
+                events += raw.count(b"\n\n")
+                block, found = take_usage(raw, want_usage)
                 if found is not None:
                     usage = found
                     if not block:
@@ -186,6 +191,7 @@ class RelayResponse:
             await self._stream.aclose()
             if usage is None:
                 observer.relayed(events)
+            observer.tail((tail, prev))
             observer.finished(usage, error, watch.disconnected)
 
     @staticmethod

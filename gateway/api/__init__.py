@@ -9,11 +9,13 @@ by the FastAPI app. Every path the gateway answers is in one of the two.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, MutableMapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Mount, Route
+from starlette.staticfiles import StaticFiles
 
-from gateway.api import adapters, admin, embeddings, generate, models, ops
+from gateway.api import adapters, admin, embeddings, generate, models, ops, status
 
 if TYPE_CHECKING:
     from gateway.state import Gateway
@@ -27,13 +29,20 @@ HOT: dict[str, HotHandler] = {
     "/v1/embeddings": embeddings.embeddings,
 }
 
-COLD: list[Route] = [
+# The status page: plain files, no build step.
+UI_DIR = Path(__file__).resolve().parent.parent / "ui"
+
+COLD: list[BaseRoute] = [
     Route("/v1/models", models.list_models, methods=["GET"]),
     Route("/v1/models/{model_id:path}", models.get_model, methods=["GET"]),
     Route("/v1/load_lora_adapter", adapters.load_lora_adapter, methods=["POST"]),
     Route("/v1/unload_lora_adapter", adapters.unload_lora_adapter, methods=["POST"]),
     Route("/health", ops.health, methods=["GET"]),
+    Route("/health/live", ops.live, methods=["GET"]),
+    Route("/health/ready", ops.ready, methods=["GET"]),
     Route("/metrics", ops.metrics, methods=["GET"]),
+    Route("/status", status.status, methods=["GET"]),
+    Mount("/ui", app=StaticFiles(directory=UI_DIR, html=True), name="ui"),
     Route("/admin/keys", admin.create_key, methods=["POST"]),
     Route("/admin/keys", admin.list_keys, methods=["GET"]),
     Route("/admin/keys/{key_id}", admin.get_key, methods=["GET"]),

@@ -1,5 +1,6 @@
 """Operator routes: `GET /health` (liveness + readiness of every engine; worker details
-only with the admin key) and `GET /metrics`."""
+only with the admin key), the probes `GET /health/live` and `GET /health/ready`, and
+`GET /metrics`."""
 
 from __future__ import annotations
 
@@ -50,3 +51,16 @@ async def health(request: Request) -> Any:
 async def metrics(request: Request) -> Any:
     gw: Gateway = request.app.state.gateway
     return Response(gw.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+async def live(request: Request) -> Any:
+    """Liveness: the process answers (a restart would not help anything else)."""
+    return JSONResponse({"status": "alive"})
+
+
+async def ready(request: Request) -> Any:
+    """Readiness: 200 when any model can serve, else 503 (take it out of the Service)."""
+    gw: Gateway = request.app.state.gateway
+    if any(st.ready for st in gw.served.statuses().values()):
+        return JSONResponse({"status": "ready"})
+    return JSONResponse({"status": "not ready"}, status_code=503)
