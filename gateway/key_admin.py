@@ -14,7 +14,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from gateway.errors import InvalidRequest, NotFound
-from gateway.keys import KeyRecord, mint
+from gateway.keys import KeyPolicy, KeyRecord, mint
 from gateway.limits import Tenancy
 from gateway.state_store import StoreUnavailable
 
@@ -61,7 +61,7 @@ class KeyAdmin:
 
     async def create(self, policy: dict[str, Any]) -> tuple[str, KeyRecord]:
         self._check()
-        allowed = set(KeyRecord.model_fields) - {"id", "salt", "hash", "created", "revoked"}
+        allowed = set(KeyPolicy.model_fields)
         unknown = set(policy) - allowed
         if unknown:
             raise InvalidRequest(f"Unknown key field(s): {', '.join(sorted(unknown))}.")

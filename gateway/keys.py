@@ -29,6 +29,18 @@ from gateway.state_store import Limits
 PREFIX = "gk-"
 
 
+class KeyPolicy(BaseModel):
+    """What `POST /admin/keys` takes (the admin API's documented body)."""
+
+    name: str = ""
+    models: list[str] | None = Field(default=None, description="allowed models; null: all")
+    rpm: int = Field(default=0, ge=0, description="requests per minute; 0: unlimited")
+    tpm: int = Field(default=0, ge=0, description="tokens per minute; 0: unlimited")
+    max_parallel: int = Field(default=0, ge=0, description="0: unlimited")
+    budget_tokens: int = Field(default=0, ge=0, description="lifetime tokens; 0: unlimited")
+    expires_at: float | None = Field(default=None, description="Unix time")
+
+
 class KeyRecord(BaseModel):
     id: str
     name: str = ""
