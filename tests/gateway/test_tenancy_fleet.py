@@ -23,10 +23,14 @@ from tests.gateway.test_tenancy import ADMIN, settled
 RPM = 10  # the GCRA bucket holds one minute: a burst of 10, then one every 6 s
 
 
-@pytest.fixture(scope="module")
+# Per test: the usage check must not inherit the prompt-size estimate the limiter test
+# taught the gateways (aborted streams are billed by it).
+@pytest.fixture
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     sims = SimThread()
-    sim = sims.start(model="m", itl_ms=2, max_running=4096)
+    # 10 ms between tokens: a client abort reaches the simulator before it has run far
+    # past the last relayed token (the usage test compares against its counters).
+    sim = sims.start(model="m", itl_ms=10, max_running=4096)
     tmp = tmp_path_factory.mktemp("fleet")
     prefix = new_prefix()
     models = [{"name": "m", "engine": "openai", "endpoints": [sim.url]}]
