@@ -27,6 +27,10 @@ classic one for a small model on CPU:
   left are trimmed, so the batch never pays for sequences that left;
 - LoRA: one forward serves rows of different adapters through PEFT's mixed-adapter batches
   (`adapter_names=[...]`, `"__base__"` for the base model).
+
+Why ~480 lines: the decode loop, admission between steps and per-row sampling share the
+batch tensors of one step; splitting them would pass those tensors across modules on every
+step of the hot loop.
 """
 
 from __future__ import annotations

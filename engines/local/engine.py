@@ -10,6 +10,10 @@ encoders (`engines.local.embed`), nor any HTTP.
 
 This module imports neither torch nor transformers at import time: `gateway check` imports
 engine classes only to call `check_spec`.
+
+Why ~500 lines: the engine is the one place the request, the batcher, the grammar and the
+response shapes meet; its pieces with a concern of their own are already their own modules
+(prompts, shapes, structured, batcher, kvcache, text, embed).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import orjson
+from pydantic import Field
 
 from engines import model_source
 from engines.base import (
@@ -32,6 +37,7 @@ from engines.base import (
     AdapterNotFound,
     Completed,
     EmbedRequest,
+    EngineBase,
     EngineContext,
     EngineOverloaded,
     EngineStatus,
@@ -45,6 +51,7 @@ from engines.base import (
 )
 from engines.local import shapes
 from engines.local.shapes import ChoiceState
+from engines.options import EngineOptions, options_issues, parse_options
 
 if TYPE_CHECKING:
     from engines.local.batcher import Batcher, SeqEvent, Sequence
@@ -92,7 +99,15 @@ class _Job:
             self.engine._batcher.cancel(live)
 
 
-class LocalEngine:
+class LocalOptions(EngineOptions):
+    """`options:` of a transformers entry (see `LocalEngine`)."""
+
+    device: str = Field(default="cpu", pattern=r"^(cpu|auto|cuda|cuda:[0-9]+)$")
+    threads: int | None = Field(default=None, ge=1)
+    max_waiting: int = Field(default=1024, ge=1)
+
+
+class LocalEngine(EngineBase):
     """The embedded transformers engine (`engine: transformers` in models.yaml).
 
     `task: generate` serves chat and completions through a continuous batcher (requests
@@ -113,15 +128,17 @@ class LocalEngine:
     Requests may carry the vLLM extension `ignore_eos: true` (benchmarks use it).
     """
 
-    OPTIONS: ClassVar[dict[str, type]] = {"device": str, "threads": int, "max_waiting": int}
+    options_model: ClassVar[type[EngineOptions]] = LocalOptions
 
-    def __init__(self, spec: ModelSpec, ctx: EngineContext) -> None:
-        self.spec = spec
-        self.ctx = ctx
-        opts = spec.options
-        self._device_opt = str(opts.get("device", "cpu"))
-        self._threads: int | None = opts.get("threads")
-        self._max_waiting = int(opts.get("max_waiting", 1024))
+    def __init__(self, spec: ModelSpec, context: EngineContext | None = None) -> None:
+        super().__init__(spec, context)
+        self.ctx = context or EngineContext(
+            cache_dir=Path.home() / ".cache" / "llm-gateway", config_dir=Path.cwd()
+        )
+        opts = parse_options(spec, LocalOptions)
+        self._device_opt = opts.device
+        self._threads: int | None = opts.threads
+        self._max_waiting = opts.max_waiting
         self._batcher: Batcher | None = None
         self._embedder: Embedder | None = None
         self._tok: Any = None
@@ -163,22 +180,8 @@ class LocalEngine:
             no("lora", "an embedding model takes no adapters")
         if spec.engine_args:
             no("engine_args", "not used by the transformers engine (use options)")
-        for key, value in spec.options.items():
-            want = cls.OPTIONS.get(key)
-            if want is None:
-                no(f"options.{key}", f"unknown option; known: {', '.join(sorted(cls.OPTIONS))}")
-            elif not isinstance(value, want) or isinstance(value, bool):
-                no(f"options.{key}", f"must be {want.__name__}")
-            elif isinstance(value, int) and value < 1:
-                no(f"options.{key}", "must be ≥ 1")
-        dev = spec.options.get("device", "cpu")
-        if isinstance(dev, str) and not (dev in ("cpu", "auto", "cuda") or dev.startswith("cuda:")):
-            no("options.device", "must be cpu, cuda, cuda:N or auto")
+        issues += options_issues(spec, LocalOptions)
         return issues
-
-    @classmethod
-    def launch_commands(cls, spec: ModelSpec) -> list[list[str]]:
-        return []
 
     @classmethod
     def prefetch(cls, spec: ModelSpec, ctx: EngineContext) -> str:
