@@ -78,6 +78,8 @@ class SimConfig:
     drop_rate: float = 1.0
     # /health answers 503 (and generation 503) for this long after start.
     startup_s: float = 0.0
+    # /health never answers (a wedged process, as under SIGSTOP, for the health probe).
+    hang_health: bool = False
 
     def __post_init__(self) -> None:
         problems = config_problems(self)

@@ -186,7 +186,10 @@ class Connection(asyncio.Protocol):
                 else:
                     self.write_simple(404, JSON, b'{"detail":"Not Found"}', keep_alive)
             elif path == b"/health":
-                if s._starting():
+                if s.config.hang_health:
+                    self.task = asyncio.get_running_loop().create_task(asyncio.sleep(3600))
+                    self.task.add_done_callback(lambda _t: self.next_pending())
+                elif s._starting():
                     self.write_simple(503, TEXT, b"starting", keep_alive)
                 else:
                     self.write_simple(200, TEXT, b"", keep_alive)
@@ -206,6 +209,7 @@ class Connection(asyncio.Protocol):
 
     def generate(self, chat: bool, body: bytes, req_id: bytes | None, keep_alive: bool) -> None:
         s = self.s
+        s.received_total += 1
         if s._starting():
             raise HttpError(503, "The simulator is starting.")
         if s._faulty and s._hit(s.config.error_rate):

@@ -99,7 +99,16 @@ class SimState:
         self.spec_draft_tokens_total = 0
         self.spec_accepted_total = 0
         self.requests_total = 0
+        # Generation requests received (answered, failed by a fault, or cut): attempts.
+        self.received_total = 0
         self._kv_tokens = 0
+
+    def reconfigure(self, **changes: Any) -> None:
+        """Change knobs while serving (tests turn faults on and off): latency, faults and
+        startup; capacity, words and adapters keep their start values."""
+        self.config = c = replace(self.config, **changes)
+        self._zero_latency = c.ttft_ms == 0 and c.itl_ms == 0
+        self._faulty = bool(c.error_rate or c.stall_ms or c.drop_after is not None)
 
     @property
     def running(self) -> int:

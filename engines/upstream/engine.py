@@ -41,7 +41,7 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Sequence
 from typing import Any, ClassVar
 
 import aiohttp
@@ -68,9 +68,10 @@ from engines.spec import ModelSpec
 from engines.upstream import http1
 from engines.upstream.adapters import AdapterFanout
 from engines.upstream.endpoints import Endpoint
-from engines.upstream.errors import error_status_of_event, normalise_error
+from engines.upstream.errors import error_status_of_event, is_backpressure, normalise_error
+from engines.upstream.health import HealthChecks
 from engines.upstream.options import UpstreamOptions
-from engines.upstream.prom_text import sum_samples
+from engines.upstream.outliers import Outliers, RetryBudget
 from engines.upstream.relay import process_run
 from engines.upstream.routing import SCORERS, Router, RoutingRequest
 from engines.upstream.sse import SSEBuffer
@@ -78,6 +79,14 @@ from engines.upstream.sse import SSEBuffer
 __all__ = ["OpenAIEngine"]
 
 log = logging.getLogger("engines.upstream")
+
+
+class _Retriable(Exception):
+    """An attempt failed in a way another worker may serve (nothing reached the client)."""
+
+    def __init__(self, error: ServingError) -> None:
+        super().__init__(error.message)
+        self.error = error
 
 
 class OpenAIEngine(EngineBase):
@@ -98,7 +107,17 @@ class OpenAIEngine(EngineBase):
         self._adapters = self.adapter_state.loaded
         self._health_task: asyncio.Task[None] | None = None
         self._forward_id = opts.forward_request_id
-        self._probe_timeout = aiohttp.ClientTimeout(total=opts.health_timeout_s)
+        self.budget = RetryBudget(opts.retry_budget_ratio, opts.retry_budget_min)
+        self.outliers = Outliers(opts.eject_after_failures, opts.eject_base_s, opts.eject_max_s)
+        self.health = HealthChecks(
+            spec.name,
+            opts,
+            self.metrics_prefix,
+            self.read_worker_metrics,
+            self.adapter_state.reapply,
+            self.outliers,
+            self.budget,
+        )
         # The name to write into responses when the upstream serves under another one.
         self._rename: str | None = (
             spec.name if spec.served_model_name and spec.served_model_name != spec.name else None
@@ -200,7 +219,8 @@ class OpenAIEngine(EngineBase):
             await self._wait_healthy(self.opts.start_timeout_s)
             await self.apply_start_adapters()
             self._health_task = asyncio.create_task(
-                self._health_loop(), name=f"health:{self.spec.name}"
+                self.health.run(lambda: self._session, lambda: self._endpoints),
+                name=f"health:{self.spec.name}",
             )
         except BaseException:
             await self.stop()
@@ -223,7 +243,7 @@ class OpenAIEngine(EngineBase):
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         while True:
-            await asyncio.gather(*(self._probe(ep) for ep in self._endpoints))
+            await self._probe_all()
             if all(ep.healthy for ep in self._endpoints):
                 return
             if loop.time() >= deadline:
@@ -238,55 +258,20 @@ class OpenAIEngine(EngineBase):
                 )
             await asyncio.sleep(0.1)
 
-    async def _health_loop(self) -> None:
-        interval = self.opts.health_interval_s
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                await asyncio.gather(*(self._probe(ep) for ep in self._endpoints))
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # never let the loop die; the next round retries
-                log.exception("health check of %s failed", self.spec.name)
+    async def _probe_all(self) -> None:
+        if self._session is not None:
+            await self.health.round(self._session, self._endpoints)
 
     async def _probe(self, ep: Endpoint) -> None:
-        """Check one worker; scrape its metrics; re-apply adapters when it comes back."""
-        session = self._session
-        if session is None:
-            return
-        try:
-            async with session.get(
-                ep.url + self.opts.health_path, timeout=self._probe_timeout
-            ) as r:
-                await r.read()
-                ok, detail = r.status < 500, f"health answered {r.status}"
-        except (aiohttp.ClientError, TimeoutError, OSError) as e:
-            ok, detail = False, f"health check failed: {e!r}"
-        if ok and self.metrics_prefix:
-            try:
-                async with session.get(ep.url + "/metrics", timeout=self._probe_timeout) as r:
-                    if r.status == 200:
-                        ep.metrics = sum_samples(await r.text(), self.metrics_prefix)
-                        load = WorkerStatus(url=ep.url, healthy=True)
-                        self.read_worker_metrics(ep.metrics, load)
-                        ep.load = load
-            except (aiohttp.ClientError, TimeoutError, OSError, UnicodeDecodeError):
-                pass  # metrics are best effort; health decides
-        if not ok:
-            ep.healthy, ep.detail = False, detail
-            return
-        if not ep.healthy:
-            # Back (or up for the first time): it may have restarted without our adapters.
-            try:
-                await self.adapter_state.reapply(session, ep)
-            except ServingError as e:
-                ep.detail = f"re-applying adapters failed: {e.message}"
-                return
-            ep.healthy, ep.detail = True, "ok"
+        """One health probe of one worker (`engines.upstream.health`)."""
+        if self._session is not None:
+            await self.health.probe(self._session, ep)
 
     # ------------------------------------------------------------------ the hot path
 
-    def _pick(self, req: RoutingRequest | None, exclude: Endpoint | None = None) -> Endpoint | None:
+    def _pick(
+        self, req: RoutingRequest | None, exclude: Sequence[Endpoint] = ()
+    ) -> Endpoint | None:
         """The endpoint for one attempt (`engines.upstream.routing`)."""
         return self.router.pick(self._endpoints, req, exclude)
 
@@ -296,6 +281,25 @@ class OpenAIEngine(EngineBase):
             body = {**body, "model": target}
         return orjson.dumps(body)
 
+    def _no_worker(self) -> EngineUnavailable:
+        """The fast-fail 503 when no worker passes the filters; Retry-After is the time
+        until the next health probe or the end of the soonest ejection."""
+        if self._session is None:
+            return EngineUnavailable(f"model {self.spec.name!r} is not started")
+        now = asyncio.get_running_loop().time()
+        wait = self.opts.health_interval_s
+        for ep in self._endpoints:
+            if ep.ejected and ep.healthy:
+                wait = min(wait, max(0.0, ep.ejected_until - now) + self.opts.health_interval_s)
+        return EngineUnavailable(
+            f"model {self.spec.name!r}: no worker can take the request now",
+            retry_after=max(1.0, wait),
+        )
+
+    def _failed(self, ep: Endpoint, why: str) -> None:
+        """One failure of `ep` toward outlier ejection."""
+        self.outliers.failure(ep, why, asyncio.get_running_loop().time())
+
     async def _send(
         self,
         route: str,
@@ -303,22 +307,24 @@ class OpenAIEngine(EngineBase):
         request_id: str,
         stream: bool,
         rreq: RoutingRequest | None = None,
-    ) -> tuple[Endpoint, Any]:
-        """POST to a picked endpoint; before any response byte, retry a failed connection
-        once on another endpoint (or the same one when it is the only one and the failure
-        was a dropped connection). Returns the endpoint, with its outstanding count raised
-        (the caller lowers it), and an `http1.Stream` (stream) or a whole `http1.Response`."""
-        if self._session is None:
-            raise EngineUnavailable(f"model {self.spec.name!r} is not started")
+    ) -> tuple[Endpoint, Any, bytes]:
+        """POST to a picked endpoint; before the first byte reaches the client, retry a
+        retriable failure (`_attempt`) on another endpoint, at most `max_retries` times and
+        within the retry budget. Returns the endpoint, with its outstanding count raised
+        (the caller lowers it), the `http1.Stream` (stream) or whole `http1.Response`, and
+        for a stream its first body bytes."""
+        budget = self.budget
+        budget.requests += 1
         ep = self._pick(rreq)
         if ep is None:
-            raise EngineUnavailable(f"model {self.spec.name!r} has no endpoints")
+            raise self._no_worker()
         rid = (
             request_id.encode()
             if self._forward_id and request_id.isascii() and request_id.isprintable()
             else None
         )
-        for attempt in (0, 1):
+        tried: list[Endpoint] = []
+        while True:
             pool = ep.pool
             if pool is None:
                 raise EngineUnavailable(f"model {self.spec.name!r} is not started")
@@ -332,54 +338,125 @@ class OpenAIEngine(EngineBase):
                     len(data),
                     data,
                 )
-            ep.outstanding += 1
             try:
-                resp: Any = await (pool.stream(req) if stream else pool.fetch(req))
-            except TimeoutError as e:
-                ep.outstanding -= 1
+                resp, first = await self._attempt(ep, pool, req, stream)
+            except _Retriable as r:
+                tried.append(ep)
+                other = None
+                if len(tried) <= self.opts.max_retries:
+                    other = self._pick(rreq, tried)
+                if other is None or not budget.try_retry():
+                    raise r.error from r.__cause__
+                ep = other
+                continue
+            return ep, resp, first
+
+    async def _attempt(
+        self, ep: Endpoint, pool: http1.Pool, req: bytes, stream: bool
+    ) -> tuple[Any, bytes]:
+        """One attempt on one endpoint. Raises `_Retriable` for what may go to another
+        worker (nothing reached the client): connect errors and timeouts, a connection
+        closed or reset before the answer, a stream's first-byte timeout, 502/503/504
+        that are not backpressure. Counts failures toward ejection (never a 429 or a
+        queue-full 503) and successes that end a failure streak."""
+        ep.outstanding += 1
+        resp: Any = None
+        sresp: http1.Stream | None = None
+        try:
+            if stream:
+                # One timer per stream for its first bytes (headers + first body read);
+                # streams cost milliseconds, the timer ~2 µs.
+                async with asyncio.timeout(self.opts.first_byte_timeout_s):
+                    resp = sresp = await pool.stream(req)
+                    if resp.status != 200:
+                        body = await resp.read()
+                        raise self._status_error(ep, resp.status, body, resp.header(b"retry-after"))
+                    first = await resp.read_chunk()
+            else:
+                resp = await pool.fetch(req)
+                if resp.status != 200:
+                    raise self._status_error(
+                        ep, resp.status, resp.body, resp.header(b"retry-after")
+                    )
+                first = b""
+        except _Retriable:
+            ep.outstanding -= 1
+            if sresp is not None:
+                sresp.release()
+            raise
+        except ServingError:
+            ep.outstanding -= 1
+            if sresp is not None:
+                sresp.release()
+            raise
+        except http1.ConnectError as e:
+            ep.outstanding -= 1
+            ep.healthy, ep.detail = False, f"connection failed: {e}"
+            self._failed(ep, f"connection failed: {e}")
+            raise _Retriable(EngineUnavailable(f"upstream {ep.url} unreachable: {e}")) from e
+        except http1.Disconnected as e:
+            ep.outstanding -= 1
+            self._failed(ep, f"connection reset: {e}")
+            raise _Retriable(EngineUnavailable(f"upstream {ep.url} unreachable: {e}")) from e
+        except TimeoutError as e:
+            ep.outstanding -= 1
+            if sresp is not None:
+                sresp.close()
+            what = "connecting" if isinstance(e, http1.ConnectTimeout) else "first byte"
+            if not stream and not isinstance(e, http1.ConnectTimeout):
+                self._failed(ep, f"no answer in {self.opts.read_timeout_s:g} s")
                 raise EngineTimeout(f"upstream {ep.url} did not answer in time: {e!r}") from e
-            except (http1.ConnectError, http1.Disconnected) as e:
-                ep.outstanding -= 1
-                refused = isinstance(e, http1.ConnectError)
-                if refused:
-                    ep.healthy, ep.detail = False, f"connection failed: {e}"
-                other = self._pick(rreq, ep)
-                if attempt == 0 and (other is not None or not refused):
-                    ep = other or ep
-                    continue
-                raise EngineUnavailable(f"upstream {ep.url} unreachable: {e}") from e
-            except http1.ProtocolError as e:
-                ep.outstanding -= 1
-                raise UpstreamError(f"upstream {ep.url} failed mid-response: {e}") from e
-            except BaseException:
-                ep.outstanding -= 1
-                raise
-            return ep, resp
-        raise AssertionError("unreachable")  # pragma: no cover
+            self._failed(ep, f"{what} timeout")
+            raise _Retriable(
+                EngineTimeout(f"upstream {ep.url} did not answer in time ({what})")
+            ) from e
+        except http1.ProtocolError as e:
+            ep.outstanding -= 1
+            if sresp is not None:
+                sresp.close()
+            self._failed(ep, f"broken answer: {e}")
+            if stream:  # before the first body byte: nothing reached the client
+                raise _Retriable(UpstreamError(f"upstream {ep.url} failed: {e}")) from e
+            raise UpstreamError(f"upstream {ep.url} failed mid-response: {e}") from e
+        except BaseException:
+            ep.outstanding -= 1
+            if sresp is not None:
+                sresp.close()
+            raise
+        self.outliers.success(ep)
+        return resp, first
+
+    def _status_error(
+        self, ep: Endpoint, status: int, body: bytes, retry_after: bytes | None
+    ) -> BaseException:
+        """An error answer: the ServingError to raise (wrapped in `_Retriable` for a
+        502/503/504 that is not backpressure), counted toward ejection when it is a
+        failure of the worker."""
+        err = self._answer_error(status, body, retry_after)
+        if status == 429 or is_backpressure(status, err):
+            return err
+        if status >= 500:
+            self._failed(ep, f"answered {status}: {err.message[:200]}")
+            if status in (502, 503, 504):
+                return _Retriable(err)
+        else:
+            self.outliers.success(ep)  # a client error: the worker itself works
+        return err
 
     def _answer_error(self, status: int, body: bytes, retry_after: bytes | None) -> ServingError:
         err = self.normalise_error(status, body)
-        if isinstance(err, EngineOverloaded) and retry_after is not None:
+        if isinstance(err, (EngineOverloaded, EngineUnavailable)) and retry_after is not None:
             with contextlib.suppress(ValueError):
                 err.retry_after = float(retry_after)
         return err
-
-    async def _read_error(self, resp: http1.Stream) -> ServingError:
-        try:
-            body = await resp.read()
-        except (http1.ProtocolError, TimeoutError):
-            body = b""
-        return self._answer_error(resp.status, body, resp.header(b"retry-after"))
 
     async def _request(
         self, route: str, data: bytes, request_id: str, rreq: RoutingRequest | None = None
     ) -> bytes:
         """A whole upstream answer's body (non-streamed routes). A cancelled request closes
         its connection (inside `http1`): that is how it reaches the upstream at once."""
-        ep, resp = await self._send(route, data, request_id, False, rreq)
+        ep, resp, _ = await self._send(route, data, request_id, False, rreq)
         ep.outstanding -= 1
-        if resp.status != 200:
-            raise self._answer_error(resp.status, resp.body, resp.header(b"retry-after"))
         body: bytes = resp.body
         return body
 
@@ -426,7 +503,7 @@ class OpenAIEngine(EngineBase):
 
     async def stream(self, req: GenerateRequest) -> AsyncGenerator[bytes, None]:
         route = "chat" if req.route == "chat" else "completions"
-        ep, resp = await self._send(
+        ep, resp, data = await self._send(
             route,
             self._encode(req.body, req.adapter),
             req.request_id,
@@ -434,48 +511,49 @@ class OpenAIEngine(EngineBase):
             RoutingRequest(adapter=req.adapter),
         )
         try:
-            if resp.status != 200:
-                raise await self._read_error(resp)
             rename = self._rename if req.adapter is None else None
             slow = rename is not None or self._custom_chunk
             buf = SSEBuffer()
             read = resp.read_chunk
             done = False
             while True:
-                try:
-                    data = await read()
-                except TimeoutError as e:
-                    raise EngineTimeout(f"upstream {ep.url} stalled mid-stream") from e
-                except http1.ProtocolError as e:
-                    raise UpstreamError(f"upstream {ep.url} broke the stream: {e}") from e
                 if not data:
                     break
                 run = buf.feed(data)
-                if not run:
-                    continue
-                # The fast path: the run is relayed as received. Everything unusual (the
-                # final [DONE], an error event, comments, non-`data: ` lines) goes slow.
-                if (
-                    slow
-                    or b"[DONE]" in run
-                    or b'"error"' in run
-                    or b"\n:" in run
-                    or not run.startswith(b"data: ")
-                ):
-                    run, seen_done, error = process_run(
-                        run,
-                        rename,
-                        self.transform_chunk if self._custom_chunk else None,
-                        self._error_from_event,
-                    )
-                    done = done or seen_done
-                    if run:
+                if run:
+                    # The fast path: the run is relayed as received. Everything unusual
+                    # (the final [DONE], an error event, comments, non-`data: ` lines) goes
+                    # slow.
+                    if (
+                        slow
+                        or b"[DONE]" in run
+                        or b'"error"' in run
+                        or b"\n:" in run
+                        or not run.startswith(b"data: ")
+                    ):
+                        run, seen_done, error = process_run(
+                            run,
+                            rename,
+                            self.transform_chunk if self._custom_chunk else None,
+                            self._error_from_event,
+                        )
+                        done = done or seen_done
+                        if run:
+                            yield run
+                        if error is not None:
+                            raise error
+                    else:
                         yield run
-                    if error is not None:
-                        raise error
-                    continue
-                yield run
+                try:
+                    data = await read()
+                except TimeoutError as e:
+                    self._failed(ep, "stalled mid-stream")
+                    raise EngineTimeout(f"upstream {ep.url} stalled mid-stream") from e
+                except http1.ProtocolError as e:
+                    self._failed(ep, f"broke the stream: {e}")
+                    raise UpstreamError(f"upstream {ep.url} broke the stream: {e}") from e
             if not done:
+                self._failed(ep, "ended the stream before [DONE]")
                 raise UpstreamError(f"upstream {ep.url} ended the stream before [DONE]")
         finally:
             ep.outstanding -= 1
@@ -551,14 +629,28 @@ class OpenAIEngine(EngineBase):
     def status(self) -> EngineStatus:
         workers: list[WorkerStatus] = []
         for ep in self._endpoints:
-            w = WorkerStatus(url=ep.url, healthy=ep.healthy, detail=ep.detail)
+            w = WorkerStatus(
+                url=ep.url,
+                healthy=ep.healthy,
+                detail=ep.detail,
+                ejected=ep.ejected,
+                ejections=ep.ejections,
+                last_error=ep.last_error,
+                outstanding=ep.outstanding,
+            )
             self.read_worker_metrics(ep.metrics, w)
             workers.append(w)
-        healthy = sum(w.healthy for w in workers)
+        serving = sum(w.healthy and not w.ejected for w in workers)
         return EngineStatus(
-            ready=healthy > 0,
-            detail=f"{healthy}/{len(workers)} endpoints healthy",
+            ready=serving > 0,
+            detail=f"{serving}/{len(workers)} endpoints serving",
             running=sum(w.running or 0 for w in workers),
             waiting=sum(w.waiting or 0 for w in workers),
             workers=workers,
+            counters={
+                "retries": self.budget.retries_total,
+                "retry_budget_exhausted": self.budget.exhausted,
+                "ejections": sum(ep.ejections for ep in self._endpoints),
+                "wedged": self.health.wedged,
+            },
         )

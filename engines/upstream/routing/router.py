@@ -1,8 +1,19 @@
 """The router: filter → weighted scorers → pick, for one model's endpoints.
 
-Owns the healthy / not-excluded filter, the weighted sum and the picker (highest sum;
-ties broken round-robin by a rotating scan start, so an idle fleet is served in turn). Does
-not own any scorer's formula (one module each in this package).
+Owns the filters and the picker; does not own any scorer's formula (one module each in this
+package). The filters, in order, each one attribute read per endpoint:
+
+    healthy     the last health probe (or connect attempt) succeeded
+    not ejected outlier ejection (`engines.upstream.outliers`) has not taken it out; a
+                half-open endpoint (just re-admitted) takes one request at a time
+    not tried   not already tried by this request (a retry goes elsewhere)
+
+When nothing passes, the answer is None: the engine fails fast with 503 + Retry-After
+rather than sending to a worker it believes down (health is re-probed every
+`health_interval_s`, ejections end on their own).
+
+The picker: the highest weighted sum; ties broken round-robin by a rotating scan start, so
+an idle fleet is served in turn.
 """
 
 from __future__ import annotations
@@ -12,9 +23,15 @@ from collections.abc import Sequence
 from engines.upstream.endpoints import Endpoint
 from engines.upstream.routing.base import RoutingRequest, Scorer
 
-__all__ = ["Router"]
+__all__ = ["Router", "usable"]
 
 _NO_REQUEST = RoutingRequest()
+_NONE: tuple[Endpoint, ...] = ()
+
+
+def usable(e: Endpoint) -> bool:
+    """The healthy and not-ejected filters for one endpoint."""
+    return e.healthy and not e.ejected and not (e.half_open and e.outstanding)
 
 
 class Router:
@@ -28,23 +45,25 @@ class Router:
         self,
         endpoints: Sequence[Endpoint],
         request: RoutingRequest | None = None,
-        exclude: Endpoint | None = None,
+        exclude: Sequence[Endpoint] = _NONE,
     ) -> Endpoint | None:
         n = len(endpoints)
         if n == 1:
-            return endpoints[0] if exclude is None else None
+            e = endpoints[0]
+            return e if usable(e) and e not in exclude else None
         if n == 0:
             return None
         # Rotate the order so that ties go round-robin.
         start = self._rr = (self._rr + 1) % n
-        order = [endpoints[(start + i) % n] for i in range(n)]
-        candidates = [e for e in order if e.healthy and e is not exclude]
-        if not candidates:
-            candidates = [e for e in order if e is not exclude]
-            if not candidates:
-                return None
-        if len(candidates) == 1:
-            return candidates[0]
+        candidates = [
+            e
+            for e in (endpoints[(start + i) % n] for i in range(n))
+            if e.healthy and not e.ejected and not (e.half_open and e.outstanding)
+        ]
+        if exclude:
+            candidates = [e for e in candidates if e not in exclude]
+        if len(candidates) <= 1:
+            return candidates[0] if candidates else None
         req = request or _NO_REQUEST
         totals = [0.0] * len(candidates)
         for scorer, weight in self.scorers:
