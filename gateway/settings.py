@@ -29,6 +29,15 @@ class Settings(BaseSettings):
     api_keys: str = ""
     # Key for the admin routes (adapter load/unload); empty means they are disabled.
     admin_key: str = ""
+    # /health/ready: "any" model ready, "all" of them, or a comma-separated list of names.
+    ready_when: str = "any"
+    # A model that fails to start is retried after this many seconds, doubling to 300.
+    start_retry_s: float = Field(default=5.0, gt=0)
+    # On SIGTERM: readiness goes 503 at once, the listener keeps accepting for
+    # drain_accept_s (a load balancer notices), then in-flight requests get up to
+    # drain_timeout_s to finish.
+    drain_accept_s: float = Field(default=5.0, ge=0)
+    drain_timeout_s: float = Field(default=45.0, ge=0)
 
     # Request bounds, checked before anything reaches an engine.
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)

@@ -35,6 +35,7 @@ class Gateway:
             context=EngineContext(
                 cache_dir=settings.cache_dir, config_dir=catalog.base_dir, progress=_progress
             ),
+            retry_first_s=settings.start_retry_s,
         )
         self.metrics = Metrics(self.served.statuses, self.served.adapter_counts)
         self.request_ids = RequestIds()

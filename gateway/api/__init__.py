@@ -33,6 +33,8 @@ COLD: list[Route] = [
     Route("/v1/load_lora_adapter", adapters.load_lora_adapter, methods=["POST"]),
     Route("/v1/unload_lora_adapter", adapters.unload_lora_adapter, methods=["POST"]),
     Route("/health", ops.health, methods=["GET"]),
+    Route("/health/live", ops.live, methods=["GET"]),
+    Route("/health/ready", ops.ready, methods=["GET"]),
     Route("/metrics", ops.metrics, methods=["GET"]),
 ]
 

@@ -1,4 +1,12 @@
-"""Operator routes: `GET /health` (liveness + readiness of every engine) and `GET /metrics`."""
+"""Operator routes: `GET /health/live` (the process answers), `GET /health/ready` (the
+configured models can serve: `GATEWAY_READY_WHEN`), `GET /health` (every model and worker
+with its state, restarts, ejections and last error) and `GET /metrics`.
+
+Readiness is per model, never "every model or nothing": one dead model does not take the
+gateway out of a load balancer while the others serve (unless `GATEWAY_READY_WHEN=all`).
+While draining (SIGTERM) readiness answers 503 at once. No worker URL is shown here: a
+public health check must not map the network behind the gateway.
+"""
 
 from __future__ import annotations
 
@@ -9,25 +17,81 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 if TYPE_CHECKING:
+    from engines.base import EngineStatus
     from gateway.state import Gateway
+
+_RETRY = {"Retry-After": "5"}
+
+
+def _ready(gw: Gateway, statuses: dict[str, EngineStatus]) -> tuple[bool, str]:
+    """Whether the gateway is ready under `GATEWAY_READY_WHEN` (any | all | model names,
+    comma-separated), and why not."""
+    if gw.served.draining:
+        return False, "draining"
+    rule = gw.settings.ready_when.strip()
+    if rule == "all":
+        names = list(statuses)
+        need_all = True
+    elif rule == "any":
+        names, need_all = list(statuses), False
+    else:
+        names, need_all = [n.strip() for n in rule.split(",") if n.strip()], True
+    ready = [n for n in names if n in statuses and statuses[n].ready]
+    ok = bool(names) and (len(ready) == len(names) if need_all else bool(ready))
+    if ok:
+        return True, "ready"
+    down = [n for n in names if n not in ready]
+    return False, f"not ready: {', '.join(down) or 'no models'}"
+
+
+def _worker_state(healthy: bool, ejected: bool) -> str:
+    if ejected:
+        return "ejected"
+    return "healthy" if healthy else "down"
 
 
 async def health(request: Request) -> Any:
     gw: Gateway = request.app.state.gateway
     statuses = gw.served.statuses()
-    models = {
-        name: {
+    models: dict[str, Any] = {}
+    for name, st in statuses.items():
+        models[name] = {
             "ready": st.ready,
+            "state": "ready" if st.ready else "unavailable",
             "detail": st.detail,
-            "workers": [{"url": w.url, "healthy": w.healthy} for w in st.workers],
+            "workers": [
+                {
+                    "id": i,
+                    "state": _worker_state(w.healthy, w.ejected),
+                    "healthy": w.healthy,
+                    "restarts": w.restarts,
+                    "ejections": w.ejections,
+                    "in_flight": w.outstanding,
+                    "last_error": w.last_error,
+                }
+                for i, w in enumerate(st.workers)
+            ],
         }
-        for name, st in statuses.items()
-    }
-    ready = bool(statuses) and all(st.ready for st in statuses.values())
+    ok, why = _ready(gw, statuses)
     return JSONResponse(
-        {"status": "ok" if ready else "degraded", "models": models},
-        status_code=200 if ready else 503,
+        {"status": "ok" if ok else "degraded", "ready": why, "models": models},
+        status_code=200 if ok else 503,
+        headers=None if ok else _RETRY,
     )
+
+
+async def live(request: Request) -> Any:
+    """Liveness: the process answers (restarting it would not help anything else)."""
+    return JSONResponse({"status": "alive"})
+
+
+async def ready(request: Request) -> Any:
+    """Readiness (`GATEWAY_READY_WHEN`); 503 with Retry-After while not ready or draining."""
+    gw: Gateway = request.app.state.gateway
+    ok, why = _ready(gw, gw.served.statuses())
+    if ok:
+        return JSONResponse({"status": "ready"})
+    return JSONResponse({"status": why}, status_code=503, headers=_RETRY)
 
 
 async def metrics(request: Request) -> Any:
