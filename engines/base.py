@@ -73,6 +73,9 @@ class GenerateRequest:
     adapter: str | None
     request_id: str
     created: int
+    # The session key for session-affine routing (the header the model's `routing:` names),
+    # filled by the gateway only when that model routes by session.
+    session: str | None = None
 
 
 @dataclass(slots=True)

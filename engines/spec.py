@@ -90,10 +90,20 @@ class RequestDefaults(_Strict):
 
 class RoutingSpec(_Strict):
     """How a request picks one of the model's workers (`engines.upstream.routing`):
-    scorer name → weight. The default is fewest outstanding requests among healthy
-    workers, ties round-robin."""
+    scorer name → weight, and what the affinity scorers key on. The default is fewest
+    outstanding requests among healthy workers, ties round-robin."""
 
     scorers: dict[str, float] = Field(default_factory=lambda: {"least_outstanding": 1.0})
+    # Ties between equal weighted scores: "round_robin" (a rotating scan start) or "random".
+    ties: Literal["round_robin", "random"] = "round_robin"
+    # prefix_affinity: the prompt's first `prefix_chars` characters are its key.
+    prefix_chars: int = Field(default=512, ge=16, le=65536)
+    # prefix_affinity / session_affinity: consistent hashing with bounded load — a key's
+    # worker is skipped while it has more than `load_factor` × the mean outstanding.
+    load_factor: float = Field(default=1.25, ge=1.0, le=10.0)
+    # session_affinity: the request header that names the session (the body's `user` field
+    # is the fallback).
+    session_header: str = Field(default="x-session-id", pattern=r"^[A-Za-z0-9-]+$")
 
     @field_validator("scorers")
     @classmethod

@@ -74,6 +74,8 @@ from engines.upstream.options import UpstreamOptions
 from engines.upstream.outliers import Outliers, RetryBudget
 from engines.upstream.relay import process_run
 from engines.upstream.routing import SCORERS, Router, RoutingRequest
+from engines.upstream.routing.hashring import stable_hash
+from engines.upstream.routing.prefix import prompt_prefix
 from engines.upstream.sse import SSEBuffer
 
 __all__ = ["OpenAIEngine"]
@@ -102,7 +104,9 @@ class OpenAIEngine(EngineBase):
         self.opts: UpstreamOptions = opts
         self._session: aiohttp.ClientSession | None = None
         self._endpoints: list[Endpoint] = []
-        self.router = Router([(SCORERS[n](), w) for n, w in spec.routing.scorers.items()])
+        self.router = Router.from_spec(spec.routing, SCORERS)
+        self._needs_prefix = "prefix" in self.router.needs
+        self._needs_session = "session" in self.router.needs
         self.adapter_state = AdapterFanout(spec.name, self.normalise_error, opts.adapter_timeout_s)
         self._adapters = self.adapter_state.loaded
         self._health_task: asyncio.Task[None] | None = None
@@ -274,6 +278,19 @@ class OpenAIEngine(EngineBase):
     ) -> Endpoint | None:
         """The endpoint for one attempt (`engines.upstream.routing`)."""
         return self.router.pick(self._endpoints, req, exclude)
+
+    def _routing_request(self, req: GenerateRequest) -> RoutingRequest:
+        """What the router may know of `req`; the hashes only when a scorer needs them."""
+        if not (self._needs_prefix or self._needs_session):
+            return RoutingRequest(adapter=req.adapter)
+        prefix = session = None
+        if self._needs_prefix:
+            text = prompt_prefix(req.body, self.spec.routing.prefix_chars)
+            prefix = stable_hash(text) if text else None
+        if self._needs_session:
+            key = req.session or req.body.get("user")
+            session = stable_hash(str(key)) if key else None
+        return RoutingRequest(adapter=req.adapter, prefix=prefix, session=session)
 
     def _encode(self, body: dict[str, Any], adapter: str | None) -> bytes:
         target = adapter or self.spec.upstream_name
@@ -480,7 +497,7 @@ class OpenAIEngine(EngineBase):
 
     async def complete(self, req: GenerateRequest) -> Completed:
         route = "chat" if req.route == "chat" else "completions"
-        rreq = RoutingRequest(adapter=req.adapter)
+        rreq = self._routing_request(req)
         body = await self._request(route, self._encode(req.body, req.adapter), req.request_id, rreq)
         obj = self._decode(body)
         rename = self._rename if req.adapter is None else None
@@ -508,7 +525,7 @@ class OpenAIEngine(EngineBase):
             self._encode(req.body, req.adapter),
             req.request_id,
             True,
-            RoutingRequest(adapter=req.adapter),
+            self._routing_request(req),
         )
         try:
             rename = self._rename if req.adapter is None else None

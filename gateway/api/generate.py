@@ -102,6 +102,8 @@ async def _generate(gw: Gateway, route: Route, scope: Scope, receive: Receive, s
             request_id=rid,
             created=int(time.time()),
         )
+        if "session_affinity" in spec.routing.scorers:
+            req.session = inc.header(spec.routing.session_header.lower().encode())
     except ServingError as exc:
         record.finished(None, exc, False)
         await error_response(exc, rid)(scope, receive, send)

@@ -13,13 +13,16 @@ rather than sending to a worker it believes down (health is re-probed every
 `health_interval_s`, ejections end on their own).
 
 The picker: the highest weighted sum; ties broken round-robin by a rotating scan start, so
-an idle fleet is served in turn.
+an idle fleet is served in turn, or at random (`routing.ties: random`, for several gateway
+processes whose round-robin cursors would otherwise move in step).
 """
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 
+from engines.spec import RoutingSpec
 from engines.upstream.endpoints import Endpoint
 from engines.upstream.routing.base import RoutingRequest, Scorer
 
@@ -37,9 +40,23 @@ def usable(e: Endpoint) -> bool:
 class Router:
     """Picks one endpoint per attempt. `scorers` are (scorer, weight) pairs."""
 
-    def __init__(self, scorers: Sequence[tuple[Scorer, float]]) -> None:
+    def __init__(self, scorers: Sequence[tuple[Scorer, float]], ties: str = "round_robin") -> None:
         self.scorers = list(scorers)
         self._rr = -1
+        self.random_ties = ties == "random"
+        # The request keys some scorer needs (the engine computes only these).
+        self.needs = frozenset(getattr(s, "needs", "") for s, _w in self.scorers) - {""}
+
+    @classmethod
+    def from_spec(cls, routing: RoutingSpec, table: dict[str, type[Scorer]]) -> Router:
+        scorers: list[tuple[Scorer, float]] = []
+        for name, weight in routing.scorers.items():
+            scorer = table[name]()
+            configure = getattr(scorer, "configure", None)
+            if configure is not None:
+                configure(routing)
+            scorers.append((scorer, weight))
+        return cls(scorers, routing.ties)
 
     def pick(
         self,
@@ -73,4 +90,9 @@ class Router:
         for i in range(1, len(candidates)):
             if totals[i] > totals[best] + 1e-12:
                 best = i
+        if self.random_ties:
+            top = totals[best] - 1e-12
+            tied = [i for i, t in enumerate(totals) if t >= top]
+            if len(tied) > 1:
+                best = random.choice(tied)
         return candidates[best]
