@@ -49,6 +49,10 @@ class Endpoint:
     eject_streak: int = 0
     ejections: int = 0
     last_error: str = ""
+    # Adapters this worker holds, least recently used first (on-demand placement only,
+    # `engines.upstream.adapters`), and how many it may hold.
+    adapters: dict[str, None] = field(default_factory=dict)
+    adapter_slots: int = 0
     # Raw metric sums from the last scrape, and the engine-neutral reading of them
     # (running, waiting, KV-cache use) that routing scorers use.
     metrics: dict[str, float] = field(default_factory=dict)

@@ -107,7 +107,12 @@ class OpenAIEngine(EngineBase):
         self.router = Router.from_spec(spec.routing, SCORERS)
         self._needs_prefix = "prefix" in self.router.needs
         self._needs_session = "session" in self.router.needs
-        self.adapter_state = AdapterFanout(spec.name, self.normalise_error, opts.adapter_timeout_s)
+        on_demand = "lora_affinity" in spec.routing.scorers and spec.lora is not None
+        self._slots = spec.lora.max_adapters if spec.lora is not None else 0
+        self.adapter_state = AdapterFanout(
+            spec.name, self.normalise_error, opts.adapter_timeout_s, on_demand, self._slots
+        )
+        self._on_demand = on_demand
         self._adapters = self.adapter_state.loaded
         self._health_task: asyncio.Task[None] | None = None
         self._forward_id = opts.forward_request_id
@@ -220,6 +225,7 @@ class OpenAIEngine(EngineBase):
             read_s = self.opts.read_timeout_s
             for ep in self._endpoints:
                 ep.connect(headers, connect_s, read_s)
+                ep.adapter_slots = self._slots
             await self._wait_healthy(self.opts.start_timeout_s)
             await self.apply_start_adapters()
             self._health_task = asyncio.create_task(
@@ -355,6 +361,8 @@ class OpenAIEngine(EngineBase):
                     len(data),
                     data,
                 )
+            if self._on_demand and rreq is not None and rreq.adapter is not None:
+                await self.adapter_state.ensure(self._session, ep, rreq.adapter)
             try:
                 resp, first = await self._attempt(ep, pool, req, stream)
             except _Retriable as r:
@@ -669,5 +677,7 @@ class OpenAIEngine(EngineBase):
                 "retry_budget_exhausted": self.budget.exhausted,
                 "ejections": sum(ep.ejections for ep in self._endpoints),
                 "wedged": self.health.wedged,
+                "adapter_loads": self.adapter_state.loads,
+                "adapter_evictions": self.adapter_state.evictions,
             },
         )

@@ -23,6 +23,7 @@ from __future__ import annotations
 from engines.upstream.routing.base import RoutingRequest, Scorer
 from engines.upstream.routing.kv_cache import KVCacheScorer
 from engines.upstream.routing.least_outstanding import LeastOutstandingScorer
+from engines.upstream.routing.lora_affinity import LoraAffinityScorer
 from engines.upstream.routing.prefix_affinity import PrefixAffinityScorer
 from engines.upstream.routing.queue_depth import QueueDepthScorer
 from engines.upstream.routing.router import Router
@@ -35,6 +36,7 @@ SCORERS: dict[str, type[Scorer]] = {
     "kv_cache": KVCacheScorer,
     "prefix_affinity": PrefixAffinityScorer,
     "session_affinity": SessionAffinityScorer,
+    "lora_affinity": LoraAffinityScorer,
 }
 
 __all__ = ["SCORERS", "Router", "RoutingRequest", "Scorer"]

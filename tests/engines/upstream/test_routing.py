@@ -85,3 +85,54 @@ def test_prompt_prefix() -> None:
     assert prompt_prefix({"prompt": ["abc", "x"]}, 2) == "ab"
     parts = {"messages": [{"role": "user", "content": [{"type": "text", "text": "hey"}]}]}
     assert prompt_prefix(parts, 100) == "user:hey\n"
+
+
+# ---------------------------------------------------------------- LoRA placement (live)
+
+
+async def test_lora_affinity_places_adapters_on_demand_with_lru_eviction() -> None:
+    from engines.spec import ModelSpec
+    from engines.upstream.engine import OpenAIEngine
+    from simulator import SimConfig, SimServer
+    from tests.engines.upstream.test_engine import chat
+
+    servers = []
+    for _ in range(3):
+        s = SimServer(SimConfig(model="sim-m", max_loras=2, lora_load_ms=5))
+        await s.start()
+        servers.append(s)
+    sp = ModelSpec(
+        name="sim-m",
+        engine="openai",
+        endpoints=[s.url for s in servers],
+        lora={"max_adapters": 2},
+        routing={"scorers": {"lora_affinity": 2, "least_outstanding": 1}},
+        options={"health_interval_s": 0.1},
+    )
+    engine = OpenAIEngine(sp)
+    await engine.start()
+    try:
+        names = [f"a{i}" for i in range(7)]
+        for n in names:
+            await engine.load_adapter(n, f"/adapters/{n}")  # checked on one worker
+        assert sorted(engine.adapters()) == names
+        for _ in range(3):
+            for n in names:
+                assert (await engine.complete(chat(adapter=n))).usage is not None
+        # Never more than the slots on a worker; the simulator agrees with our placement.
+        for ep, s in zip(engine._endpoints, servers, strict=True):
+            assert len(ep.adapters) <= 2 and set(ep.adapters) == set(s.adapters)
+        counters = engine.status().counters
+        assert counters["adapter_evictions"] >= 1  # 7 adapters, 6 slots
+        loads = counters["adapter_loads"]
+        # A held adapter is used where it is: repeating the last round loads nothing.
+        held = {n for ep in engine._endpoints for n in ep.adapters}
+        for n in sorted(held):
+            await engine.complete(chat(adapter=n))
+        assert engine.status().counters["adapter_loads"] == loads
+        await engine.unload_adapter("a0")
+        assert all("a0" not in s.adapters for s in servers)
+    finally:
+        await engine.stop()
+        for s in servers:
+            await s.stop()
