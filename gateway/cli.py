@@ -40,7 +40,9 @@ def _serve(args: argparse.Namespace) -> int:
     except CatalogError as e:
         print(e, file=sys.stderr)
         return 2
-    uvicorn.run(
+    from gateway.drain import DrainingServer
+
+    config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
@@ -49,8 +51,9 @@ def _serve(args: argparse.Namespace) -> int:
         log_level=settings.log_level.lower(),
         access_log=False,
         proxy_headers=False,
-        timeout_graceful_shutdown=30,
+        timeout_graceful_shutdown=int(settings.drain_timeout_s),
     )
+    DrainingServer(config, app.state.gateway.served, settings.drain_accept_s).run()
     return 0
 
 

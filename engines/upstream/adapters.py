@@ -56,9 +56,13 @@ class AdapterFanout:
         self.slots = slots
         # Loads in progress per (worker, adapter): concurrent requests share one.
         self._loading: dict[tuple[str, str], asyncio.Future[None]] = {}
+        self._ep_locks: dict[str, asyncio.Lock] = {}
         # Totals for the metrics.
         self.loads = 0
         self.evictions = 0
+        # Adapter requests that found their worker holding the adapter, and that did not.
+        self.hits = 0
+        self.misses = 0
 
     # ---------------------------------------------------------------- on-demand placement
 
@@ -76,8 +80,10 @@ class AdapterFanout:
         adapter when its slots are full. Concurrent calls for one (worker, adapter) share
         one load."""
         if name in ep.adapters:
+            self.hits += 1
             self.touch(ep, name)
             return
+        self.misses += 1
         path = self.loaded.get(name)
         if path is None:
             raise AdapterNotFound(
@@ -90,15 +96,18 @@ class AdapterFanout:
             return
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._loading[key] = fut
+        # One load at a time per worker: slots are counted with no load half done.
+        lock = self._ep_locks.setdefault(ep.url, asyncio.Lock())
         try:
-            while len(ep.adapters) >= self.slots:
-                victim = next(iter(ep.adapters))
-                del ep.adapters[victim]
-                self.evictions += 1
-                await self.call(session, ep, "unload", victim, tolerate=True)
-            await self.call(session, ep, "load", name, path, tolerate=True)
-            self.loads += 1
-            self.touch(ep, name)
+            async with lock:
+                while len(ep.adapters) >= self.slots:
+                    victim = next(iter(ep.adapters))
+                    del ep.adapters[victim]
+                    self.evictions += 1
+                    await self.call(session, ep, "unload", victim, tolerate=True)
+                await self.call(session, ep, "load", name, path, tolerate=True)
+                self.loads += 1
+                self.touch(ep, name)
             fut.set_result(None)
         except BaseException as e:
             fut.set_exception(e)

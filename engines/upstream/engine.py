@@ -679,5 +679,7 @@ class OpenAIEngine(EngineBase):
                 "wedged": self.health.wedged,
                 "adapter_loads": self.adapter_state.loads,
                 "adapter_evictions": self.adapter_state.evictions,
+                "adapter_hits": self.adapter_state.hits,
+                "adapter_misses": self.adapter_state.misses,
             },
         )
