@@ -16,9 +16,10 @@ loopback, each with its own prefix cache and adapter slots (`simulator.costs`):
    requests that found their worker already holding the adapter, and adapter loads per
    1,000 requests.
 3. Routing decision cost: `Router.pick` over 16 endpoints (random outstanding counts,
-   random keys), each call timed alone; p50/p99 per policy.
+   random keys), each call timed alone, in wall time and in the thread's CPU time (which
+   leaves out preemption by other processes on a shared machine); p50/p99 per policy.
 
-    .venv/bin/python bench/routing.py [--requests 800] [--concurrency 16]
+    .venv/bin/python bench/routing.py [--requests 800] [--concurrency 8] [--pick-only]
 
 A benchmark, not a test: read the ratios between policies measured in the same run.
 """
@@ -32,17 +33,19 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engines.base import EngineUnavailable, GenerateRequest
-from engines.spec import ModelSpec, RoutingSpec
+from engines.spec import RoutingSpec
 from engines.upstream.endpoints import Endpoint
-from engines.upstream.engine import OpenAIEngine
 from engines.upstream.routing import SCORERS, Router, RoutingRequest
 from engines.upstream.routing.hashring import stable_hash
-from simulator import SimConfig, SimServer
+
+if TYPE_CHECKING:
+    from engines.base import GenerateRequest
+    from engines.upstream.engine import OpenAIEngine
+    from simulator import SimServer
 
 WORKERS = 4
 MODEL = "bench-m"
@@ -64,6 +67,8 @@ def pct(xs: list[float], p: float) -> float:
 
 
 async def fleet(**cfg: Any) -> list[SimServer]:
+    from simulator import SimConfig, SimServer
+
     out = []
     for i in range(WORKERS):
         s = SimServer(SimConfig(model=MODEL, seed=i, **cfg))
@@ -78,6 +83,9 @@ async def engine_for(
     lora: dict[str, Any] | None = None,
     load_factor: float = 1.25,
 ) -> OpenAIEngine:
+    from engines.spec import ModelSpec
+    from engines.upstream.engine import OpenAIEngine
+
     spec = ModelSpec(
         name=MODEL,
         engine="openai",
@@ -92,6 +100,8 @@ async def engine_for(
 
 
 def request(messages: list[dict[str, str]], adapter: str | None = None) -> GenerateRequest:
+    from engines.base import GenerateRequest
+
     body = {
         "model": adapter or MODEL,
         "messages": messages,
@@ -203,7 +213,8 @@ def decision_cost(calls: int) -> None:
         e.adapters = {f"ad{(i * 4 + k) % 16}": None for k in range(4)}
         e.adapter_slots = 4
     print(f"\n## Router.pick over 16 endpoints, {calls} calls per policy")
-    print("policy                                      p50 µs   p99 µs")
+    # Wall time includes being preempted by other processes; thread CPU time does not.
+    print("policy                                  wall p50  wall p99   CPU p50   CPU p99 (µs)")
     policies = {
         "least_outstanding": {"least_outstanding": 1},
         "prefix_affinity + least_outstanding": {"prefix_affinity": 2, "least_outstanding": 1},
@@ -221,8 +232,8 @@ def decision_cost(calls: int) -> None:
     keys = [stable_hash(f"k{i}") for i in range(64)]
     for name, scorers in policies.items():
         router = Router.from_spec(RoutingSpec(scorers=scorers), SCORERS)
-        times = []
-        clock = time.perf_counter_ns
+        wall, cpu = [], []
+        clock, cpu_clock = time.perf_counter_ns, time.thread_time_ns
         for _ in range(calls):
             for e in eps:
                 e.outstanding = rng.randrange(8)
@@ -231,14 +242,22 @@ def decision_cost(calls: int) -> None:
                 prefix=rng.choice(keys),
                 session=rng.choice(keys),
             )
+            c0 = cpu_clock()
             t0 = clock()
             router.pick(eps, req)
-            times.append(clock() - t0)
-        print(f"{name:<42}  {pct(times, 0.5) / 1e3:6.1f}  {pct(times, 0.99) / 1e3:7.1f}")
+            t1 = clock()
+            cpu.append(cpu_clock() - c0)
+            wall.append(t1 - t0)
+        print(
+            f"{name:<38}  {pct(wall, 0.5) / 1e3:8.1f}  {pct(wall, 0.99) / 1e3:8.1f}"
+            f"  {pct(cpu, 0.5) / 1e3:8.1f}  {pct(cpu, 0.99) / 1e3:8.1f}"
+        )
 
 
 async def fast_fail(calls: int) -> None:
     """The engine's answer with every worker ejected: no I/O, a 503 with Retry-After."""
+    from engines.base import EngineUnavailable
+
     servers = await fleet()
     engine = await engine_for(servers, {"least_outstanding": 1})
     try:
@@ -270,7 +289,11 @@ async def main() -> None:
     ap.add_argument("--requests", type=int, default=800)
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--calls", type=int, default=20000)
+    ap.add_argument("--pick-only", action="store_true", help="only the Router.pick cost")
     args = ap.parse_args()
+    if args.pick_only:
+        decision_cost(args.calls)
+        return
     await shared_prefix(args.requests, args.concurrency)
     await lora(args.requests, args.concurrency)
     decision_cost(args.calls)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from engines.base import EngineStatus
@@ -43,7 +43,7 @@ class _EngineCollector(Collector):
     def __init__(self, statuses: Callable[[], dict[str, EngineStatus]]):
         self._statuses = statuses
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         running = GaugeMetricFamily(
             "gateway_engine_running_sequences", "Sequences running in the engine", labels=["model"]
         )
@@ -78,7 +78,34 @@ class _EngineCollector(Collector):
             "Accepted / drafted speculative tokens since worker start",
             labels=["model", "worker"],
         )
+        # Failure handling and placement (engine counters, `EngineStatus.counters`): retries,
+        # retry_budget_exhausted, ejections, wedged, adapter_loads / evictions / hits /
+        # misses, start_failures.
+        events = CounterMetricFamily(
+            "gateway_engine_events",
+            "Engine events by kind (retries, budget exhaustion, ejections, adapter loads...)",
+            labels=["model", "event"],
+        )
+        ejected = GaugeMetricFamily(
+            "gateway_worker_ejected",
+            "1 while outlier ejection holds the worker out",
+            labels=["model", "worker"],
+        )
+        ejections = CounterMetricFamily(
+            "gateway_worker_ejections",
+            "Outlier ejections of the worker",
+            labels=["model", "worker"],
+        )
+        restarts = CounterMetricFamily(
+            "gateway_worker_restarts", "Restarts of a launched worker", labels=["model", "worker"]
+        )
         for model, st in self._statuses().items():
+            for event, value in st.counters.items():
+                events.add_metric([model, event], value)
+            for w in st.workers:
+                ejected.add_metric([model, w.url], 1.0 if w.ejected else 0.0)
+                ejections.add_metric([model, w.url], w.ejections)
+                restarts.add_metric([model, w.url], w.restarts)
             running.add_metric([model], st.running)
             waiting.add_metric([model], st.waiting)
             ready.add_metric([model], 1.0 if st.ready else 0.0)
@@ -95,6 +122,7 @@ class _EngineCollector(Collector):
                         [model, w.url], (w.spec_accepted_tokens or 0.0) / w.spec_draft_tokens
                     )
         yield from (running, waiting, ready, healthy, w_running, w_waiting, kv, accept)
+        yield from (events, ejected, ejections, restarts)
 
 
 class RouteMetrics:

@@ -66,6 +66,9 @@ def test_worker_killed_before_headers_clients_all_get_200(sims: SimThread, tmp_p
         w0 = health["models"]["m"]["workers"][0]
         assert w0["state"] == "ejected" and w0["ejections"] == 1
         assert "reset" in w0["last_error"]
+        metrics = httpx.get(f"{gw.url}/metrics").text
+        assert 'gateway_engine_events_total{event="retries",model="m"} 3.0' in metrics
+        assert f'gateway_worker_ejected{{model="m",worker="{dead.url}"}} 1.0' in metrics
     finally:
         gw.stop()
         _stop(sims, workers)

@@ -74,7 +74,7 @@ class Router:
         start = self._rr = (self._rr + 1) % n
         candidates = [
             e
-            for e in (endpoints[(start + i) % n] for i in range(n))
+            for e in (*endpoints[start:], *endpoints[:start])
             if e.healthy and not e.ejected and not (e.half_open and e.outstanding)
         ]
         if exclude:
@@ -82,17 +82,17 @@ class Router:
         if len(candidates) <= 1:
             return candidates[0] if candidates else None
         req = request or _NO_REQUEST
-        totals = [0.0] * len(candidates)
-        for scorer, weight in self.scorers:
-            for i, s in enumerate(scorer.score(candidates, req)):
-                totals[i] += weight * s
-        best = 0
-        for i in range(1, len(candidates)):
-            if totals[i] > totals[best] + 1e-12:
-                best = i
+        scorers = self.scorers
+        if len(scorers) == 1:
+            totals = scorers[0][0].score(candidates, req)  # one weight scales nothing
+        else:
+            columns = [
+                [w * x for x in scorer.score(candidates, req)] for scorer, w in scorers if w
+            ]
+            totals = [sum(t) for t in zip(*columns, strict=True)]
+        # The first highest: the scan start rotates, so exact ties go round-robin.
+        top = max(totals)
         if self.random_ties:
-            top = totals[best] - 1e-12
-            tied = [i for i, t in enumerate(totals) if t >= top]
-            if len(tied) > 1:
-                best = random.choice(tied)
-        return candidates[best]
+            tied = [i for i, t in enumerate(totals) if t >= top - 1e-12]
+            return candidates[random.choice(tied)]
+        return candidates[totals.index(top)]
