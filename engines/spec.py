@@ -118,6 +118,17 @@ class RoutingSpec(_Strict):
         return v
 
 
+class AdmissionSpec(_Strict):
+    """At most `max_concurrent` requests of this model at the engine; up to `max_queue`
+    more wait (first come, first served) for at most `queue_timeout_s`; beyond that a 503
+    with Retry-After, never a hang."""
+
+    max_concurrent: int = Field(ge=1, le=100_000)
+    max_queue: int = Field(default=0, ge=0, le=1_000_000)
+    queue_timeout_s: float = Field(default=30.0, gt=0)
+    retry_after_s: float = Field(default=1.0, ge=1)
+
+
 class BatchingSpec(_Strict):
     max_sequences: int = Field(default=16, ge=1, le=4096)
     max_batched_tokens: int | None = Field(default=None, ge=16)
@@ -148,6 +159,9 @@ class ModelSpec(_Strict):
     batching: BatchingSpec = Field(default_factory=BatchingSpec)
     # Launch mode: how many worker processes; attach mode: the worker base URLs.
     routing: RoutingSpec = Field(default_factory=RoutingSpec)
+    # The gateway's bounded admission queue for this model (`gateway.admission`); none
+    # when left out.
+    admission: AdmissionSpec | None = None
     replicas: int = Field(default=1, ge=1, le=64)
     endpoints: list[str] = Field(default_factory=list)
     gpus_per_replica: int = Field(default=1, ge=0, le=16)

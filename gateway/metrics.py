@@ -196,6 +196,19 @@ class Metrics:
         self.adapters_loaded = Gauge(
             "gateway_adapters_loaded", "LoRA adapters loaded", ["model"], registry=r
         )
+        self.admission_wait = Histogram(
+            "gateway_admission_wait_seconds",
+            "Time a request waited in its model's admission queue",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.admission_rejected = Counter(
+            "gateway_admission_rejected",
+            "Requests refused with 503 by the admission queue (full or waited too long)",
+            ["model"],
+            registry=r,
+        )
         self._adapters = adapters
         self._routes: dict[tuple[str, str], RouteMetrics] = {}
         r.register(_EngineCollector(statuses))

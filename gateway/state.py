@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 
 from engines.base import EngineContext
+from gateway.admission import Admission
 from gateway.catalog import Catalog
 from gateway.ids import RequestIds
 from gateway.metrics import Metrics
@@ -39,3 +40,10 @@ class Gateway:
         )
         self.metrics = Metrics(self.served.statuses, self.served.adapter_counts)
         self.request_ids = RequestIds()
+        m = self.metrics
+        self.admission = Admission(
+            lambda model, s: m.admission_wait.labels(model).observe(s),
+            lambda model: m.admission_rejected.labels(model).inc(),
+        )
+        for spec in catalog.models:
+            self.admission.add(spec)

@@ -88,6 +88,14 @@ async def _generate(gw: Gateway, route: Route, scope: Scope, receive: Receive, s
         else:
             parsed = validate_completion(body, spec.max_model_len, gw.settings)
         record.begin()
+        gate = gw.admission.gates.get(spec.name)
+        if gate is not None:
+            try:
+                await gate.enter()
+            except asyncio.CancelledError:
+                record.finished(None, None, True)
+                raise
+            record.release = gate.leave
         stream = parsed.stream
         want_usage = bool(stream and parsed.stream_options and parsed.stream_options.include_usage)
         if stream:

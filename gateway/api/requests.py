@@ -84,7 +84,7 @@ async def read_json(inc: Incoming, limit: int) -> dict[str, Any]:
 class RequestRecord(StreamObserver):
     """One request's account in the metrics; also the stream observer of its relay."""
 
-    __slots__ = ("_began", "_done", "_m", "gw", "model", "route", "start")
+    __slots__ = ("_began", "_done", "_m", "gw", "model", "release", "route", "start")
 
     def __init__(self, gw: Gateway, route: str, start: float):
         self.gw = gw
@@ -94,6 +94,8 @@ class RequestRecord(StreamObserver):
         self._done = False
         self._began = False
         self._m: RouteMetrics | None = None
+        # Frees the request's admission slot (`gateway.admission`) when it ends.
+        self.release: Callable[[], None] | None = None
 
     def begin(self) -> None:
         """The request passed validation and goes to the engine."""
@@ -113,6 +115,9 @@ class RequestRecord(StreamObserver):
         if self._done:
             return
         self._done = True
+        if self.release is not None:
+            self.release()
+            self.release = None
         rm = self._m or self.gw.metrics.route(self.model, self.route)
         if self._began:
             rm.in_flight.dec()

@@ -202,3 +202,43 @@ def test_ready_when_all_and_listed(sims: SimThread, tmp_path: Path) -> None:
         finally:
             gw.stop()
     sims.call(good.stop())
+
+
+def test_admission_queue_bounds_and_answers_503_with_retry_after(
+    sims: SimThread, tmp_path: Path
+) -> None:
+    import concurrent.futures
+
+    worker = sims.start(model="m", itl_ms=40, output_tokens=40)
+    models: list[dict[str, Any]] = [
+        {
+            "name": "m",
+            "engine": "openai",
+            "endpoints": [worker.url],
+            "options": FAST,
+            "admission": {"max_concurrent": 2, "max_queue": 2, "retry_after_s": 2},
+        },
+    ]
+    gw = start_gateway(models, tmp_path)
+    try:
+        body = {"model": "m", "messages": CHAT}
+
+        def call(_: int) -> httpx.Response:
+            return httpx.post(f"{gw.url}/v1/chat/completions", json=body, timeout=30)
+
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(call, range(8)))
+        codes = sorted(r.status_code for r in answers)
+        assert codes == [200] * 4 + [503] * 4
+        for r in answers:
+            if r.status_code == 503:
+                assert r.headers["retry-after"] == "2"
+                assert r.json()["error"]["code"] == "queue_full"
+        assert worker.received_total == 4  # the refused never reached the worker
+        metrics = httpx.get(f"{gw.url}/metrics").text
+        assert 'gateway_admission_rejected_total{model="m"} 4.0' in metrics
+        assert 'gateway_admission_wait_seconds_count{model="m"} 4.0' in metrics
+        assert gw.gateway.admission.gates["m"].active == 0
+    finally:
+        gw.stop()
+        sims.call(worker.stop())

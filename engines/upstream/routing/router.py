@@ -86,9 +86,7 @@ class Router:
         if len(scorers) == 1:
             totals = scorers[0][0].score(candidates, req)  # one weight scales nothing
         else:
-            columns = [
-                [w * x for x in scorer.score(candidates, req)] for scorer, w in scorers if w
-            ]
+            columns = [[w * x for x in scorer.score(candidates, req)] for scorer, w in scorers if w]
             totals = [sum(t) for t in zip(*columns, strict=True)]
         # The first highest: the scan start rotates, so exact ties go round-robin.
         top = max(totals)
