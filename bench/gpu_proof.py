@@ -28,6 +28,9 @@ fake adapter, so the script itself is tested without a GPU.
 
 Does not own: the bundle and its setup (../shared/gpu), the gateway or the load generator.
 Everything it starts is stopped before it exits.
+
+Why one file of this size: it is copied to a GPU machine and run there as one script; every
+step is a function, in the order it runs.
 """
 
 from __future__ import annotations

@@ -23,6 +23,9 @@ recorded with its error and the run goes on.
 Does not own: the load generator (loadgen) or the targets' commands (peers.py).
 Traffic goes only to 127.0.0.1; every run is bounded in time and every process it starts
 is stopped before it exits.
+
+Why one file of this size: one benchmark, run as a script; measurement, checks and the
+report are its steps in order (targets' commands live in bench/peers.py).
 """
 
 from __future__ import annotations

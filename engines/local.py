@@ -399,6 +399,7 @@ class LocalEngine:
         if batcher.waiting + n * len(prompts) > self._max_waiting:
             raise EngineOverloaded(f"{batcher.waiting} sequences already wait for a slot")
         max_new = body.get("max_completion_tokens") or body.get("max_tokens")
+        asked = max_new is not None  # the client's own limit: past the context is a 400
         max_new = int(max_new) if max_new is not None else self.spec.max_tokens_default
         temperature = body.get("temperature")
         temperature = 1.0 if temperature is None else float(temperature)
@@ -425,6 +426,16 @@ class LocalEngine:
                     code="context_length_exceeded",
                 )
             room = self._context_len - len(ids)
+            if asked and max_new > room:  # OpenAI's and vLLM's answer, not a silent clamp
+                raise InvalidRequest(
+                    f"This model's maximum context length is {self._context_len} tokens. "
+                    f"However, you requested {len(ids) + max_new} tokens ({len(ids)} in the "
+                    f"{param}, {max_new} in the completion).",
+                    param="max_completion_tokens"
+                    if body.get("max_completion_tokens")
+                    else "max_tokens",
+                    code="context_length_exceeded",
+                )
             echo_text = self._tok.decode(ids, skip_special_tokens=True) if echo else ""
             for j in range(n):
                 index = p * n + j

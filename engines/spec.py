@@ -9,7 +9,8 @@ defaults and engine-independent checks. It does not own file loading or error fo
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import re
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -47,9 +48,36 @@ class SpeculativeSpec(_Strict):
         return self
 
 
+NAME_PATTERN = r"^[A-Za-z0-9._:/-]+$"
+_NAME_RE = re.compile(NAME_PATTERN)
+
+
+def name_problem(name: str, max_length: int = 128) -> str | None:
+    """Why a model or adapter name is refused, or None. Names may look like hub ids
+    (`org/model`) but never like paths that climb (`../x`), start at the root or have
+    empty segments."""
+    if not name or len(name) > max_length or not _NAME_RE.match(name):
+        return f"must be 1-{max_length} characters of letters, digits and . _ : / - (no spaces)"
+    if any(seg in ("", ".", "..") for seg in name.split("/")):
+        return "must not have empty, '.' or '..' path segments"
+    return None
+
+
+def _valid_name(name: str, max_length: int) -> str:
+    problem = name_problem(name, max_length)
+    if problem is not None:
+        raise ValueError(problem)
+    return name
+
+
 class AdapterSpec(_Strict):
-    name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:/-]+$")
+    name: str = Field(min_length=1, max_length=128)
     path: str = Field(min_length=1)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return _valid_name(v, 128)
 
 
 class LoraSpec(_Strict):
@@ -86,6 +114,75 @@ class RequestDefaults(_Strict):
             for k, v in (("temperature", self.temperature), ("top_p", self.top_p))
             if v is not None
         }
+
+
+# Body fields a client may never send, whatever models.yaml allows: each hands the client
+# code execution, deserialisation or an internal of the worker (public CVEs exist in each
+# class), or a value the gateway owns (`cache_salt`: a client must not choose its own
+# prefix-cache domain).
+NEVER_FORWARDED = frozenset(
+    {
+        "cache_salt",
+        "chat_template",
+        "prompt_embeds",
+        "logits_processors",
+        "kv_transfer_params",
+        "api_base",
+        "base_url",
+        "api_key",
+    }
+)
+_FIELD_NAME = r"^[A-Za-z_][A-Za-z0-9_]{0,63}$"
+
+
+class RequestFieldsSpec(_Strict):
+    """Which body fields reach the worker beyond OpenAI's own (gateway.allowlist).
+
+    `allow_extra`: engine extensions turned on for this model (vLLM's `top_k`, `min_p`,
+    `repetition_penalty`, `guided_json`, ...). `unknown`: what happens to any other field
+    a client sends — `reject` (400 naming it) or `drop` (removed, the request goes on)."""
+
+    allow_extra: list[Annotated[str, Field(pattern=_FIELD_NAME)]] = Field(default_factory=list)
+    unknown: Literal["reject", "drop"] = "reject"
+
+    @model_validator(mode="after")
+    def _allowed(self) -> RequestFieldsSpec:
+        for i, name in enumerate(self.allow_extra):
+            if name in NEVER_FORWARDED:
+                raise ValueError(
+                    f"allow_extra[{i}]: `{name}` is never forwarded (the gateway owns it or "
+                    "it lets a client reach into the worker)"
+                )
+            if self.allow_extra.index(name) != i:
+                raise ValueError(f"allow_extra[{i}]: `{name}` is listed twice")
+        return self
+
+
+_HOST = r"^(\*\.)?[A-Za-z0-9]([A-Za-z0-9-]{0,62}\.)*[A-Za-z0-9-]{1,63}$"
+
+
+class MediaSpec(_Strict):
+    """Image / audio / video / file parts of chat messages (gateway.media).
+
+    `accept`: `none` refuses every media part (the default: a text model has no use for
+    them); `data` accepts only inline `data:` URLs; `https` also accepts https URLs to
+    the listed `hosts` (exact names, or `*.example.com` for its subdomains). Every URL is
+    checked after parsing; a host resolving to a loopback, link-local, private or other
+    non-public address is refused unless `allow_private`. `max_data_bytes` caps each
+    decoded `data:` payload."""
+
+    accept: Literal["none", "data", "https"] = "none"
+    hosts: list[Annotated[str, Field(pattern=_HOST, max_length=253)]] = Field(default_factory=list)
+    allow_private: bool = False
+    max_data_bytes: int = Field(default=5 * 1024 * 1024, ge=1024, le=64 * 1024 * 1024)
+
+    @model_validator(mode="after")
+    def _hosts_fit(self) -> MediaSpec:
+        if self.accept == "https" and not self.hosts:
+            raise ValueError("hosts: accept https needs the hosts media may be fetched from")
+        if self.accept != "https" and self.hosts:
+            raise ValueError("hosts: only used with accept: https")
+        return self
 
 
 class RoutingSpec(_Strict):
@@ -137,7 +234,7 @@ class BatchingSpec(_Strict):
 class ModelSpec(_Strict):
     """One entry of `models:` in models.yaml."""
 
-    name: str = Field(min_length=1, max_length=256, pattern=r"^[A-Za-z0-9._:/-]+$")
+    name: str = Field(min_length=1, max_length=256)
     # One of the registry's names (`engines.ENGINES`).
     engine: str
     # A local path, a hub id, or `pypi:PACKAGE==VERSION/path/inside/the/wheel` for models
@@ -157,11 +254,14 @@ class ModelSpec(_Strict):
     speculative: SpeculativeSpec | None = None
     lora: LoraSpec | None = None
     batching: BatchingSpec = Field(default_factory=BatchingSpec)
-    # Launch mode: how many worker processes; attach mode: the worker base URLs.
+    # What of a request body reaches the worker, and which media parts may (gateway-side).
+    request_fields: RequestFieldsSpec = Field(default_factory=RequestFieldsSpec)
+    media: MediaSpec = Field(default_factory=MediaSpec)
     routing: RoutingSpec = Field(default_factory=RoutingSpec)
     # The gateway's bounded admission queue for this model (`gateway.admission`); none
     # when left out.
     admission: AdmissionSpec | None = None
+    # Launch mode: how many worker processes; attach mode: the worker base URLs.
     replicas: int = Field(default=1, ge=1, le=64)
     endpoints: list[str] = Field(default_factory=list)
     gpus_per_replica: int = Field(default=1, ge=0, le=16)
@@ -171,6 +271,11 @@ class ModelSpec(_Strict):
     options: dict[str, Any] = Field(default_factory=dict)
     # Raw extra flags passed through to the engine's launcher, e.g. {"enforce-eager": true}.
     engine_args: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return _valid_name(v, 256)
 
     @field_validator("engine")
     @classmethod

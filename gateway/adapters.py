@@ -39,13 +39,13 @@ def resolve_adapter_path(spec: ModelSpec, raw: str, base_dir: Path) -> Path:
     roots = [(base_dir / r).resolve() for r in spec.lora.roots]
     if not any(real == root or real.is_relative_to(root) for root in roots):
         raise AdapterError(
-            f"'lora_path' resolves to {real}, outside the allowed adapter roots of `{spec.name}`.",
+            f"'lora_path' resolves outside the allowed adapter roots of `{spec.name}`.",
             param="lora_path",
         )
     if not real.is_dir():
-        raise AdapterError(f"'lora_path' {real} is not a directory.", param="lora_path")
+        raise AdapterError("'lora_path' is not a directory.", param="lora_path")
     if not (real / "adapter_config.json").is_file():
-        raise AdapterError(f"'lora_path' {real} has no adapter_config.json.", param="lora_path")
+        raise AdapterError("'lora_path' has no adapter_config.json.", param="lora_path")
     if not any(real.glob("*.safetensors")):
-        raise AdapterError(f"'lora_path' {real} holds no safetensors weights.", param="lora_path")
+        raise AdapterError("'lora_path' holds no safetensors weights.", param="lora_path")
     return real

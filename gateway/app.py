@@ -24,7 +24,7 @@ from engines.base import ServingError
 from gateway.api import COLD, HOT
 from gateway.api.requests import error_response
 from gateway.catalog import Catalog, load_catalog
-from gateway.errors import NotFound, error_body, error_headers
+from gateway.errors import MethodNotAllowed, NotFound, error_body, error_headers
 from gateway.settings import Settings
 from gateway.state import Gateway
 
@@ -48,7 +48,10 @@ async def _on_http_error(request: Request, exc: Exception) -> Response:
     err = ServingError(str(exc.detail))
     err.status = exc.status_code  # type: ignore[misc]
     err.type = "invalid_request_error"  # type: ignore[misc]
-    return _error_response(err)
+    resp = _error_response(err)
+    if exc.headers:  # e.g. a 405's Allow
+        resp.headers.update(exc.headers)
+    return resp
 
 
 async def _on_unexpected(request: Request, exc: Exception) -> Response:
@@ -97,9 +100,12 @@ class FrontDoor:
         self.gateway = gateway
 
     async def __call__(self, scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST":
+        if scope["type"] == "http":
             handler = HOT.get(scope["path"])
             if handler is not None:
+                if scope["method"] != "POST":
+                    await _method_not_allowed(scope, receive, send)
+                    return
                 try:
                     await handler(self.gateway, scope, receive, send)
                 except Exception as exc:
@@ -109,6 +115,13 @@ class FrontDoor:
                         await error_response(err, "-")(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+async def _method_not_allowed(scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
+    err = MethodNotAllowed(f"Method {scope['method']} is not allowed here; use POST.")
+    resp = error_response(err, "-")
+    resp.headers = [*resp.headers, (b"allow", b"POST")]
+    await resp(scope, receive, send)
 
 
 def app_from_env() -> FrontDoor:

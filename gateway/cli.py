@@ -20,10 +20,10 @@ if TYPE_CHECKING:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
 
     from gateway.app import create_app
     from gateway.catalog import CatalogError
+    from gateway.server_limits import uvicorn_config
     from gateway.settings import Settings
 
     overrides = {
@@ -42,17 +42,7 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     from gateway.drain import DrainingServer
 
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        loop="uvloop",
-        http="httptools",
-        log_level=settings.log_level.lower(),
-        access_log=False,
-        proxy_headers=False,
-        timeout_graceful_shutdown=int(settings.drain_timeout_s),
-    )
+    config = uvicorn_config(app, settings, timeout_graceful_shutdown=int(settings.drain_timeout_s))
     DrainingServer(config, app.state.gateway.served, settings.drain_accept_s).run()
     return 0
 

@@ -22,6 +22,7 @@ from engines.base import (
     ServingError,
     UpstreamError,
 )
+from gateway.redact import scrub
 
 __all__ = [
     "AdapterError",
@@ -30,6 +31,7 @@ __all__ = [
     "EngineTimeout",
     "EngineUnavailable",
     "InvalidRequest",
+    "MethodNotAllowed",
     "ModelNotFound",
     "NotFound",
     "PayloadTooLarge",
@@ -57,6 +59,10 @@ class NotFound(InvalidRequest):
     status = 404
 
 
+class MethodNotAllowed(InvalidRequest):
+    status = 405
+
+
 class PayloadTooLarge(InvalidRequest):
     status = 413
 
@@ -77,7 +83,8 @@ class PermissionDenied(ServingError):
 def error_payload(exc: ServingError) -> dict[str, Any]:
     return {
         "error": {
-            "message": exc.message,
+            # The last line: no envelope carries an address, path, errno or traceback.
+            "message": scrub(exc.message, exc.status),
             "type": exc.type,
             "param": exc.param,
             "code": exc.code,

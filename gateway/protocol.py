@@ -1,11 +1,13 @@
-"""The OpenAI wire format of requests, and the bounds every request must meet.
+"""The OpenAI wire format of requests, and the order of the checks every request meets.
 
-Owns: pydantic models mirroring OpenAI's request bodies (field names exactly as OpenAI's;
-unknown fields are kept and pass through to the engine), the fields refused as dangerous,
-and the bounds checks that run before anything reaches an engine, each failing with an
-`InvalidRequest` whose `param` names the field. Response bodies are produced by the
-engines in OpenAI's shapes; the few the gateway writes itself (models list) are built
-where they are served. No engine imports beyond the error tree.
+Owns: pydantic models mirroring OpenAI's request bodies (field names exactly as OpenAI's),
+the scalar bounds (n, max_tokens, stop, prompts), and `validate_*`, which run, in order:
+the field allowlist (`gateway.allowlist`: only OpenAI's fields and the model's allowed
+extensions stay in the body), the list / map bounds and media policy (`gateway.bounds`,
+`gateway.media`), then the typed parse — all before anything reaches an engine, each
+failing with an `InvalidRequest` whose `param` names the field. Response bodies are
+produced by the engines in OpenAI's shapes. No engine imports beyond the error tree and
+the spec.
 """
 
 from __future__ import annotations
@@ -14,27 +16,18 @@ from typing import Annotated, Any, Literal, TypeVar, cast
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from engines.base import InvalidRequest
+from engines.errors import InvalidRequest
+from engines.spec import ModelSpec
+from gateway import bounds
+from gateway.allowlist import screen_fields
 from gateway.settings import Settings
-
-# Extension fields some engines accept that would let a client run code or reach into a
-# worker's internals; a gateway in front of shared workers refuses them.
-DANGEROUS_FIELDS = frozenset(
-    {
-        "logits_processors",  # vLLM: fully-qualified class names imported by the worker
-        "kv_transfer_params",  # vLLM: disaggregated-prefill connector internals
-        "vllm_xargs",  # vLLM: arbitrary extra args to custom logits processors
-        "return_tokens_as_token_ids",
-        "allowed_token_ids",
-    }
-)
-
 
 M = TypeVar("M", bound=BaseModel)
 
 
 class _Loose(BaseModel):
-    """OpenAI bodies: known fields typed, unknown ones kept for the engine."""
+    """OpenAI bodies: known fields typed; other keys left after the allowlist (the
+    model's allowed extensions) are kept for the engine."""
 
     model_config = ConfigDict(extra="allow")
 
@@ -113,10 +106,6 @@ def _param(loc: tuple[int | str, ...]) -> str:
 
 
 def _parse(cls: type[M], body: dict[str, Any]) -> M:
-    refused = DANGEROUS_FIELDS.intersection(body)
-    if refused:
-        name = sorted(refused)[0]
-        raise InvalidRequest(f"The field `{name}` is not accepted by this gateway.", param=name)
     try:
         return cls.model_validate(body)
     except ValidationError as e:
@@ -161,20 +150,27 @@ def _check_common(req: _Sampling, max_model_len: int, settings: Settings) -> Non
             f"'max_tokens' is {req.max_tokens}, more than the model's context length of "
             f"{max_model_len} tokens.",
             param="max_tokens",
+            code="context_length_exceeded",
         )
     _check_stop(req.stop, settings)
 
 
 def validate_chat(
-    body: dict[str, Any], max_model_len: int, settings: Settings
+    body: dict[str, Any], spec: ModelSpec, settings: Settings, hosts: dict[str, str]
 ) -> ChatCompletionRequest:
+    """Screen (in place), bound and parse a chat body. Media host names still to resolve
+    (`gateway.media.check_hosts`) go into `hosts` (host → the param of its URL)."""
+    screen_fields(body, "chat", spec.request_fields)
+    bounds.check_chat(body, spec, settings, hosts)
     req = _parse(ChatCompletionRequest, body)
+    max_model_len = spec.max_model_len
     _check_common(req, max_model_len, settings)
     if req.max_completion_tokens is not None and req.max_completion_tokens > max_model_len:
         raise InvalidRequest(
             f"'max_completion_tokens' is {req.max_completion_tokens}, more than the model's "
             f"context length of {max_model_len} tokens.",
             param="max_completion_tokens",
+            code="context_length_exceeded",
         )
     if req.top_logprobs and not req.logprobs:
         raise InvalidRequest("'top_logprobs' needs 'logprobs' set to true.", param="top_logprobs")
@@ -188,10 +184,13 @@ def _prompt_count(prompt: Prompt) -> int:
 
 
 def validate_completion(
-    body: dict[str, Any], max_model_len: int, settings: Settings
+    body: dict[str, Any], spec: ModelSpec, settings: Settings
 ) -> CompletionRequest:
+    """Screen (in place), bound and parse a completions body."""
+    screen_fields(body, "completions", spec.request_fields)
+    bounds.check_completion(body, spec, settings)
     req = _parse(CompletionRequest, body)
-    _check_common(req, max_model_len, settings)
+    _check_common(req, spec.max_model_len, settings)
     if isinstance(req.prompt, list) and not req.prompt:
         raise InvalidRequest("'prompt' must not be empty.", param="prompt")
     count = _prompt_count(req.prompt)
@@ -210,7 +209,11 @@ def validate_completion(
     return req
 
 
-def validate_embedding(body: dict[str, Any], settings: Settings) -> EmbeddingRequest:
+def validate_embedding(
+    body: dict[str, Any], spec: ModelSpec, settings: Settings
+) -> EmbeddingRequest:
+    """Screen (in place), bound and parse an embeddings body."""
+    screen_fields(body, "embeddings", spec.request_fields)
     req = _parse(EmbeddingRequest, body)
     inp = req.input
     if isinstance(inp, str):

@@ -28,7 +28,7 @@ from engines.base import (
 )
 from engines.spec import ModelSpec
 from gateway.catalog import Catalog
-from gateway.errors import ModelNotFound
+from gateway.errors import InvalidRequest, ModelNotFound
 
 log = logging.getLogger("gateway.served")
 
@@ -143,7 +143,11 @@ class ServedModels:
                 log.error("engine stop failed: %r", r)
 
     def resolve(self, name: Any) -> Target:
-        target = self._targets.get(name) if isinstance(name, str) else None
+        if name is None:
+            raise InvalidRequest("Missing required parameter: 'model'.", param="model")
+        if not isinstance(name, str):
+            raise InvalidRequest("'model' must be a string.", param="model")
+        target = self._targets.get(name)
         if target is None:
             p = self.pending.get(name) if isinstance(name, str) else None
             if p is not None:

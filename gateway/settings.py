@@ -48,6 +48,27 @@ class Settings(BaseSettings):
     max_stop_sequences: int = Field(default=16, ge=1)
     max_stop_length: int = Field(default=256, ge=1)
     max_embedding_inputs: int = Field(default=2048, ge=1)
+    # Lists and maps of a request (gateway.bounds); each refusal is a 400 naming the field.
+    max_messages: int = Field(default=2048, ge=1)
+    max_message_chars: int = Field(default=1_000_000, ge=1)  # all messages' text together
+    max_content_parts: int = Field(default=256, ge=1)  # all messages' parts together
+    max_tools: int = Field(default=128, ge=1)  # OpenAI's limit
+    max_tools_bytes: int = Field(default=256 * 1024, ge=1024)  # tools / functions as JSON
+    max_schema_depth: int = Field(default=32, ge=2)  # tool / response_format / extension JSON
+    max_logit_bias: int = Field(default=300, ge=1)
+    max_metadata_pairs: int = Field(default=16, ge=1)  # OpenAI: 16 pairs, keys 64, values 512
+    max_metadata_key_chars: int = Field(default=64, ge=1)
+    max_metadata_value_chars: int = Field(default=512, ge=1)
+
+    # Server limits (gateway.server_limits): reading clients, not serving them.
+    header_timeout_s: float = Field(default=10.0, gt=0)  # first byte → end of headers
+    body_gap_timeout_s: float = Field(default=10.0, gt=0)  # between body chunks
+    body_timeout_s: float = Field(default=60.0, gt=0)  # end of headers → end of body
+    max_header_bytes: int = Field(default=32 * 1024, ge=1024)  # request line + headers: 431
+    max_connections: int = Field(default=4096, ge=1)  # all clients together
+    # One client address; behind a proxy every client has the proxy's: raise it there.
+    max_connections_per_client: int = Field(default=256, ge=1)
+    keepalive_timeout_s: float = Field(default=5.0, gt=0)  # idle between requests
 
     @property
     def client_keys(self) -> frozenset[str]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import socket
 import threading
 import time
@@ -22,6 +23,7 @@ import uvicorn
 
 from gateway.app import create_app
 from gateway.catalog import parse_catalog
+from gateway.server_limits import uvicorn_config
 from gateway.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent
@@ -38,21 +40,63 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+# An error body must never show an address, a path, an errno or a traceback (issue 10).
+_LEAK = re.compile(
+    rb"://|\b\d{1,3}(?:\.\d{1,3}){3}\b|\[::|Traceback|Errno|\.py\b|site-packages"
+    rb"|/(?:home|root|usr|etc|tmp|var|opt|srv|work)/|<html|<!DOCTYPE",
+    re.IGNORECASE,
+)
+LEAKED: list[str] = []
+
+
+class ErrorAudit:
+    """Wraps every test gateway: each error body it sends (a status >= 400, or an
+    `{"error"` event in a stream) is checked for leaks; `_no_leaked_internals` fails
+    the test that caused one. Observes only; changes nothing it sends."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 0
+
+        async def audited(message: Any) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            elif message["type"] == "http.response.body":
+                body = message.get("body", b"")
+                if (status >= 400 or b'{"error"' in body) and _LEAK.search(body):
+                    LEAKED.append(f"{scope['method']} {scope['path']} -> {status}: {body[:300]!r}")
+            await send(message)
+
+        await self.app(scope, receive, audited)
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_internals() -> Iterator[None]:
+    before = len(LEAKED)
+    yield
+    leaked = LEAKED[before:]
+    assert not leaked, f"error bodies leaked internals: {leaked}"
+
+
 class ServerThread:
     """A gateway app served by uvicorn on 127.0.0.1 in a background thread."""
 
     def __init__(self, app: Any):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(
-            app,
+        # Served as `gateway serve` serves it: the guarded protocol and its limits.
+        config = uvicorn_config(
+            ErrorAudit(app),
+            app.gateway.settings,
             host="127.0.0.1",
             port=self.port,
-            loop="uvloop",
-            http="httptools",
             log_level="warning",
-            access_log=False,
-            proxy_headers=False,
             timeout_graceful_shutdown=5,
         )
         self.server = uvicorn.Server(config)
@@ -108,6 +152,7 @@ def embedded_gateway(adapter_root: Path) -> Iterator[ServerThread]:
             "max_model_len": 2048,
             "batching": {"max_sequences": 8},
             "request_defaults": {"temperature": 0},
+            "request_fields": {"allow_extra": ["ignore_eos"]},
             "lora": {"max_adapters": 2, "max_rank": 16, "roots": [str(adapter_root)]},
         },
         {

@@ -23,6 +23,7 @@ which worker serves a request (`engines.upstream.routing`).
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable, Sequence
 
 import aiohttp
@@ -32,6 +33,8 @@ from engines.base import AdapterError, AdapterNotFound, EngineUnavailable, Servi
 from engines.upstream.endpoints import Endpoint
 
 __all__ = ["AdapterFanout"]
+
+log = logging.getLogger("engines.upstream")
 
 Normalise = Callable[[int, bytes], ServingError]
 
@@ -138,7 +141,10 @@ class AdapterFanout:
             ) as r:
                 body, status = await r.read(), r.status
         except (aiohttp.ClientError, TimeoutError, OSError) as e:
-            raise EngineUnavailable(f"{op} adapter {name!r} on {ep.url}: {e!r}") from e
+            log.warning("%s adapter %r on %s: %r", op, name, ep.url, e)
+            raise EngineUnavailable(
+                f"model {self.model!r}: {op} adapter {name!r}: a worker is unreachable"
+            ) from e
         if status == 200:
             return
         err = self.normalise(status, body)
@@ -147,8 +153,9 @@ class AdapterFanout:
             or (op == "unload" and status == 404)
         ):
             return
+        log.warning("%s adapter %r on %s answered %d: %s", op, name, ep.url, status, err.message)
         raise AdapterError(
-            f"{op} adapter `{name}` on {ep.url} failed: {err.message}", param="lora_name"
+            f"{op} adapter `{name}` failed on a worker: {err.message}", param="lora_name"
         )
 
     async def apply_start(

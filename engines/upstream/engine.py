@@ -68,7 +68,12 @@ from engines.spec import ModelSpec
 from engines.upstream import http1
 from engines.upstream.adapters import AdapterFanout
 from engines.upstream.endpoints import Endpoint
-from engines.upstream.errors import error_status_of_event, is_backpressure, normalise_error
+from engines.upstream.errors import (
+    error_status_of_event,
+    is_backpressure,
+    is_json_error,
+    normalise_error,
+)
 from engines.upstream.health import HealthChecks
 from engines.upstream.options import UpstreamOptions
 from engines.upstream.outliers import Outliers, RetryBudget
@@ -319,6 +324,9 @@ class OpenAIEngine(EngineBase):
             retry_after=max(1.0, wait),
         )
 
+    def _unreachable(self) -> EngineUnavailable:
+        return EngineUnavailable(f"model {self.spec.name!r}: no worker reachable")
+
     def _failed(self, ep: Endpoint, why: str) -> None:
         """One failure of `ep` toward outlier ejection."""
         self.outliers.failure(ep, why, asyncio.get_running_loop().time())
@@ -364,7 +372,7 @@ class OpenAIEngine(EngineBase):
             if self._on_demand and rreq is not None and rreq.adapter is not None:
                 await self.adapter_state.ensure(self._session, ep, rreq.adapter)
             try:
-                resp, first = await self._attempt(ep, pool, req, stream)
+                resp, first = await self._attempt(ep, pool, req, stream, request_id)
             except _Retriable as r:
                 tried.append(ep)
                 other = None
@@ -377,7 +385,7 @@ class OpenAIEngine(EngineBase):
             return ep, resp, first
 
     async def _attempt(
-        self, ep: Endpoint, pool: http1.Pool, req: bytes, stream: bool
+        self, ep: Endpoint, pool: http1.Pool, req: bytes, stream: bool, rid: str
     ) -> tuple[Any, bytes]:
         """One attempt on one endpoint. Raises `_Retriable` for what may go to another
         worker (nothing reached the client): connect errors and timeouts, a connection
@@ -395,13 +403,15 @@ class OpenAIEngine(EngineBase):
                     resp = sresp = await pool.stream(req)
                     if resp.status != 200:
                         body = await resp.read()
-                        raise self._status_error(ep, resp.status, body, resp.header(b"retry-after"))
+                        raise self._status_error(
+                            ep, resp.status, body, resp.header(b"retry-after"), rid
+                        )
                     first = await resp.read_chunk()
             else:
                 resp = await pool.fetch(req)
                 if resp.status != 200:
                     raise self._status_error(
-                        ep, resp.status, resp.body, resp.header(b"retry-after")
+                        ep, resp.status, resp.body, resp.header(b"retry-after"), rid
                     )
                 first = b""
         except _Retriable:
@@ -418,11 +428,13 @@ class OpenAIEngine(EngineBase):
             ep.outstanding -= 1
             ep.healthy, ep.detail = False, f"connection failed: {e}"
             self._failed(ep, f"connection failed: {e}")
-            raise _Retriable(EngineUnavailable(f"upstream {ep.url} unreachable: {e}")) from e
+            log.warning("request %s: upstream %s unreachable: %s", rid, ep.url, e)
+            raise _Retriable(self._unreachable()) from e
         except http1.Disconnected as e:
             ep.outstanding -= 1
             self._failed(ep, f"connection reset: {e}")
-            raise _Retriable(EngineUnavailable(f"upstream {ep.url} unreachable: {e}")) from e
+            log.warning("request %s: upstream %s reset the connection: %s", rid, ep.url, e)
+            raise _Retriable(self._unreachable()) from e
         except TimeoutError as e:
             ep.outstanding -= 1
             if sresp is not None:
@@ -430,19 +442,25 @@ class OpenAIEngine(EngineBase):
             what = "connecting" if isinstance(e, http1.ConnectTimeout) else "first byte"
             if not stream and not isinstance(e, http1.ConnectTimeout):
                 self._failed(ep, f"no answer in {self.opts.read_timeout_s:g} s")
-                raise EngineTimeout(f"upstream {ep.url} did not answer in time: {e!r}") from e
+                log.warning("request %s: upstream %s did not answer in time", rid, ep.url)
+                raise EngineTimeout(
+                    f"model {self.spec.name!r}: a worker did not answer in time"
+                ) from e
             self._failed(ep, f"{what} timeout")
+            log.warning("request %s: upstream %s %s timeout", rid, ep.url, what)
             raise _Retriable(
-                EngineTimeout(f"upstream {ep.url} did not answer in time ({what})")
+                EngineTimeout(f"model {self.spec.name!r}: a worker did not answer in time")
             ) from e
         except http1.ProtocolError as e:
             ep.outstanding -= 1
             if sresp is not None:
                 sresp.close()
             self._failed(ep, f"broken answer: {e}")
+            log.warning("request %s: upstream %s failed mid-response: %s", rid, ep.url, e)
+            err = UpstreamError(f"model {self.spec.name!r}: a worker failed mid-response")
             if stream:  # before the first body byte: nothing reached the client
-                raise _Retriable(UpstreamError(f"upstream {ep.url} failed: {e}")) from e
-            raise UpstreamError(f"upstream {ep.url} failed mid-response: {e}") from e
+                raise _Retriable(err) from e
+            raise err from e
         except BaseException:
             ep.outstanding -= 1
             if sresp is not None:
@@ -452,12 +470,12 @@ class OpenAIEngine(EngineBase):
         return resp, first
 
     def _status_error(
-        self, ep: Endpoint, status: int, body: bytes, retry_after: bytes | None
+        self, ep: Endpoint, status: int, body: bytes, retry_after: bytes | None, rid: str
     ) -> BaseException:
         """An error answer: the ServingError to raise (wrapped in `_Retriable` for a
         502/503/504 that is not backpressure), counted toward ejection when it is a
         failure of the worker."""
-        err = self._answer_error(status, body, retry_after)
+        err = self._answer_error(status, body, retry_after, rid, ep)
         if status == 429 or is_backpressure(status, err):
             return err
         if status >= 500:
@@ -468,8 +486,26 @@ class OpenAIEngine(EngineBase):
             self.outliers.success(ep)  # a client error: the worker itself works
         return err
 
-    def _answer_error(self, status: int, body: bytes, retry_after: bytes | None) -> ServingError:
+    def _answer_error(
+        self, status: int, body: bytes, retry_after: bytes | None, request_id: str, ep: Endpoint
+    ) -> ServingError:
+        json_error = is_json_error(body)
+        if status >= 500 or not json_error:
+            # What the worker said stays in the log, with the request id; the client gets
+            # the normalised error (a generic text for a body that is not a JSON error).
+            log.warning(
+                "request %s: upstream %s answered HTTP %d: %s",
+                request_id,
+                ep.url,
+                status,
+                body[:4000].decode("utf-8", "replace"),
+            )
         err = self.normalise_error(status, body)
+        if not json_error:
+            err.message = (
+                f"The model `{self.spec.name}` answered HTTP {status} without an error message."
+            )
+            err.args = (err.message,)
         if isinstance(err, (EngineOverloaded, EngineUnavailable)) and retry_after is not None:
             with contextlib.suppress(ValueError):
                 err.retry_after = float(retry_after)
@@ -573,13 +609,28 @@ class OpenAIEngine(EngineBase):
                     data = await read()
                 except TimeoutError as e:
                     self._failed(ep, "stalled mid-stream")
-                    raise EngineTimeout(f"upstream {ep.url} stalled mid-stream") from e
+                    log.warning(
+                        "request %s: upstream %s stalled mid-stream", req.request_id, ep.url
+                    )
+                    raise EngineTimeout(
+                        f"model {self.spec.name!r}: a worker stalled mid-stream"
+                    ) from e
                 except http1.ProtocolError as e:
                     self._failed(ep, f"broke the stream: {e}")
-                    raise UpstreamError(f"upstream {ep.url} broke the stream: {e}") from e
+                    log.warning(
+                        "request %s: upstream %s broke the stream: %s", req.request_id, ep.url, e
+                    )
+                    raise UpstreamError(
+                        f"model {self.spec.name!r}: a worker broke the stream"
+                    ) from e
             if not done:
                 self._failed(ep, "ended the stream before [DONE]")
-                raise UpstreamError(f"upstream {ep.url} ended the stream before [DONE]")
+                log.warning(
+                    "request %s: upstream %s ended the stream early", req.request_id, ep.url
+                )
+                raise UpstreamError(
+                    f"model {self.spec.name!r}: a worker ended the stream before [DONE]"
+                )
         finally:
             ep.outstanding -= 1
             # A body read to its end returns the connection to the pool; anything else

@@ -29,6 +29,7 @@ __all__ = [
     "UpstreamModelNotFound",
     "error_status_of_event",
     "is_backpressure",
+    "is_json_error",
     "normalise_error",
     "parse_error_body",
 ]
@@ -54,8 +55,10 @@ def normalise_error(status: int, body: bytes) -> ServingError:
     `{"error": "text"}`, and plain text."""
     message, etype, param, code = parse_error_body(body)
     if not message:
-        message = f"upstream answered HTTP {status}"
+        message = f"upstream answered HTTP {status} without a JSON error"
     text = message.lower()
+    if code is None and "maximum context length" in text:  # vLLM's / SGLang's text
+        code = "context_length_exceeded"
     if status == 404 and ("model" in text or code == "model_not_found" or "lora" in text):
         return UpstreamModelNotFound(message, param=param or "model")
     if status in (400, 422):
@@ -103,13 +106,23 @@ def error_status_of_event(obj: dict[str, Any]) -> int:
     return status
 
 
+def is_json_error(body: bytes) -> bool:
+    """Whether an error answer is a JSON object (any of the shapes `parse_error_body`
+    reads), as opposed to an HTML page or plain text."""
+    try:
+        return isinstance(orjson.loads(body), dict)
+    except orjson.JSONDecodeError:
+        return False
+
+
 def parse_error_body(body: bytes) -> tuple[str, str | None, str | None, str | None]:
     """(message, type, param, code) from any of the error shapes upstreams send."""
     try:
         obj: Any = orjson.loads(body)
     except orjson.JSONDecodeError:
-        text = body.decode("utf-8", "replace").strip()
-        return text[:2000], None, None, None
+        # An HTML page, a traceback, a proxy's text: never relayed (the engine logs it
+        # with the request id); the caller words a generic message of the status.
+        return "", None, None, None
     if isinstance(obj, str):
         return obj, None, None, None
     if not isinstance(obj, dict):

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 
+from engines.spec import name_problem
 from gateway.adapters import resolve_adapter_path
 from gateway.api.auth import check_admin_key
 from gateway.api.requests import Incoming, read_json
@@ -41,6 +42,9 @@ async def load_lora_adapter(request: Request) -> Any:
         body, "model", required=False
     )
     assert name is not None and raw_path is not None
+    problem = name_problem(name)
+    if problem is not None:
+        raise InvalidRequest(f"'lora_name' {problem}.", param="lora_name")
     base = gw.served.base_for_adapter(base_name)
     path = resolve_adapter_path(base.spec, raw_path, gw.served.catalog.base_dir)
     t0 = time.perf_counter()

@@ -19,6 +19,7 @@ from gateway.api.requests import (
 )
 from gateway.errors import InvalidRequest
 from gateway.protocol import embedding_inputs, validate_embedding
+from gateway.redact import public_error
 from gateway.streaming import Send
 
 if TYPE_CHECKING:
@@ -39,13 +40,19 @@ async def embeddings(gw: Gateway, scope: Scope, receive: Receive, send: Send) ->
             raise InvalidRequest(
                 f"The model `{target.spec.name}` does not serve embeddings.", param="model"
             )
-        parsed = validate_embedding(body, gw.settings)
+        parsed = validate_embedding(body, target.spec, gw.settings)
         record.begin()
-        done = await target.engine.embed(
-            EmbedRequest(
-                body=body, model=target.spec.name, request_id=rid, inputs=embedding_inputs(parsed)
+        try:
+            done = await target.engine.embed(
+                EmbedRequest(
+                    body=body,
+                    model=target.spec.name,
+                    request_id=rid,
+                    inputs=embedding_inputs(parsed),
+                )
             )
-        )
+        except ServingError as exc:
+            raise public_error(exc, target.spec.name, rid) from None
     except ServingError as exc:
         record.finished(None, exc, False)
         await error_response(exc, rid)(scope, receive, send)

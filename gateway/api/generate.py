@@ -15,6 +15,7 @@ import time
 from typing import TYPE_CHECKING, Any, Literal
 
 from engines.base import EngineStream, GenerateRequest, ServingError
+from gateway.allowlist import apply_cache_salt
 from gateway.api.auth import check_client_key
 from gateway.api.requests import (
     Incoming,
@@ -27,7 +28,9 @@ from gateway.api.requests import (
     request_id,
 )
 from gateway.errors import InvalidRequest
+from gateway.media import check_hosts
 from gateway.protocol import validate_chat, validate_completion
+from gateway.redact import public_error
 from gateway.streaming import DisconnectWatch, RelayResponse, Send
 
 if TYPE_CHECKING:
@@ -84,9 +87,13 @@ async def _generate(gw: Gateway, route: Route, scope: Scope, receive: Receive, s
             # Set in models.yaml: the gateway applies it for every engine alike.
             body["max_tokens"] = spec.max_tokens_default
         if route == "chat":
-            parsed: Any = validate_chat(body, spec.max_model_len, gw.settings)
+            hosts: dict[str, str] = {}
+            parsed: Any = validate_chat(body, spec, gw.settings, hosts)
+            if hosts:  # media URLs to listed hosts: their addresses must be public
+                await check_hosts(hosts, spec.media)
         else:
-            parsed = validate_completion(body, spec.max_model_len, gw.settings)
+            parsed = validate_completion(body, spec, gw.settings)
+        apply_cache_salt(body, spec, tenant=None)
         record.begin()
         gate = gw.admission.gates.get(spec.name)
         if gate is not None:
@@ -144,6 +151,7 @@ async def _generate(gw: Gateway, route: Route, scope: Scope, receive: Receive, s
         if not isinstance(exc, ServingError):  # an engine bug: still a 500 in the envelope
             log.exception("engine %s failed", target.spec.name, exc_info=exc)
             exc = ServingError("The engine failed while processing the request.")
+        exc = public_error(exc, target.spec.name, rid)
         record.finished(None, exc, False)
         await error_response(exc, rid)(scope, receive, send)
         return

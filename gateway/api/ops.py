@@ -1,15 +1,17 @@
 """Operator routes: `GET /health/live` (the process answers), `GET /health/ready` (the
 configured models can serve: `GATEWAY_READY_WHEN`), `GET /health` (every model and worker
-with its state, restarts, ejections and last error) and `GET /metrics`.
+with its state, restarts, ejections and requests in flight; worker URLs, details and last
+errors only with the admin key) and `GET /metrics`.
 
 Readiness is per model, never "every model or nothing": one dead model does not take the
 gateway out of a load balancer while the others serve (unless `GATEWAY_READY_WHEN=all`).
-While draining (SIGTERM) readiness answers 503 at once. No worker URL is shown here: a
-public health check must not map the network behind the gateway.
+While draining (SIGTERM) readiness answers 503 at once. A public health check must not map
+the network behind the gateway, hence no URLs without the admin key.
 """
 
 from __future__ import annotations
 
+import hmac
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -50,28 +52,41 @@ def _worker_state(healthy: bool, ejected: bool) -> str:
     return "healthy" if healthy else "down"
 
 
+def _is_admin(gw: Gateway, request: Request) -> bool:
+    admin = gw.settings.admin_key
+    scheme, _, token = (request.headers.get("authorization") or "").partition(" ")
+    return bool(admin) and scheme.lower() == "bearer" and hmac.compare_digest(token.strip(), admin)
+
+
 async def health(request: Request) -> Any:
+    """States for anyone; worker URLs and details only with the admin key (a public
+    health check must not map the network behind the gateway)."""
     gw: Gateway = request.app.state.gateway
     statuses = gw.served.statuses()
+    admin = _is_admin(gw, request)
     models: dict[str, Any] = {}
     for name, st in statuses.items():
-        models[name] = {
+        healthy = sum(w.healthy for w in st.workers)
+        workers: list[dict[str, Any]] = []
+        for i, w in enumerate(st.workers):
+            row: dict[str, Any] = {
+                "id": i,
+                "state": _worker_state(w.healthy, w.ejected),
+                "restarts": w.restarts,
+                "ejections": w.ejections,
+                "in_flight": w.outstanding,
+            }
+            if admin:
+                row |= {"url": w.url, "detail": w.detail, "last_error": w.last_error}
+            workers.append(row)
+        entry: dict[str, Any] = {
             "ready": st.ready,
             "state": "ready" if st.ready else "unavailable",
-            "detail": st.detail,
-            "workers": [
-                {
-                    "id": i,
-                    "state": _worker_state(w.healthy, w.ejected),
-                    "healthy": w.healthy,
-                    "restarts": w.restarts,
-                    "ejections": w.ejections,
-                    "in_flight": w.outstanding,
-                    "last_error": w.last_error,
-                }
-                for i, w in enumerate(st.workers)
-            ],
+            "workers": {"healthy": healthy, "total": len(st.workers), "list": workers},
         }
+        if admin:
+            entry["detail"] = st.detail
+        models[name] = entry
     ok, why = _ready(gw, statuses)
     return JSONResponse(
         {"status": "ok" if ok else "degraded", "ready": why, "models": models},

@@ -175,3 +175,20 @@ def test_errors_are_counted(embedded_gateway: ServerThread, client: openai.OpenA
     text = httpx.get(f"{embedded_gateway.url}/metrics").text
     assert 'gateway_errors_total{model="' in text
     assert 'type="invalid_request_error"' in text
+
+
+def test_prompt_plus_max_tokens_past_the_context(client: openai.OpenAI) -> None:
+    """OpenAI's shape (issue 8): 400, `code: context_length_exceeded`, not a silent clamp."""
+    long = [{"role": "user", "content": "tell me about the sea " * 40}]
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=DEFAULT_MODEL, messages=long, max_tokens=2000)  # type: ignore[arg-type]
+    err = _envelope(info.value.response)
+    assert err["code"] == "context_length_exceeded"
+    assert err["param"] == "max_tokens"
+    assert "maximum context length is 2048 tokens" in err["message"]
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=DEFAULT_MODEL, messages=CHAT, max_tokens=10**6)  # type: ignore[arg-type]
+    assert _envelope(info.value.response)["code"] == "context_length_exceeded"
+    # Without an explicit max_tokens the model's default applies and is not an error.
+    out = client.chat.completions.create(model=DEFAULT_MODEL, messages=CHAT)  # type: ignore[arg-type]
+    assert out.choices[0].message.content is not None

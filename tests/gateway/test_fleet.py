@@ -16,10 +16,11 @@ import openai
 import pytest
 
 from simulator import SimServer
-from tests.conftest import start_gateway
+from tests.conftest import ADMIN_KEY, start_gateway
 from tests.gateway.test_api_sim import CHAT, SimThread
 
 FAST = {"health_interval_s": 0.1, "start_timeout_s": 3.0}
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +63,8 @@ def test_worker_killed_before_headers_clients_all_get_200(sims: SimThread, tmp_p
         # tried); then it was ejected and got nothing more.
         assert dead.received_total == 3
         assert workers[1].requests_total + workers[2].requests_total == 20
-        health = httpx.get(f"{gw.url}/health").json()
-        w0 = health["models"]["m"]["workers"][0]
+        health = httpx.get(f"{gw.url}/health", headers=ADMIN).json()
+        w0 = health["models"]["m"]["workers"]["list"][0]
         assert w0["state"] == "ejected" and w0["ejections"] == 1
         assert "reset" in w0["last_error"]
         metrics = httpx.get(f"{gw.url}/metrics").text
@@ -157,7 +158,7 @@ def test_dead_model_leaves_ready_and_the_other_model_serving(
         with httpx.Client(base_url=gw.url) as http:
             assert http.get("/health/live").status_code == 200
             assert http.get("/health/ready").status_code == 200
-            health = http.get("/health").json()
+            health = http.get("/health", headers=ADMIN).json()
             assert health["models"]["good"]["ready"] is True
             assert health["models"]["dead"]["ready"] is False
             assert "not started" in health["models"]["dead"]["detail"]
@@ -226,14 +227,21 @@ def test_admission_queue_bounds_and_answers_503_with_retry_after(
         def call(_: int) -> httpx.Response:
             return httpx.post(f"{gw.url}/v1/chat/completions", json=body, timeout=30)
 
-        with concurrent.futures.ThreadPoolExecutor(8) as pool:
-            answers = list(pool.map(call, range(8)))
-        codes = sorted(r.status_code for r in answers)
-        assert codes == [200] * 4 + [503] * 4
-        for r in answers:
-            if r.status_code == 503:
-                assert r.headers["retry-after"] == "2"
-                assert r.json()["error"]["code"] == "queue_full"
+        gate = gw.gateway.admission.gates["m"]
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            admitted = [pool.submit(call, i) for i in range(4)]
+            for _ in range(500):  # 2 running, 2 queued
+                if gate.active == 2 and len(gate.waiters) == 2:
+                    break
+                time.sleep(0.01)
+            assert gate.active == 2 and len(gate.waiters) == 2
+            refused = [call(i) for i in range(4)]  # beyond the queue: at once
+            answers = [f.result() for f in admitted]
+        assert [r.status_code for r in answers] == [200] * 4
+        for r in refused:
+            assert r.status_code == 503
+            assert r.headers["retry-after"] == "2"
+            assert r.json()["error"]["code"] == "queue_full"
         assert worker.received_total == 4  # the refused never reached the worker
         metrics = httpx.get(f"{gw.url}/metrics").text
         assert 'gateway_admission_rejected_total{model="m"} 4.0' in metrics

@@ -22,7 +22,7 @@ from aiohttp import web
 
 from loadgen import LoadConfig, RequestRecord, Stats, run_load, summarize
 from loadgen import cli as bench_cli
-from loadgen.runner import _StreamState
+from loadgen.client import _StreamState
 from simulator import SimConfig, SimServer
 
 MODEL = "fixture-model"
