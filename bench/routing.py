@@ -10,9 +10,11 @@ loopback, each with its own prefix cache and adapter slots (`simulator.costs`):
    least_outstanding: 1`), least-outstanding, round-robin. Reports TTFT p50/p99 (time to
    the first streamed bytes) and the prefix-cache hit rate (hit tokens ÷ prompt tokens,
    from the workers' own counters).
-2. LoRA: 16 adapters, 4 slots per worker, 50 ms per adapter load, requests naming an
-   adapter uniformly at random. Policies: `lora_affinity: 2, least_outstanding: 1` vs
-   least-outstanding alone (both with on-demand placement). Reports the share of adapter
+2. LoRA: 16 adapters (then 24: more than the 16 slots), 4 slots per worker, 50 ms per
+   adapter load, requests naming an adapter uniformly at random; adapters registered
+   through the admin API first (each placed on the least-loaded worker), then counted.
+   Policies: `lora_affinity: 2, least_outstanding: 1` vs least-outstanding alone (both
+   with on-demand placement). Reports the share of adapter
    requests that found their worker already holding the adapter, and adapter loads per
    1,000 requests.
 3. Routing decision cost: `Router.pick` over 16 endpoints (random outstanding counts,
@@ -175,11 +177,14 @@ async def shared_prefix(n: int, concurrency: int) -> None:
                 await s.stop()
 
 
-async def lora(n: int, concurrency: int) -> None:
+async def lora(n: int, concurrency: int, count: int) -> None:
     rng = random.Random(2)
-    adapters = [f"ad{i}" for i in range(16)]
+    adapters = [f"ad{i}" for i in range(count)]
     picks = [rng.choice(adapters) for _ in range(n)]
-    print(f"\n## LoRA: 16 adapters, 4 slots per worker, {n} requests, {concurrency} in flight")
+    print(
+        f"\n## LoRA: {count} adapters, 4 slots per worker × {WORKERS}, {n} requests, "
+        f"{concurrency} in flight"
+    )
     print("policy                     on holder  loads/1000 req  TTFT p50 ms  TTFT p99 ms")
     for name, scorers in (
         ("lora-affinity", {"lora_affinity": 2, "least_outstanding": 1}),
@@ -295,7 +300,8 @@ async def main() -> None:
         decision_cost(args.calls)
         return
     await shared_prefix(args.requests, args.concurrency)
-    await lora(args.requests, args.concurrency)
+    await lora(args.requests, args.concurrency, 16)
+    await lora(args.requests, args.concurrency, 24)
     decision_cost(args.calls)
     await fast_fail(2000)
 

@@ -1,16 +1,20 @@
 """The engine for any OpenAI-compatible upstream, and the base of the vLLM, LMDeploy and sim
 engines.
 
-Owns the upstream hop: one keep-alive connection pool per endpoint (`engines.upstream.http1`) for
-the generate and embedding requests and one aiohttp session for the cold paths (health,
-metrics, adapters), picking an endpoint (fewest outstanding requests among healthy ones),
-one retry on another endpoint before the first byte, relaying non-streamed bodies and
-streamed SSE bytes, normalising upstream errors into `engines.base.ServingError`s, a
-background loop that checks `/health`, scrapes the workers' `/metrics`, and re-applies
-adapters to a worker that comes back, and the runtime LoRA API (`/v1/load_lora_adapter`,
-`/v1/unload_lora_adapter`) on every endpoint. It does not launch workers (subclasses do,
-through `start_workers`), validate client requests, frame SSE for the client, or count
-anything for the gateway's metrics: those belong to the gateway.
+Owns the upstream hop's lifecycle and relay: one keep-alive connection pool per endpoint
+(`engines.upstream.http1`) for the generate and embedding requests and one aiohttp session
+for the cold paths (health, metrics, adapters), the routing request of each call (prefix
+and session keys only when a scorer needs them), relaying non-streamed bodies and streamed
+SSE bytes (after the first byte a failure ends the stream with an error event, counted
+toward ejection), and the runtime LoRA API. Sending with retries, the retry budget and
+ejection accounting are `engines.upstream.send`; probes, re-admission and wedge detection
+`engines.upstream.health`. It does not launch workers (subclasses do, through
+`start_workers`), validate client requests, frame SSE for the client, or count anything
+for the gateway's metrics (it exposes counters in `status()`).
+
+Why over ~450 lines: the class is the one contract surface subclasses extend (hooks,
+lifecycle, relay, adapters, status); its hot paths were already split out (`http1`,
+`send`, `relay`, `sse`) and what remains is one concern per section.
 
 Hooks for subclasses:
 - `start_workers()` returns the workers' base URLs (default: `spec.endpoints`);
@@ -38,10 +42,9 @@ comment, or when a model rename / transform hook is active.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator
 from typing import Any, ClassVar
 
 import aiohttp
@@ -52,7 +55,6 @@ from engines.base import (
     EmbedRequest,
     EngineBase,
     EngineContext,
-    EngineOverloaded,
     EngineStatus,
     EngineTimeout,
     EngineUnavailable,
@@ -70,8 +72,6 @@ from engines.upstream.adapters import AdapterFanout
 from engines.upstream.endpoints import Endpoint
 from engines.upstream.errors import (
     error_status_of_event,
-    is_backpressure,
-    is_json_error,
     normalise_error,
 )
 from engines.upstream.health import HealthChecks
@@ -81,6 +81,7 @@ from engines.upstream.relay import process_run
 from engines.upstream.routing import SCORERS, Router, RoutingRequest
 from engines.upstream.routing.hashring import stable_hash
 from engines.upstream.routing.prefix import prompt_prefix
+from engines.upstream.send import Sender
 from engines.upstream.sse import SSEBuffer
 
 __all__ = ["OpenAIEngine"]
@@ -88,15 +89,7 @@ __all__ = ["OpenAIEngine"]
 log = logging.getLogger("engines.upstream")
 
 
-class _Retriable(Exception):
-    """An attempt failed in a way another worker may serve (nothing reached the client)."""
-
-    def __init__(self, error: ServingError) -> None:
-        super().__init__(error.message)
-        self.error = error
-
-
-class OpenAIEngine(EngineBase):
+class OpenAIEngine(Sender, EngineBase):
     """Engine "openai": relays to OpenAI-compatible servers listed in `spec.endpoints`."""
 
     metrics_prefix: ClassVar[str] = "vllm:"
@@ -284,12 +277,6 @@ class OpenAIEngine(EngineBase):
 
     # ------------------------------------------------------------------ the hot path
 
-    def _pick(
-        self, req: RoutingRequest | None, exclude: Sequence[Endpoint] = ()
-    ) -> Endpoint | None:
-        """The endpoint for one attempt (`engines.upstream.routing`)."""
-        return self.router.pick(self._endpoints, req, exclude)
-
     def _routing_request(self, req: GenerateRequest) -> RoutingRequest:
         """What the router may know of `req`; the hashes only when a scorer needs them."""
         if not (self._needs_prefix or self._needs_session):
@@ -308,208 +295,6 @@ class OpenAIEngine(EngineBase):
         if body.get("model") != target:
             body = {**body, "model": target}
         return orjson.dumps(body)
-
-    def _no_worker(self) -> EngineUnavailable:
-        """The fast-fail 503 when no worker passes the filters; Retry-After is the time
-        until the next health probe or the end of the soonest ejection."""
-        if self._session is None:
-            return EngineUnavailable(f"model {self.spec.name!r} is not started")
-        now = asyncio.get_running_loop().time()
-        wait = self.opts.health_interval_s
-        for ep in self._endpoints:
-            if ep.ejected and ep.healthy:
-                wait = min(wait, max(0.0, ep.ejected_until - now) + self.opts.health_interval_s)
-        return EngineUnavailable(
-            f"model {self.spec.name!r}: no worker can take the request now",
-            retry_after=max(1.0, wait),
-        )
-
-    def _unreachable(self) -> EngineUnavailable:
-        return EngineUnavailable(f"model {self.spec.name!r}: no worker reachable")
-
-    def _failed(self, ep: Endpoint, why: str) -> None:
-        """One failure of `ep` toward outlier ejection."""
-        self.outliers.failure(ep, why, asyncio.get_running_loop().time())
-
-    async def _send(
-        self,
-        route: str,
-        data: bytes,
-        request_id: str,
-        stream: bool,
-        rreq: RoutingRequest | None = None,
-    ) -> tuple[Endpoint, Any, bytes]:
-        """POST to a picked endpoint; before the first byte reaches the client, retry a
-        retriable failure (`_attempt`) on another endpoint, at most `max_retries` times and
-        within the retry budget. Returns the endpoint, with its outstanding count raised
-        (the caller lowers it), the `http1.Stream` (stream) or whole `http1.Response`, and
-        for a stream its first body bytes."""
-        budget = self.budget
-        budget.requests += 1
-        ep = self._pick(rreq)
-        if ep is None:
-            raise self._no_worker()
-        rid = (
-            request_id.encode()
-            if self._forward_id and request_id.isascii() and request_id.isprintable()
-            else None
-        )
-        tried: list[Endpoint] = []
-        while True:
-            pool = ep.pool
-            if pool is None:
-                raise EngineUnavailable(f"model {self.spec.name!r} is not started")
-            head: bytes = getattr(ep, route)
-            if rid is None:
-                req = b"%sContent-Length: %d\r\n\r\n%s" % (head, len(data), data)
-            else:
-                req = b"%sX-Request-Id: %s\r\nContent-Length: %d\r\n\r\n%s" % (
-                    head,
-                    rid,
-                    len(data),
-                    data,
-                )
-            if self._on_demand and rreq is not None and rreq.adapter is not None:
-                await self.adapter_state.ensure(self._session, ep, rreq.adapter)
-            try:
-                resp, first = await self._attempt(ep, pool, req, stream, request_id)
-            except _Retriable as r:
-                tried.append(ep)
-                other = None
-                if len(tried) <= self.opts.max_retries:
-                    other = self._pick(rreq, tried)
-                if other is None or not budget.try_retry():
-                    raise r.error from r.__cause__
-                ep = other
-                continue
-            return ep, resp, first
-
-    async def _attempt(
-        self, ep: Endpoint, pool: http1.Pool, req: bytes, stream: bool, rid: str
-    ) -> tuple[Any, bytes]:
-        """One attempt on one endpoint. Raises `_Retriable` for what may go to another
-        worker (nothing reached the client): connect errors and timeouts, a connection
-        closed or reset before the answer, a stream's first-byte timeout, 502/503/504
-        that are not backpressure. Counts failures toward ejection (never a 429 or a
-        queue-full 503) and successes that end a failure streak."""
-        ep.outstanding += 1
-        resp: Any = None
-        sresp: http1.Stream | None = None
-        try:
-            if stream:
-                # One timer per stream for its first bytes (headers + first body read);
-                # streams cost milliseconds, the timer ~2 µs.
-                async with asyncio.timeout(self.opts.first_byte_timeout_s):
-                    resp = sresp = await pool.stream(req)
-                    if resp.status != 200:
-                        body = await resp.read()
-                        raise self._status_error(
-                            ep, resp.status, body, resp.header(b"retry-after"), rid
-                        )
-                    first = await resp.read_chunk()
-            else:
-                resp = await pool.fetch(req)
-                if resp.status != 200:
-                    raise self._status_error(
-                        ep, resp.status, resp.body, resp.header(b"retry-after"), rid
-                    )
-                first = b""
-        except _Retriable:
-            ep.outstanding -= 1
-            if sresp is not None:
-                sresp.release()
-            raise
-        except ServingError:
-            ep.outstanding -= 1
-            if sresp is not None:
-                sresp.release()
-            raise
-        except http1.ConnectError as e:
-            ep.outstanding -= 1
-            ep.healthy, ep.detail = False, f"connection failed: {e}"
-            self._failed(ep, f"connection failed: {e}")
-            log.warning("request %s: upstream %s unreachable: %s", rid, ep.url, e)
-            raise _Retriable(self._unreachable()) from e
-        except http1.Disconnected as e:
-            ep.outstanding -= 1
-            self._failed(ep, f"connection reset: {e}")
-            log.warning("request %s: upstream %s reset the connection: %s", rid, ep.url, e)
-            raise _Retriable(self._unreachable()) from e
-        except TimeoutError as e:
-            ep.outstanding -= 1
-            if sresp is not None:
-                sresp.close()
-            what = "connecting" if isinstance(e, http1.ConnectTimeout) else "first byte"
-            if not stream and not isinstance(e, http1.ConnectTimeout):
-                self._failed(ep, f"no answer in {self.opts.read_timeout_s:g} s")
-                log.warning("request %s: upstream %s did not answer in time", rid, ep.url)
-                raise EngineTimeout(
-                    f"model {self.spec.name!r}: a worker did not answer in time"
-                ) from e
-            self._failed(ep, f"{what} timeout")
-            log.warning("request %s: upstream %s %s timeout", rid, ep.url, what)
-            raise _Retriable(
-                EngineTimeout(f"model {self.spec.name!r}: a worker did not answer in time")
-            ) from e
-        except http1.ProtocolError as e:
-            ep.outstanding -= 1
-            if sresp is not None:
-                sresp.close()
-            self._failed(ep, f"broken answer: {e}")
-            log.warning("request %s: upstream %s failed mid-response: %s", rid, ep.url, e)
-            err = UpstreamError(f"model {self.spec.name!r}: a worker failed mid-response")
-            if stream:  # before the first body byte: nothing reached the client
-                raise _Retriable(err) from e
-            raise err from e
-        except BaseException:
-            ep.outstanding -= 1
-            if sresp is not None:
-                sresp.close()
-            raise
-        self.outliers.success(ep)
-        return resp, first
-
-    def _status_error(
-        self, ep: Endpoint, status: int, body: bytes, retry_after: bytes | None, rid: str
-    ) -> BaseException:
-        """An error answer: the ServingError to raise (wrapped in `_Retriable` for a
-        502/503/504 that is not backpressure), counted toward ejection when it is a
-        failure of the worker."""
-        err = self._answer_error(status, body, retry_after, rid, ep)
-        if status == 429 or is_backpressure(status, err):
-            return err
-        if status >= 500:
-            self._failed(ep, f"answered {status}: {err.message[:200]}")
-            if status in (502, 503, 504):
-                return _Retriable(err)
-        else:
-            self.outliers.success(ep)  # a client error: the worker itself works
-        return err
-
-    def _answer_error(
-        self, status: int, body: bytes, retry_after: bytes | None, request_id: str, ep: Endpoint
-    ) -> ServingError:
-        json_error = is_json_error(body)
-        if status >= 500 or not json_error:
-            # What the worker said stays in the log, with the request id; the client gets
-            # the normalised error (a generic text for a body that is not a JSON error).
-            log.warning(
-                "request %s: upstream %s answered HTTP %d: %s",
-                request_id,
-                ep.url,
-                status,
-                body[:4000].decode("utf-8", "replace"),
-            )
-        err = self.normalise_error(status, body)
-        if not json_error:
-            err.message = (
-                f"The model `{self.spec.name}` answered HTTP {status} without an error message."
-            )
-            err.args = (err.message,)
-        if isinstance(err, (EngineOverloaded, EngineUnavailable)) and retry_after is not None:
-            with contextlib.suppress(ValueError):
-                err.retry_after = float(retry_after)
-        return err
 
     async def _request(
         self, route: str, data: bytes, request_id: str, rreq: RoutingRequest | None = None

@@ -72,6 +72,7 @@ async def health(request: Request) -> Any:
             row: dict[str, Any] = {
                 "id": i,
                 "state": _worker_state(w.healthy, w.ejected),
+                "healthy": w.healthy,
                 "restarts": w.restarts,
                 "ejections": w.ejections,
                 "in_flight": w.outstanding,
