@@ -136,3 +136,53 @@ async def test_lora_affinity_places_adapters_on_demand_with_lru_eviction() -> No
         await engine.stop()
         for s in servers:
             await s.stop()
+
+
+async def test_prefix_and_session_keys_route_live_requests() -> None:
+    from engines.base import GenerateRequest
+    from engines.spec import ModelSpec
+    from engines.upstream.engine import OpenAIEngine
+    from simulator import SimConfig, SimServer
+
+    servers = []
+    for _ in range(3):
+        s = SimServer(SimConfig(model="sim-m"))
+        await s.start()
+        servers.append(s)
+
+    def req(system: str, session: str | None = None) -> GenerateRequest:
+        body = {
+            "model": "sim-m",
+            "messages": [{"role": "system", "content": system}, {"role": "user", "content": "q"}],
+            "max_tokens": 2,
+        }
+        return GenerateRequest("chat", body, "sim-m", None, "r", 0, session=session)
+
+    async def where(engine: OpenAIEngine, r: GenerateRequest) -> int:
+        before = [s.requests_total for s in servers]
+        await engine.complete(r)
+        after = [s.requests_total for s in servers]
+        return next(i for i in range(3) if after[i] > before[i])
+
+    for scorers in ({"prefix_affinity": 2, "least_outstanding": 1},
+                    {"session_affinity": 2, "least_outstanding": 1}):  # fmt: skip
+        sp = ModelSpec(
+            name="sim-m",
+            engine="openai",
+            endpoints=[s.url for s in servers],
+            routing={"scorers": scorers},
+            options={"health_interval_s": 0.1},
+        )
+        engine = OpenAIEngine(sp)
+        await engine.start()
+        try:
+            for k in range(4):
+                if "prefix_affinity" in scorers:
+                    picks = {await where(engine, req(f"system prompt {k} " * 20)) for _ in range(4)}
+                else:  # same session, different prompts
+                    picks = {await where(engine, req(f"p{i}", f"s{k}")) for i in range(4)}
+                assert len(picks) == 1
+        finally:
+            await engine.stop()
+    for s in servers:
+        await s.stop()
