@@ -513,6 +513,7 @@ class OpenAIEngine(Sender, EngineBase):
                 "retry_budget_exhausted": self.budget.exhausted,
                 "ejections": sum(ep.ejections for ep in self._endpoints),
                 "wedged": self.health.wedged,
+                "fast_fails": self.fast_fails,
                 "adapter_loads": self.adapter_state.loads,
                 "adapter_evictions": self.adapter_state.evictions,
                 "adapter_hits": self.adapter_state.hits,

@@ -68,6 +68,8 @@ class Sender:
     _endpoints: list[Endpoint]
     _forward_id: bool
     _on_demand: bool
+    # Requests answered 503 at once because no worker passed the filters.
+    fast_fails: int = 0
 
     def normalise_error(self, status: int, body: bytes) -> ServingError:
         raise NotImplementedError
@@ -83,6 +85,7 @@ class Sender:
         until the next health probe or the end of the soonest ejection."""
         if self._session is None:
             return EngineUnavailable(f"model {self.spec.name!r} is not started")
+        self.fast_fails += 1
         now = asyncio.get_running_loop().time()
         wait = self.opts.health_interval_s
         for ep in self._endpoints:

@@ -174,7 +174,7 @@ async def test_total_outage_fails_fast_without_touching_workers() -> None:
                 await engine.complete(chat())
             assert e.value.retry_after >= 1
         assert [s.received_total for s in servers] == received
-        assert not engine.status().ready
+        assert not engine.status().ready and engine.status().counters["fast_fails"] == 50
     finally:
         await _close(engine, servers)
 
