@@ -1,4 +1,5 @@
-"""The `gateway` command: `serve`, `check`, `pull`, `sim`, `bench`.
+"""The `gateway` command: `serve`, `check`, `pull`, `sim`, `bench`, and the pipeline's
+`merge`, `eval`, `quantize` (parsed and run by `pipeline.cli`).
 
 Owns argument parsing and process set-up (logging, event loop, server). Each sub-command
 hands over to the module that does the work.
@@ -124,6 +125,11 @@ def main(argv: list[str] | None = None) -> int:
     pull.add_argument("--config", type=Path)
     sub.add_parser("sim", help="run the vLLM-compatible simulator (see `gateway sim -h`)")
     sub.add_parser("bench", help="load-test an OpenAI-compatible URL (see `gateway bench -h`)")
+    # --- pipeline (issue 13): merge / eval / quantize, all in pipeline/ ----------------
+    from pipeline import cli as pipeline_cli
+
+    pipeline_cli.add_commands(sub)
+    # --- end pipeline -------------------------------------------------------------------
     if argv and argv[0] == "bench":
         from loadgen.cli import add_arguments, run
 
@@ -133,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
         add_arguments(bench)
         return run(bench.parse_args(argv[1:]))
     args = parser.parse_args(argv)
+    if args.command in pipeline_cli.COMMANDS:  # pipeline (issue 13)
+        return pipeline_cli.run(args)
     if args.command == "serve":
         return _serve(args)
     if args.command == "pull":

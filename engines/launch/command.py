@@ -27,7 +27,6 @@ __all__ = [
     "ResolvedPaths",
     "WorkerCommand",
     "adapter_paths",
-    "checkpoint_quant_method",
     "flag_args",
     "free_port",
     "gpu_assignment",
@@ -231,33 +230,6 @@ def _scalar(value: Any) -> str:
     if isinstance(value, dict | list):
         return json.dumps(value, separators=(",", ":"))
     return str(value)
-
-
-# --------------------------------------------------------------------------- checkpoints
-
-
-def checkpoint_quant_method(model: str | Path) -> str | None:
-    """The `quantization_config.quant_method` of a local checkpoint directory ("" when it
-    has none, i.e. it is unquantized), or None when that cannot be known here (a hub id, a
-    relative path, a file, an unreadable config). Both engines read the same field to
-    decide how to load weights, so a mismatch is a certain start failure we can refuse at
-    config load instead."""
-    import json
-
-    path = Path(model).expanduser()
-    if not path.is_absolute() or not path.is_dir():
-        return None
-    try:
-        cfg = json.loads((path / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(cfg, dict):
-        return None
-    # Multimodal checkpoints nest the language model's config (and its quantization).
-    for holder in (cfg, cfg.get("text_config"), cfg.get("llm_config")):
-        if isinstance(holder, dict) and isinstance(holder.get("quantization_config"), dict):
-            return str(holder["quantization_config"].get("quant_method", "")).lower()
-    return ""
 
 
 def adapter_paths(spec: ModelSpec, config_dir: Path) -> dict[str, str]:

@@ -24,7 +24,12 @@ used.
 
 from __future__ import annotations
 
+import asyncio
+import os
+import shlex
+import shutil
 from collections import OrderedDict
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from pydantic import Field
@@ -32,6 +37,7 @@ from pydantic import Field
 from engines.base import (
     AdapterError,
     EngineContext,
+    EngineUnavailable,
     InvalidRequest,
     ModelSpec,
     ServingError,
@@ -39,10 +45,10 @@ from engines.base import (
     UpstreamError,
     WorkerStatus,
 )
+from engines.launch.checkpoint_quant import CheckpointQuant, read_checkpoint_quant
 from engines.launch.command import (
     LaunchOptions,
     ResolvedPaths,
-    checkpoint_quant_method,
     flag_args,
     memory_share,
 )
@@ -215,13 +221,17 @@ class LMDeployEngine(LaunchedEngine):
         return issues
 
     @staticmethod
-    def _quantization_issues(spec: ModelSpec, backend: Backend, where: str) -> list[SpecIssue]:
+    def _quantization_issues(
+        spec: ModelSpec, backend: Backend, where: str, model: str | None = None
+    ) -> list[SpecIssue]:
+        """What LMDeploy 0.18's support matrix refuses for this quantization on `backend`
+        (`model`: the resolved checkpoint at launch, models.yaml's reference at load)."""
         q = spec.quantization
         if q == "none":
             return []
-        model = spec.model or ""
+        model = model or spec.model or ""
         gguf = model.lower().endswith(".gguf")
-        found = None if gguf else checkpoint_quant_method(model)
+        found = None if gguf else read_checkpoint_quant(model)
         out: list[SpecIssue] = []
         if q == "gptq" and backend == "pytorch":
             # lmdeploy/pytorch/config.py: the PyTorch engine's quant methods are awq,
@@ -244,7 +254,7 @@ class LMDeployEngine(LaunchedEngine):
                         "quantization none or fp8",
                     )
                 )
-            elif found == "":
+            elif found is not None and not found.quantized:
                 out.append(
                     SpecIssue(
                         path="quantization",
@@ -252,15 +262,20 @@ class LMDeployEngine(LaunchedEngine):
                         f"; LMDeploy loads {q.upper()} weights but does not quantize to it",
                     )
                 )
-        if found and found != q:
-            # lmdeploy/turbomind/converter.py: 'mismatched quant method'.
-            out.append(
-                SpecIssue(
-                    path="quantization",
-                    message=f"{model} is quantized with {found!r}, not {q!r}",
+        if found is not None and found.quantized:
+            if not found.satisfies(q):
+                # lmdeploy/turbomind/converter.py: 'mismatched quant method'.
+                out.append(
+                    SpecIssue(
+                        path="quantization",
+                        message=f"{model} is quantized with {found.describe()!r}, not {q!r}",
+                    )
                 )
-            )
-        if q == "fp8" and backend == "turbomind" and found != "fp8":
+            else:
+                refusal = _unsupported_checkpoint(found, backend)
+                if refusal:
+                    out.append(SpecIssue(path=where, message=f"{model}: {refusal}"))
+        if q == "fp8" and backend == "turbomind" and not (found and found.method == "fp8"):
             # lmdeploy/turbomind/weight_format.py FP8Format accepts only fp8 weights with
             # weight_scale_inv: TurboMind loads blocked-FP8 checkpoints, it does not
             # quantize. The PyTorch engine does (lmdeploy/pytorch/config.py
@@ -298,7 +313,7 @@ class LMDeployEngine(LaunchedEngine):
         argv += ["--session-len", str(spec.max_model_len)]
         if spec.dtype != "auto":
             argv += ["--dtype", spec.dtype]
-        fmt = cls.model_format(spec, backend)
+        fmt = cls.model_format(spec, backend, paths.model if paths else None)
         if fmt is not None:
             argv += ["--model-format", fmt]
         if spec.gpus_per_replica > 1:
@@ -333,18 +348,67 @@ class LMDeployEngine(LaunchedEngine):
         return argv, port_index
 
     @staticmethod
-    def model_format(spec: ModelSpec, backend: Backend) -> str | None:
+    def model_format(spec: ModelSpec, backend: Backend, model: str | None = None) -> str | None:
         """--model-format for the quantization (choices hf, awq, gptq, compressed-tensors,
-        fp8, mxfp4). TurboMind reads it to pick its weight layout. The PyTorch engine reads
-        it only as "quantize an unquantized model online", which exists for fp8 alone
-        (lmdeploy/pytorch/config.py _patch_quantization_config raises for anything else);
-        it finds AWQ in the checkpoint's own quantization_config, so none is passed."""
+        fp8, mxfp4), or None to let LMDeploy read the checkpoint's own
+        quantization_config. A local checkpoint that carries one (checked at load) gets
+        none: TurboMind takes its method from the config and asserts that a given
+        --model-format equals it (lmdeploy/turbomind/converter.py "mismatched quant
+        method"), so "awq" would break a compressed-tensors AWQ checkpoint. The PyTorch
+        engine reads the flag only as "quantize an unquantized model online", which exists
+        for fp8 alone (lmdeploy/pytorch/config.py _patch_quantization_config raises for
+        anything else). A checkpoint not readable here (a hub id) on TurboMind gets the
+        declared method, as before."""
         q = spec.quantization
         if q == "none":
+            return None
+        found = read_checkpoint_quant(model or spec.model or "")
+        if found is not None and found.quantized:
             return None
         if backend == "turbomind":
             return q
         return "fp8" if q == "fp8" else None
+
+    # ------------------------------------------------------------------ backend probe
+
+    async def start_workers(self) -> list[str]:
+        """Launch: when the backend was left to the gateway and would be TurboMind, first
+        ask the worker's own Python whether LMDeploy's TurboMind extension is there
+        (`turbomind_available`). Without it LMDeploy itself would fall back to its PyTorch
+        engine (lmdeploy/archs.py autoget_backend: "Fallback to pytorch engine because
+        turbomind is not built"); the gateway makes that choice explicit (`--backend
+        pytorch`, as if models.yaml said so) so that `resolve_paths` checks the entry
+        against the PyTorch engine's support matrix and refuses what it cannot serve
+        (GPTQ; compressed-tensors other than W4A16 symmetric group 32 on an architecture
+        whose LMDeploy model passes module prefixes) instead of failing in the worker."""
+        spec = self.spec
+        if (
+            not spec.attach
+            and "backend" not in spec.options
+            and resolve_backend(spec) == ("turbomind")
+        ):
+            opts = self.launch_options(spec)
+            available = await turbomind_available(opts.command or [self.program], opts.env)
+            if available is False:
+                self.progress(
+                    f"model {spec.name!r}: LMDeploy's TurboMind extension is not installed "
+                    "for this worker; using its PyTorch engine"
+                )
+                options = {**spec.options, "backend": "pytorch"}
+                self.spec = spec.model_copy(update={"options": options})
+        return await super().start_workers()
+
+    async def resolve_paths(self, ctx: EngineContext) -> ResolvedPaths:
+        """The resolved checkpoint checked against the backend that will run it."""
+        paths = await super().resolve_paths(ctx)
+        backend = resolve_backend(self.spec)
+        issues = self._quantization_issues(self.spec, backend, "quantization", paths.model)
+        if issues:
+            raise EngineUnavailable(
+                f"model {self.spec.name!r} on LMDeploy's {backend} backend: "
+                + "; ".join(f"{i.path}: {i.message}" for i in issues)
+            )
+        return paths
 
     # ------------------------------------------------------------------ adapters
 
@@ -450,3 +514,134 @@ def _drop_nulls(obj: dict[str, Any], keys: tuple[str, ...]) -> None:
     for key in keys:
         if key in obj and obj[key] is None:
             del obj[key]
+
+
+# `python -c` run with the worker's interpreter: exit 0 when TurboMind's extension loads,
+# 3 when LMDeploy is there without it (lmdeploy/turbomind/__init__.py is_available()).
+_TURBOMIND_PROBE = "import sys, lmdeploy.turbomind as t; sys.exit(0 if t.is_available() else 3)"
+
+
+def _worker_python(program: list[str]) -> list[str] | None:
+    """The interpreter that runs `program` (`[python, -m, lmdeploy]`, or an `lmdeploy`
+    console script whose first line names it), or None when that cannot be told."""
+    if len(program) >= 3 and program[1:3] == ["-m", "lmdeploy"]:
+        return [program[0]]
+    if len(program) != 1:
+        return None
+    exe = shutil.which(program[0])
+    if exe is None:
+        return None
+    try:
+        with Path(exe).open("rb") as f:
+            first = f.readline(512).decode(errors="replace").strip()
+    except OSError:
+        return None
+    if first.startswith("#!") and "python" in first:
+        return shlex.split(first[2:])
+    return None
+
+
+async def turbomind_available(
+    program: list[str], env: dict[str, str], timeout_s: float = 120.0
+) -> bool | None:
+    """Whether the LMDeploy that `program` runs has TurboMind (None: could not tell; the
+    gateway then leaves `--backend turbomind`, which LMDeploy itself falls back from)."""
+    python = _worker_python(program)
+    if python is None:
+        return None
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *python,
+            "-c",
+            _TURBOMIND_PROBE,
+            env={**os.environ, **env},
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+    except OSError:
+        return None
+    try:
+        rc = await asyncio.wait_for(proc.wait(), timeout_s)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        return None
+    return {0: True, 3: False}.get(rc)
+
+
+# Architectures whose LMDeploy 0.18 PyTorch model builds its Linear layers with module
+# prefixes (lmdeploy/pytorch/models/*.py passing `prefix=`, names from module_map.py).
+_PT_PREFIXED_ARCHS = frozenset(
+    {
+        "DeepseekV2ForCausalLM",
+        "DeepseekV3ForCausalLM",
+        "DeepseekV32ForCausalLM",
+        "Glm4MoeLiteForCausalLM",
+        "GlmMoeDsaForCausalLM",
+        "HYV3ForCausalLM",
+        "Qwen3ForCausalLM",
+        "Qwen3MoeForCausalLM",
+    }
+)
+
+
+def _unsupported_checkpoint(found: CheckpointQuant, backend: Backend) -> str | None:
+    """Why LMDeploy 0.18's `backend` cannot load this (already matching) quantized
+    checkpoint, or None."""
+    if found.method == "compressed-tensors":
+        g = found.ct_group() or {}
+        w = g.get("weights") or {}
+        fmt = found.config.get("format") or g.get("format")
+        if backend == "pytorch":
+            # lmdeploy/pytorch/config.py _parse_compressed_tensors_config: pack-quantized,
+            # one group `group_0` on Linear, no activation quantization, weights exactly
+            # 4-bit int, group 32, symmetric, static.
+            want = {"num_bits": 4, "type": "int", "strategy": "group", "group_size": 32}
+            ok = (
+                fmt == "pack-quantized"
+                and g.get("input_activations") is None
+                and all(w.get(k) == v for k, v in want.items())
+                and w.get("symmetric") is True
+            )
+            arch = found.architecture
+            if ok and arch not in _PT_PREFIXED_ARCHS:
+                # lmdeploy/pytorch/config.py get_quant_method: compressed-tensors
+                # "dispatch requires a non-empty canonical module prefix", and only these
+                # models pass one when building their layers (llama.py passes none: seen
+                # failing with SmolLM2 on the H200, docs/gpu.md).
+                return (
+                    f"LMDeploy 0.18's PyTorch engine loads compressed-tensors only for "
+                    f"{', '.join(sorted(_PT_PREFIXED_ARCHS))}, not {arch or 'this model'} "
+                    "(serve it with vLLM, or use an AutoAWQ-format checkpoint)"
+                )
+            if not ok:
+                return (
+                    "LMDeploy's PyTorch engine loads compressed-tensors only as W4A16, "
+                    "symmetric, group size 32, pack-quantized (e.g. `gateway quantize … "
+                    "--method awq --scheme W4A16 --group-size 32`); this one is "
+                    f"{found.describe()} group {w.get('group_size')}, "
+                    f"{'symmetric' if w.get('symmetric') else 'asymmetric'}"
+                )
+            return None
+        # lmdeploy/turbomind/converter.py: pack-quantized, 4-bit int, group 32 or 128.
+        if (
+            w.get("num_bits") != 4
+            or w.get("type") != "int"
+            or w.get("group_size")
+            not in (
+                32,
+                128,
+            )
+        ):
+            return (
+                "TurboMind loads compressed-tensors only as 4-bit int weights in groups of "
+                f"32 or 128; this one is {found.describe()} group {w.get('group_size')}"
+            )
+        return None
+    if backend == "turbomind" and found.method in ("awq", "gptq"):
+        # converter.py _SUPPORTED_GROUP_SIZES: awq and gptq {128}.
+        size = found.config.get("group_size", 128)
+        if size != 128:
+            return f"TurboMind loads {found.method.upper()} with group size 128 only, not {size}"
+    return None

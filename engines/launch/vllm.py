@@ -21,18 +21,18 @@ import json
 from typing import Any, ClassVar
 
 from engines.base import EngineContext, EngineUnavailable, ModelSpec, SpecIssue
+from engines.launch.checkpoint_quant import read_checkpoint_quant
 from engines.launch.command import (
     LaunchOptions,
     ResolvedPaths,
     adapter_paths,
-    checkpoint_quant_method,
     flag_args,
     memory_share,
 )
 from engines.launch.engine import LaunchedEngine
 from engines.options import EngineOptions
 
-__all__ = ["VLLMEngine", "VLLMOptions"]
+__all__ = ["VLLMEngine", "VLLMOptions", "quantization_flag"]
 
 # vllm/config/lora.py: `MaxLoRARanks = Literal[1, 8, 16, 32, 64, 128, 256, 320, 512]`;
 # `--max-lora-rank` takes only these (argparse choices built from the Literal).
@@ -190,14 +190,9 @@ class VLLMEngine(LaunchedEngine):
             argv += ["--dtype", spec.dtype]
         if spec.task == "embed":
             argv += ["--runner", "pooling"]
-        if spec.quantization != "none":
-            # awq / gptq / fp8 as written. vLLM 0.26 maps awq, awq_marlin and auto_awq to
-            # one AutoAWQConfig that picks the fastest kernel for the GPU itself (Marlin
-            # on Hopper), likewise gptq → AutoGPTQConfig (quantization/__init__.py
-            # get_quantization_config, auto_awq.py override_quantization_method); naming
-            # "awq_marlin" would gain nothing and fail on GPUs Marlin does not cover.
-            # fp8 on an unquantized checkpoint quantizes online at load.
-            argv += ["--quantization", spec.quantization]
+        q = quantization_flag(spec, paths.model if paths else spec.model)
+        if q is not None:
+            argv += ["--quantization", q]
         if spec.gpus_per_replica > 1:
             argv += ["--tensor-parallel-size", str(spec.gpus_per_replica)]
         share = memory_share(spec, opts)
@@ -292,21 +287,45 @@ def _lora_module(name: str, path: str) -> str:
     return f"{name}={path}"
 
 
+def quantization_flag(spec: ModelSpec, model: str) -> str | None:
+    """The `--quantization` value for an entry, or None to let vLLM read the checkpoint.
+
+    - A local checkpoint with its own `quantization_config` (checked against
+      `quantization:` at load, `_quant_mismatch`): no flag. vLLM reads the config and picks
+      the kernel itself (vllm/config/model.py _verify_quantization; for compressed-tensors
+      W4A16, kernels/linear/__init__.py choose_mp_linear_kernel tries CutlassW4A8, Machete,
+      AllSpark, Marlin, Conch, Exllama, TritonW4A16 in that order and takes the first whose
+      can_implement accepts the layer; on the H200, SmolLM2's W4A16 layers got Marlin,
+      padded, and Machete: docs/gpu.md). Naming a method here would only fail: a
+      compressed-tensors checkpoint (what llm-compressor's AWQ and GPTQ recipes write) under
+      `--quantization awq` is "Quantization method specified in the model config
+      (compressed-tensors) does not match" (ValueError). For AutoAWQ/GPTQ-format
+      checkpoints the flag would change nothing in 0.26 (auto_awq.py
+      override_quantization_method accepts awq, awq_marlin, auto_awq and marlin alike).
+    - An unquantized local checkpoint with `fp8`: `--quantization fp8`, quantized online
+      at load (awq/gptq on it are refused at load).
+    - A checkpoint that cannot be read here (a hub id): the declared method as written, so
+      vLLM itself checks the checkpoint against it.
+    """
+    if spec.quantization == "none":
+        return None
+    found = read_checkpoint_quant(model)
+    if found is not None and found.quantized:
+        return None
+    return spec.quantization
+
+
 def _quant_mismatch(model: str, quantization: str) -> str | None:
-    """Why a local checkpoint cannot be served with `quantization` by vLLM, if it can't.
-    vllm/config/model.py _verify_quantization: a checkpoint's own quant_method must match
-    --quantization; awq/gptq load pre-quantized weights only, fp8 also quantizes
+    """Why a local checkpoint cannot be served with `quantization` by vLLM, if it can't
+    (`engines.launch.checkpoint_quant` says what satisfies what). vllm/config/model.py
+    _verify_quantization: awq/gptq load pre-quantized weights only, fp8 also quantizes
     unquantized weights online."""
-    found = checkpoint_quant_method(model)
-    if found is None:
+    found = read_checkpoint_quant(model)
+    if found is None or found.satisfies(quantization):
         return None
-    if found == "":
-        if quantization in ("awq", "gptq"):
-            return (
-                f"{model} is not {quantization.upper()}-quantized (no quantization_config); "
-                f"vLLM loads {quantization.upper()} weights but does not quantize to it"
-            )
-        return None
-    if found != quantization:
-        return f"{model} is quantized with {found!r}, not {quantization!r}"
-    return None
+    if not found.quantized:
+        return (
+            f"{model} is not {quantization.upper()}-quantized (no quantization_config); "
+            f"vLLM loads {quantization.upper()} weights but does not quantize to it"
+        )
+    return f"{model} is quantized with {found.describe()!r}, not {quantization!r}"
