@@ -56,12 +56,17 @@ class HashRing:
 
     def owner(self, key: int, candidates: Sequence[Endpoint]) -> Endpoint:
         points, owners = self._ring(candidates)
-        total = sum([e.outstanding for e in candidates])
-        bound = math.ceil(self.load_factor * (total + 1) / len(candidates))
         n = len(points)
-        i = bisect(points, key)
+        i = bisect(points, key) % n
+        e = owners[i]
+        # The common case first: the key's own endpoint is under any bound it could have
+        # (below the mean, a fortiori below load_factor × the mean): no sum needed.
+        if e.outstanding == 0:
+            return e
+        total = sum([c.outstanding for c in candidates])
+        bound = math.ceil(self.load_factor * (total + 1) / len(candidates))
         for step in range(n):
             e = owners[(i + step) % n]
             if e.outstanding < bound:
                 return e
-        return owners[i % n]  # unreachable: the mean is below the bound
+        return owners[i]  # unreachable: the mean is below the bound

@@ -35,4 +35,6 @@ class PrefixAffinityScorer:
         if request.prefix is None:
             return [0.0] * len(candidates)
         owner = self.ring.owner(request.prefix, candidates)
-        return [1.0 if e is owner else 0.0 for e in candidates]
+        out = [0.0] * len(candidates)
+        out[candidates.index(owner)] = 1.0
+        return out

@@ -34,4 +34,6 @@ class SessionAffinityScorer:
         if request.session is None:
             return [0.0] * len(candidates)
         owner = self.ring.owner(request.session, candidates)
-        return [1.0 if e is owner else 0.0 for e in candidates]
+        out = [0.0] * len(candidates)
+        out[candidates.index(owner)] = 1.0
+        return out
