@@ -17,15 +17,20 @@ import yaml
 from tests.conftest import REPO, free_port
 
 
-def _stream(url: str, out: list[str]) -> None:
+def _stream(url: str, out: list[str], started: threading.Semaphore) -> None:
     body = {
         "model": "m",
         "messages": [{"role": "user", "content": "hi"}],
-        "max_tokens": 60,
+        "max_tokens": 120,
         "stream": True,
     }
+    parts = []
     with httpx.Client(timeout=60) as http, http.stream("POST", url, json=body) as r:
-        out.append(r.read().decode())
+        for chunk in r.iter_bytes():
+            if not parts:
+                started.release()  # this stream is in flight
+            parts.append(chunk)
+    out.append(b"".join(parts).decode())
 
 
 def test_sigterm_drains_streams_and_keeps_accepting(tmp_path: Path) -> None:
@@ -59,13 +64,13 @@ def test_sigterm_drains_streams_and_keeps_accepting(tmp_path: Path) -> None:
         else:
             raise AssertionError("gateway did not become ready")
         results: list[str] = []
-        threads = [
-            threading.Thread(target=_stream, args=(f"{base}/v1/chat/completions", results))
-            for _ in range(8)
-        ]
+        started = threading.Semaphore(0)
+        url = f"{base}/v1/chat/completions"
+        threads = [threading.Thread(target=_stream, args=(url, results, started)) for _ in range(8)]
         for t in threads:
             t.start()
-        time.sleep(0.3)  # streams under way (60 tokens × 25 ms each)
+        for _ in range(8):  # every stream has its first bytes (120 tokens × 25 ms each)
+            assert started.acquire(timeout=30)
         proc.send_signal(signal.SIGTERM)
         # Readiness goes 503 while the listener still accepts and serves.
         codes = []
