@@ -26,6 +26,12 @@ RUN if [ -n "$TORCH_INDEX_URL" ]; then \
 COPY pyproject.toml README.md ./
 COPY gateway gateway
 COPY engines engines
+# The simulator (`gateway sim`, the compose fleet's workers) and the load generator
+# (`gateway bench`) are packages of their own; so is the pipeline (`gateway merge/eval/quantize`),
+# which the CLI imports.
+COPY simulator simulator
+COPY loadgen loadgen
+COPY pipeline pipeline
 RUN pip install . && useradd --uid 10001 --create-home gateway \
     && mkdir -p /var/cache/llm-gateway && chown gateway /var/cache/llm-gateway
 COPY models.yaml ./

@@ -4,7 +4,10 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: serve test lint setup
+.PHONY: serve test lint setup system-deps
+
+# Root runs apt-get itself; anyone else through sudo.
+SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -14,12 +17,21 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
+# What the tests drive besides Python, from Debian when missing: kubectl renders the
+# Kubernetes manifests (tests/test_deploy.py), Chromium runs the status page's browser
+# test (tests/test_ui_browser.py). A machine without apt-get fails here, loudly.
+system-deps:
+	@command -v kubectl >/dev/null || { $(SUDO) apt-get update -q && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q kubernetes-client; }
+	@command -v chromium >/dev/null || { $(SUDO) apt-get update -q && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
+
 serve: $(VENV)/.installed
 	$(VENV)/bin/gateway serve
 
 # The checks first (ruff, format, strict mypy), then the suite. pytest exits 5 when it
 # collects no tests: not a failure of the code under test.
-test: lint
+test: lint system-deps
 	$(VENV)/bin/pytest -q -p no:cacheprovider; rc=$$?; [ $$rc -eq 5 ] && rc=0; exit $$rc
 
 lint: $(VENV)/.installed

@@ -1,8 +1,9 @@
 """The `gateway` command: `serve`, `check`, `pull`, `sim`, `bench`, and the pipeline's
 `merge`, `eval`, `quantize` (parsed and run by `pipeline.cli`).
 
-Owns argument parsing and process set-up (logging, event loop, server). Each sub-command
-hands over to the module that does the work.
+Owns argument parsing, the user-facing help texts and process set-up (logging, event
+loop, server); a bad `GATEWAY_*` value ends the process with exit status 2 and one line
+per variable. Each sub-command hands over to the module that does the work.
 """
 
 from __future__ import annotations
@@ -12,12 +13,24 @@ import logging
 import shlex
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from engines import engine_class
 
 if TYPE_CHECKING:
     from gateway.catalog import Catalog
+    from gateway.settings import Settings
+
+DESCRIPTION = """\
+An OpenAI-compatible LLM gateway: one URL for /v1/chat/completions, /v1/completions,
+/v1/embeddings and /v1/models in front of the models listed in models.yaml.
+"""
+
+EPILOG = """\
+Process settings are GATEWAY_* environment variables (GATEWAY_HOST, GATEWAY_PORT,
+GATEWAY_CONFIG, GATEWAY_API_KEYS, GATEWAY_ADMIN_KEY, GATEWAY_LOG_LEVEL, ...; the README
+lists them all). Run `gateway COMMAND -h` for a command's options.
+"""
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -25,14 +38,15 @@ def _serve(args: argparse.Namespace) -> int:
     from gateway.app import create_app
     from gateway.catalog import CatalogError
     from gateway.server_limits import uvicorn_config
-    from gateway.settings import Settings
 
     overrides = {
         k: v
         for k, v in (("config", args.config), ("host", args.host), ("port", args.port))
         if v is not None
     }
-    settings = Settings(**overrides)
+    settings = _settings(**overrides)
+    if settings is None:
+        return 2
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -43,9 +57,23 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     from gateway.drain import DrainingServer
 
-    config = uvicorn_config(app, settings, timeout_graceful_shutdown=int(settings.drain_timeout_s))
+    # On SIGTERM: readiness 503, GATEWAY_DRAIN_ACCEPT_S of accepting, then requests in
+    # flight get GATEWAY_DRAIN_SECONDS to finish (gateway/drain.py).
+    config = uvicorn_config(app, settings, timeout_graceful_shutdown=settings.drain_seconds)
     DrainingServer(config, app.state.gateway.served, settings.drain_accept_s).run()
     return 0
+
+
+def _settings(**overrides: Any) -> Settings | None:
+    """The process settings; None (one line per bad variable printed) if invalid."""
+    from gateway.settings import SettingsError, load_settings
+
+    try:
+        return load_settings(**overrides)
+    except SettingsError as e:
+        for line in e.lines:
+            print(f"gateway: {line}", file=sys.stderr)
+        return None
 
 
 def _catalog(args: argparse.Namespace) -> tuple[Path, Catalog | None]:
@@ -81,13 +109,15 @@ def _check(args: argparse.Namespace) -> int:
 def _pull(args: argparse.Namespace) -> int:
     """Fetch and convert what every model needs, without serving (image builds, CI)."""
     from engines.base import EngineContext
-    from gateway.settings import Settings
 
+    settings = _settings()
+    if settings is None:
+        return 2
     _, catalog = _catalog(args)
     if catalog is None:
         return 1
     ctx = EngineContext(
-        cache_dir=Settings().cache_dir,
+        cache_dir=settings.cache_dir,
         config_dir=catalog.base_dir,
         progress=lambda line: print(line, flush=True),
     )
@@ -111,20 +141,43 @@ def main(argv: list[str] | None = None) -> int:
     # `sim` and `bench` own their flags entirely.
     if argv and argv[0] == "sim":
         return _sim(argv[1:])
-    parser = argparse.ArgumentParser(prog="gateway", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="run the gateway")
-    serve.add_argument(
-        "--config", type=Path, help="models.yaml (default: $GATEWAY_CONFIG or ./models.yaml)"
+    parser = argparse.ArgumentParser(
+        prog="gateway",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    serve.add_argument("--host", help="listen address (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="listen port (default 8000)")
-    check = sub.add_parser("check", help="validate models.yaml and show worker commands")
-    check.add_argument("--config", type=Path)
-    pull = sub.add_parser("pull", help="fetch and convert the models ahead of serving")
-    pull.add_argument("--config", type=Path)
-    sub.add_parser("sim", help="run the vLLM-compatible simulator (see `gateway sim -h`)")
-    sub.add_parser("bench", help="load-test an OpenAI-compatible URL (see `gateway bench -h`)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", title="commands")
+    config_help = "the models file (default: $GATEWAY_CONFIG, else ./models.yaml)"
+    serve = sub.add_parser(
+        "serve",
+        help="serve the models in models.yaml",
+        description="Start the models in models.yaml and serve the OpenAI API, /health, "
+        "/metrics, /docs and the status page /ui until Ctrl-C or SIGTERM (which drains "
+        "requests in flight). The first start downloads and converts the models, with "
+        "progress output; later starts take seconds.",
+    )
+    serve.add_argument("--config", type=Path, help=config_help)
+    serve.add_argument("--host", help="address to listen on (default: $GATEWAY_HOST, 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port to listen on (default: $GATEWAY_PORT, 8000)")
+    check = sub.add_parser(
+        "check",
+        help="validate models.yaml; print every worker command line",
+        description="Check models.yaml without starting anything: prints each model and "
+        "the exact command line of every worker it would launch. Exit status 1 if invalid.",
+    )
+    check.add_argument("--config", type=Path, help=config_help)
+    pull = sub.add_parser(
+        "pull",
+        help="download and convert every model now (image builds, CI)",
+        description="Fetch and convert what every model needs into the cache "
+        "($GATEWAY_CACHE_DIR) without serving, so a later `gateway serve` starts offline.",
+    )
+    pull.add_argument("--config", type=Path, help=config_help)
+    sub.add_parser(
+        "sim", help="run the vLLM-compatible simulator, a test worker (`gateway sim -h`)"
+    )
+    sub.add_parser("bench", help="load-test an OpenAI-compatible URL (`gateway bench -h`)")
     # --- pipeline (issue 13): merge / eval / quantize, all in pipeline/ ----------------
     from pipeline import cli as pipeline_cli
 

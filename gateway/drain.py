@@ -7,7 +7,7 @@ Owns the shutdown sequence of the process:
    `GATEWAY_DRAIN_ACCEPT_S`, so a load balancer sees the 503 and stops sending before any
    connection is refused;
 2. then uvicorn's own graceful shutdown: the listener closes and in-flight requests
-   (streams included) get up to `GATEWAY_DRAIN_TIMEOUT_S` to finish;
+   (streams included) get up to `GATEWAY_DRAIN_SECONDS` to finish;
 3. then the app's lifespan stops the engines: launched workers get SIGTERM and their
    `stop_grace_s` to drain before SIGKILL (`engines.launch.supervisor`).
 

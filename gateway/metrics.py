@@ -10,7 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -34,6 +41,8 @@ _LATENCY_BUCKETS = (
     60.0,
     120.0,
 )
+# End to end: long generations and queued requests run for minutes; up to 15.
+_E2E_BUCKETS = (*_LATENCY_BUCKETS, 300.0, 600.0, 900.0)
 _ITL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28)
 
 
@@ -73,6 +82,11 @@ class _EngineCollector(Collector):
             "KV-cache use on the worker, 0..1",
             labels=["model", "worker"],
         )
+        restarts = GaugeMetricFamily(
+            "gateway_worker_restarts",
+            "Times the gateway restarted the worker (launched workers only)",
+            labels=["model", "worker"],
+        )
         accept = GaugeMetricFamily(
             "gateway_worker_spec_decode_acceptance_ratio",
             "Accepted / drafted speculative tokens since worker start",
@@ -96,16 +110,18 @@ class _EngineCollector(Collector):
             "Outlier ejections of the worker",
             labels=["model", "worker"],
         )
-        restarts = CounterMetricFamily(
-            "gateway_worker_restarts", "Restarts of a launched worker", labels=["model", "worker"]
+        retries = CounterMetricFamily(
+            "gateway_upstream_retries",
+            "Requests re-sent to another worker before their first byte",
+            labels=["model"],
         )
         for model, st in self._statuses().items():
             for event, value in st.counters.items():
                 events.add_metric([model, event], value)
+            retries.add_metric([model], st.counters.get("retries", 0.0))
             for w in st.workers:
                 ejected.add_metric([model, w.url], 1.0 if w.ejected else 0.0)
                 ejections.add_metric([model, w.url], w.ejections)
-                restarts.add_metric([model, w.url], w.restarts)
             running.add_metric([model], st.running)
             waiting.add_metric([model], st.waiting)
             ready.add_metric([model], 1.0 if st.ready else 0.0)
@@ -117,12 +133,15 @@ class _EngineCollector(Collector):
                     w_waiting.add_metric([model, w.url], w.waiting)
                 if w.kv_cache_usage is not None:
                     kv.add_metric([model, w.url], w.kv_cache_usage)
+                count = getattr(w, "restarts", None)  # reported by launching engines
+                if count is not None:
+                    restarts.add_metric([model, w.url], count)
                 if w.spec_draft_tokens:
                     accept.add_metric(
                         [model, w.url], (w.spec_accepted_tokens or 0.0) / w.spec_draft_tokens
                     )
-        yield from (running, waiting, ready, healthy, w_running, w_waiting, kv, accept)
-        yield from (events, ejected, ejections, restarts)
+        yield from (running, waiting, ready, healthy, w_running, w_waiting, kv, restarts, accept)
+        yield from (events, retries, ejected, ejections)
 
 
 class RouteMetrics:
@@ -164,7 +183,7 @@ class Metrics:
             "gateway_request_duration_seconds",
             "Request duration, first byte in to last byte out",
             ["model", "route"],
-            buckets=_LATENCY_BUCKETS,
+            buckets=_E2E_BUCKETS,
             registry=r,
         )
         self.ttft = Histogram(
@@ -209,6 +228,14 @@ class Metrics:
             ["model"],
             registry=r,
         )
+        self.adapter_loads = Counter(
+            "gateway_adapter_loads",
+            "Adapter load and unload requests, by outcome",
+            ["model", "op", "outcome"],
+            registry=r,
+        )
+        # process_* series: CPU seconds, resident memory, open files, start time.
+        ProcessCollector(registry=r)
         self._adapters = adapters
         self._routes: dict[tuple[str, str], RouteMetrics] = {}
         r.register(_EngineCollector(statuses))

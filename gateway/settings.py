@@ -1,16 +1,21 @@
 """How the process runs: every `GATEWAY_*` environment variable, typed, in one place.
 
 What is served lives in models.yaml (`gateway.catalog`); this module owns only process
-settings and request bounds. The app receives one `Settings` instance from its creator;
-nothing reads the environment elsewhere.
+settings and request bounds, and turning a bad value into one line per variable that
+names it and says what is allowed (`load_settings`, `SettingsError`). The app receives
+one `Settings` instance from its creator; nothing reads the environment elsewhere.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Literal, get_args
 
-from pydantic import Field
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "GATEWAY_"
+LogLevel = Literal["critical", "error", "warning", "info", "debug", "trace"]
 
 
 def _default_cache() -> Path:
@@ -18,13 +23,13 @@ def _default_cache() -> Path:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="GATEWAY_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
 
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
     config: Path = Path("models.yaml")
     cache_dir: Path = Field(default_factory=_default_cache)
-    log_level: str = "info"
+    log_level: LogLevel = "info"
     # Comma-separated client API keys; empty means no key is required.
     api_keys: str = ""
     # Key for the admin routes (adapter load/unload); empty means they are disabled.
@@ -35,9 +40,8 @@ class Settings(BaseSettings):
     start_retry_s: float = Field(default=5.0, gt=0)
     # On SIGTERM: readiness goes 503 at once, the listener keeps accepting for
     # drain_accept_s (a load balancer notices), then in-flight requests get up to
-    # drain_timeout_s to finish.
+    # drain_seconds (below) to finish (`gateway.drain`).
     drain_accept_s: float = Field(default=5.0, ge=0)
-    drain_timeout_s: float = Field(default=45.0, ge=0)
 
     # Request bounds, checked before anything reaches an engine.
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
@@ -70,6 +74,71 @@ class Settings(BaseSettings):
     max_connections_per_client: int = Field(default=256, ge=1)
     keepalive_timeout_s: float = Field(default=5.0, gt=0)  # idle between requests
 
+    # Operations: the access log (`gateway.access_log`) and CORS (`gateway.cors`).
+    # One JSON line per request on the `gateway.access` logger; off with false.
+    access_log: bool = True
+    # The share of requests logged, 0..1 (failed requests are always logged).
+    access_log_sample: float = Field(default=1.0, ge=0.0, le=1.0)
+    # Comma-separated; the defaults are vLLM's server's (`--allowed-origins` etc.): any.
+    cors_origins: str = "*"
+    cors_methods: str = "*"
+    cors_headers: str = "*"
+    cors_allow_credentials: bool = False
+    # On SIGTERM, how long requests in flight (long streams) may take to finish.
+    drain_seconds: int = Field(default=30, ge=0)
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower_level(cls, v: Any) -> Any:
+        return v.lower() if isinstance(v, str) else v
+
     @property
     def client_keys(self) -> frozenset[str]:
         return frozenset(k.strip() for k in self.api_keys.split(",") if k.strip())
+
+
+class SettingsError(Exception):
+    """Bad `GATEWAY_*` values: `lines` holds one line per variable."""
+
+    def __init__(self, lines: list[str]):
+        super().__init__("\n".join(lines))
+        self.lines = lines
+
+
+def _allowed(name: str) -> str:
+    """What a field accepts, in words, from its type and bounds."""
+    field = Settings.model_fields[name]
+    ann = field.annotation
+    choices = get_args(ann) if getattr(ann, "__origin__", None) is Literal else ()
+    if choices:
+        return "one of " + ", ".join(str(c) for c in choices)
+    kind = {int: "an integer", float: "a number", bool: "true or false", Path: "a path"}.get(
+        ann,  # type: ignore[arg-type]
+        "a string",
+    )
+    lo = hi = None
+    for m in field.metadata:
+        lo = getattr(m, "ge", None) if getattr(m, "ge", None) is not None else lo
+        hi = getattr(m, "le", None) if getattr(m, "le", None) is not None else hi
+    if lo is not None and hi is not None:
+        return f"{kind} from {lo} to {hi}"
+    if lo is not None:
+        return f"{kind} >= {lo}"
+    return kind
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Settings from the environment (and `overrides`); `SettingsError` when invalid."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as e:
+        lines, seen = [], set()
+        for err in e.errors():
+            name = str(err["loc"][0]) if err["loc"] else "?"
+            if name in seen or name not in Settings.model_fields:
+                continue
+            seen.add(name)
+            var = ENV_PREFIX + name.upper()
+            given = err.get("input")
+            lines.append(f"{var}={given!r} is not allowed: {var} must be {_allowed(name)}.")
+        raise SettingsError(lines or [str(e)]) from None

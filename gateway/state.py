@@ -1,6 +1,7 @@
 """`Gateway`: everything one running gateway owns, built once by `create_app`.
 
-Holds the settings, the served models (engines), the metrics and the request-id source.
+Holds the settings, the served models (engines), the metrics, the request-id source and
+the access log.
 The app's lifespan starts and stops what needs it; routes reach it as
 `request.app.state.gateway` (the hot routes get it from the front door). No module-level
 state anywhere.
@@ -11,6 +12,7 @@ from __future__ import annotations
 import logging
 
 from engines.base import EngineContext
+from gateway.access_log import AccessLog
 from gateway.admission import Admission
 from gateway.catalog import Catalog
 from gateway.ids import RequestIds
@@ -47,3 +49,4 @@ class Gateway:
         )
         for spec in catalog.models:
             self.admission.add(spec)
+        self.access_log = AccessLog(settings.access_log, settings.access_log_sample)

@@ -118,6 +118,9 @@ class StreamObserver:
 
     def first_chunk(self, at: float) -> None: ...
     def chunk(self, gap: float) -> None: ...
+    def tail(self, blocks: tuple[bytes | None, ...]) -> None:
+        """The stream's last two blocks (where the finish reason is), once at the end."""
+
     def finished(
         self, usage: Usage | None, error: ServingError | None, disconnected: bool
     ) -> None: ...
@@ -150,15 +153,17 @@ class RelayResponse:
         error: ServingError | None = None
         want_usage = self._want_usage
         observer = self._observer
+        tail, prev = self._first, None  # raw: the finish reason is in the last two
         try:
-            block, usage = take_usage(self._first, want_usage)
+            block, usage = take_usage(tail, want_usage)
             await send({"type": "http.response.body", "body": block, "more_body": True})
             last = time.perf_counter()
-            async for block in self._stream:
+            async for raw in self._stream:
+                prev, tail = tail, raw
                 now = time.perf_counter()
                 observer.chunk(now - last)
                 last = now
-                block, found = take_usage(block, want_usage)
+                block, found = take_usage(raw, want_usage)
                 if found is not None:
                     usage = found
                     if not block:
@@ -178,6 +183,7 @@ class RelayResponse:
         finally:
             watch.close()
             await self._stream.aclose()
+            observer.tail((tail, prev))
             observer.finished(usage, error, watch.disconnected)
 
     @staticmethod

@@ -9,6 +9,7 @@ the cache; later runs reuse it).
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import re
 import socket
@@ -25,6 +26,10 @@ from gateway.app import create_app
 from gateway.catalog import parse_catalog
 from gateway.server_limits import uvicorn_config
 from gateway.settings import Settings
+
+# The in-process gateways' access-log lines go to the logger (a handler is configured), not
+# to stdout between pytest's dots; tests that read them add their own handler.
+logging.getLogger("gateway.access").addHandler(logging.NullHandler())
 
 REPO = Path(__file__).resolve().parent.parent
 ADMIN_KEY = "test-admin-key"

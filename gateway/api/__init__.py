@@ -9,11 +9,13 @@ by the FastAPI app. Every path the gateway answers is in one of the two.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, MutableMapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Mount, Route
+from starlette.staticfiles import StaticFiles
 
-from gateway.api import adapters, embeddings, generate, models, ops
+from gateway.api import adapters, embeddings, generate, models, ops, status
 
 if TYPE_CHECKING:
     from gateway.state import Gateway
@@ -27,7 +29,10 @@ HOT: dict[str, HotHandler] = {
     "/v1/embeddings": embeddings.embeddings,
 }
 
-COLD: list[Route] = [
+# The status page: plain files, no build step.
+UI_DIR = Path(__file__).resolve().parent.parent / "ui"
+
+COLD: list[BaseRoute] = [
     Route("/v1/models", models.list_models, methods=["GET"]),
     Route("/v1/models/{model_id:path}", models.get_model, methods=["GET"]),
     Route("/v1/load_lora_adapter", adapters.load_lora_adapter, methods=["POST"]),
@@ -36,6 +41,8 @@ COLD: list[Route] = [
     Route("/health/live", ops.live, methods=["GET"]),
     Route("/health/ready", ops.ready, methods=["GET"]),
     Route("/metrics", ops.metrics, methods=["GET"]),
+    Route("/status", status.status, methods=["GET"]),
+    Mount("/ui", app=StaticFiles(directory=UI_DIR, html=True), name="ui"),
 ]
 
 __all__ = ["COLD", "HOT", "HotHandler"]

@@ -16,7 +16,7 @@ from engines.spec import name_problem
 from gateway.adapters import resolve_adapter_path
 from gateway.api.auth import check_admin_key
 from gateway.api.requests import Incoming, read_json
-from gateway.errors import InvalidRequest
+from gateway.errors import InvalidRequest, ModelNotFound
 
 if TYPE_CHECKING:
     from gateway.state import Gateway
@@ -48,7 +48,13 @@ async def load_lora_adapter(request: Request) -> Any:
     base = gw.served.base_for_adapter(base_name)
     path = resolve_adapter_path(base.spec, raw_path, gw.served.catalog.base_dir)
     t0 = time.perf_counter()
-    await gw.served.load_adapter(base, name, str(path))
+    loads = gw.metrics.adapter_loads
+    try:
+        await gw.served.load_adapter(base, name, str(path))
+    except Exception:
+        loads.labels(base.spec.name, "load", "error").inc()
+        raise
+    loads.labels(base.spec.name, "load", "ok").inc()
     took = time.perf_counter() - t0
     return PlainTextResponse(
         f"Success: LoRA adapter '{name}' added successfully.",
@@ -63,5 +69,14 @@ async def unload_lora_adapter(request: Request) -> Any:
     body = await read_json(inc, 64 * 1024)
     name = _str_field(body, "lora_name")
     assert name is not None
-    await gw.served.unload_adapter(name)
+    try:
+        base = gw.served.resolve(name).spec.name
+    except ModelNotFound:
+        base = "_unknown"
+    try:
+        await gw.served.unload_adapter(name)
+    except Exception:
+        gw.metrics.adapter_loads.labels(base, "unload", "error").inc()
+        raise
+    gw.metrics.adapter_loads.labels(base, "unload", "ok").inc()
     return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")

@@ -31,6 +31,7 @@ async def embeddings(gw: Gateway, scope: Scope, receive: Receive, send: Send) ->
     record = RequestRecord(gw, "embeddings", start)
     inc = Incoming(scope, receive)
     rid = request_id(inc, gw.request_ids)
+    record.identify(inc, rid)
     try:
         check_client_key(gw, inc)
         body = await read_json(inc, gw.settings.max_body_bytes)

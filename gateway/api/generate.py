@@ -67,6 +67,7 @@ async def _generate(gw: Gateway, route: Route, scope: Scope, receive: Receive, s
     record = RequestRecord(gw, route, start)
     inc = Incoming(scope, receive)
     rid = request_id(inc, gw.request_ids)
+    record.identify(inc, rid)
     try:
         check_client_key(gw, inc)
         body = await read_json(inc, gw.settings.max_body_bytes)
@@ -103,7 +104,8 @@ async def _generate(gw: Gateway, route: Route, scope: Scope, receive: Receive, s
                 record.finished(None, None, True)
                 raise
             record.release = gate.leave
-        stream = parsed.stream
+        stream = record.stream = parsed.stream
+        record.adapter = target.adapter
         want_usage = bool(stream and parsed.stream_options and parsed.stream_options.include_usage)
         if stream:
             # Engines always report usage at the end; the relay drops it again if unasked.
@@ -161,6 +163,7 @@ async def _generate(gw: Gateway, route: Route, scope: Scope, receive: Receive, s
     now = time.perf_counter()
     timing = _timing(now - start - upstream_s, upstream_s)
     if not stream:
+        record.tails = (done.body,)
         record.finished(done.usage, None, False)
         await RawResponse(
             200,

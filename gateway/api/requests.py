@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from engines.base import ServingError, Usage
+from gateway.access_log import AccessEntry
 from gateway.errors import InvalidRequest, PayloadTooLarge, error_body, error_headers
 from gateway.metrics import RouteMetrics
 from gateway.streaming import StreamObserver
@@ -82,9 +83,25 @@ async def read_json(inc: Incoming, limit: int) -> dict[str, Any]:
 
 
 class RequestRecord(StreamObserver):
-    """One request's account in the metrics; also the stream observer of its relay."""
+    """One request's account in the metrics and the access log; also the stream observer
+    of its relay."""
 
-    __slots__ = ("_began", "_done", "_m", "gw", "model", "release", "route", "start")
+    __slots__ = (
+        "_began",
+        "_done",
+        "_m",
+        "adapter",
+        "auth",
+        "gw",
+        "model",
+        "release",
+        "rid",
+        "route",
+        "start",
+        "stream",
+        "tails",
+        "ttft",
+    )
 
     def __init__(self, gw: Gateway, route: str, start: float):
         self.gw = gw
@@ -96,6 +113,17 @@ class RequestRecord(StreamObserver):
         self._m: RouteMetrics | None = None
         # Frees the request's admission slot (`gateway.admission`) when it ends.
         self.release: Callable[[], None] | None = None
+        # For the access log (`gateway.access_log`): set by the route as it learns them.
+        self.rid = ""
+        self.auth: bytes | None = None
+        self.adapter: str | None = None
+        self.stream = False
+        self.ttft: float | None = None
+        self.tails: tuple[bytes | None, ...] = ()
+
+    def identify(self, inc: Incoming, rid: str) -> None:
+        self.rid = rid
+        self.auth = inc.headers.get(b"authorization")
 
     def begin(self) -> None:
         """The request passed validation and goes to the engine."""
@@ -104,12 +132,16 @@ class RequestRecord(StreamObserver):
         self._m.in_flight.inc()
 
     def first_chunk(self, at: float) -> None:
+        self.ttft = at - self.start
         if self._m is not None:
-            self._m.ttft.observe(at - self.start)
+            self._m.ttft.observe(self.ttft)
 
     def chunk(self, gap: float) -> None:
         if self._m is not None:
             self._m.itl.observe(gap)
+
+    def tail(self, blocks: tuple[bytes | None, ...]) -> None:
+        self.tails = blocks
 
     def finished(self, usage: Usage | None, error: ServingError | None, disconnected: bool) -> None:
         if self._done:
@@ -127,18 +159,21 @@ class RequestRecord(StreamObserver):
             rm.completion_tokens.inc(usage.completion_tokens)
         if not disconnected and error is None:
             rm.ok.inc()
-            return
-        m = self.gw.metrics
-        if disconnected:
-            m.client_disconnects.labels(self.model).inc()
-            status = 499  # nginx's "client closed request"
+            status = 200
         else:
-            assert error is not None
-            status = error.status
-            m.errors.labels(self.model, self.route, error.type).inc()
-            if status == 429:
-                m.rate_limited.labels(self.model).inc()
-        m.requests.labels(self.model, self.route, f"{status // 100}xx").inc()
+            m = self.gw.metrics
+            if disconnected:
+                m.client_disconnects.labels(self.model).inc()
+                status = 499  # nginx's "client closed request"
+            else:
+                assert error is not None
+                status = error.status
+                m.errors.labels(self.model, self.route, error.type).inc()
+                if status == 429:
+                    m.rate_limited.labels(self.model).inc()
+            m.requests.labels(self.model, self.route, f"{status // 100}xx").inc()
+        if self.gw.access_log.wanted(status != 200):
+            self.gw.access_log.emit(entry(self, status, usage, error))
 
 
 def error_response(exc: ServingError, rid: str) -> RawResponse:
@@ -161,3 +196,24 @@ class RawResponse:
         headers = [*self.headers, (b"content-length", str(len(self.body)).encode())]
         await send({"type": "http.response.start", "status": self.status, "headers": headers})
         await send({"type": "http.response.body", "body": self.body})
+
+
+def entry(
+    r: RequestRecord, status: int, usage: Usage | None, err: ServingError | None
+) -> AccessEntry:
+    """The access-log entry of a finished request."""
+    return AccessEntry(
+        request_id=r.rid,
+        model=None if r.model == "_unknown" else r.model,
+        adapter=r.adapter,
+        authorization=r.auth,
+        route=r.route,
+        stream=r.stream,
+        status=status,
+        prompt_tokens=usage.prompt_tokens if usage is not None else None,
+        completion_tokens=usage.completion_tokens if usage is not None else None,
+        ttft_s=r.ttft,
+        duration_s=time.perf_counter() - r.start,
+        error_type=err.type if err is not None else None,
+        tails=r.tails,
+    )

@@ -42,7 +42,7 @@ def test_sigterm_drains_streams_and_keeps_accepting(tmp_path: Path) -> None:
     env = {
         **os.environ,
         "GATEWAY_DRAIN_ACCEPT_S": "1.5",
-        "GATEWAY_DRAIN_TIMEOUT_S": "30",
+        "GATEWAY_DRAIN_SECONDS": "30",
         "GATEWAY_LOG_LEVEL": "warning",
     }
     proc = subprocess.Popen(

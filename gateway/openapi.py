@@ -1,0 +1,337 @@
+"""The OpenAPI document of every route, built from the pydantic models the gateway
+validates with (`gateway.protocol`) plus documentation-only models of the responses.
+
+Owns the document only: dispatch stays raw (the hot routes never pass FastAPI's router,
+`gateway.app.FrontDoor`), so the routes are described here rather than discovered, and
+`tests/test_openapi_cors.py` checks the two lists agree. Built once per app, on the
+first request for `/openapi.json`; nothing here runs per request.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.json_schema import models_json_schema
+
+from gateway.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+
+REF = "#/components/schemas/{model}"
+
+
+class _Doc(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class ErrorDetail(_Doc):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(_Doc):
+    """OpenAI's error envelope; every 4xx/5xx answer has this body."""
+
+    error: ErrorDetail
+
+
+class Usage(_Doc):
+    prompt_tokens: int
+    completion_tokens: int = 0
+    total_tokens: int
+
+
+class AssistantMessage(_Doc):
+    role: Literal["assistant"] = "assistant"
+    content: str | None = None
+
+
+class ChatChoice(_Doc):
+    index: int
+    message: AssistantMessage
+    finish_reason: str | None = None
+    logprobs: dict[str, Any] | None = None
+
+
+class ChatCompletion(_Doc):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage | None = None
+
+
+class ChunkDelta(_Doc):
+    role: str | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(_Doc):
+    index: int
+    delta: ChunkDelta
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(_Doc):
+    """One `data:` event of a streamed chat completion; the stream ends `data: [DONE]`."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class CompletionChoice(_Doc):
+    index: int
+    text: str
+    finish_reason: str | None = None
+    logprobs: dict[str, Any] | None = None
+
+
+class Completion(_Doc):
+    """A completion, or (streamed, `data:` events) one chunk of one."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class Embedding(_Doc):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str = Field(description="floats, or base64 when asked")
+
+
+class EmbeddingList(_Doc):
+    object: Literal["list"] = "list"
+    data: list[Embedding]
+    model: str
+    usage: Usage
+
+
+class Model(_Doc):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+    root: str | None = None
+    parent: str | None = Field(default=None, description="the base model of an adapter")
+    max_model_len: int | None = None
+
+
+class ModelList(_Doc):
+    object: Literal["list"] = "list"
+    data: list[Model]
+
+
+class LoadLoraAdapterRequest(_Doc):
+    lora_name: str = Field(min_length=1)
+    lora_path: str = Field(min_length=1, description="under one of the model's lora roots")
+    base_model: str | None = Field(
+        default=None, description="needed when several models take adapters"
+    )
+
+
+class UnloadLoraAdapterRequest(_Doc):
+    lora_name: str = Field(min_length=1)
+
+
+class ModelHealth(_Doc):
+    ready: bool
+    state: str
+    workers: dict[str, Any] = Field(
+        description="healthy and total counts; the list with URLs only with the admin key"
+    )
+    detail: str | None = Field(default=None, description="only with the admin key")
+
+
+class Health(_Doc):
+    status: Literal["ok", "degraded"]
+    models: dict[str, ModelHealth]
+
+
+class Probe(_Doc):
+    status: str
+
+
+class Status(_Doc):
+    """What the status page (/ui) shows: per model its state, queue, adapters and workers;
+    request counts and cumulative latency histograms."""
+
+    models: list[dict[str, Any]]
+    traffic: dict[str, Any]
+
+
+MODELS: list[type[BaseModel]] = [
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    LoadLoraAdapterRequest,
+    UnloadLoraAdapterRequest,
+    ErrorResponse,
+    ChatCompletion,
+    ChatCompletionChunk,
+    Completion,
+    EmbeddingList,
+    Model,
+    ModelList,
+    Health,
+    Probe,
+    Status,
+]
+
+
+def _ref(model: type[BaseModel]) -> dict[str, str]:
+    return {"$ref": REF.format(model=model.__name__)}
+
+
+def _json(model: type[BaseModel], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": _ref(model)}}}
+
+
+_ERRORS = {
+    "400": _json(ErrorResponse, "invalid request"),
+    "401": _json(ErrorResponse, "missing or wrong API key"),
+    "404": _json(ErrorResponse, "unknown model"),
+    "413": _json(ErrorResponse, "body too large"),
+    "429": _json(ErrorResponse, "engine overloaded; see Retry-After"),
+    "500": _json(ErrorResponse, "engine failure"),
+    "503": _json(ErrorResponse, "no worker available"),
+    "504": _json(ErrorResponse, "engine timeout"),
+}
+_ID_HEADER = {
+    "name": "x-request-id",
+    "in": "header",
+    "required": False,
+    "description": "your request id (printable ASCII, at most 128 characters); kept, "
+    "logged, forwarded to the worker and echoed back",
+    "schema": {"type": "string", "maxLength": 128},
+}
+
+
+def _generate(
+    summary: str, body: type[BaseModel], whole: type[BaseModel], chunk: type[BaseModel]
+) -> dict[str, Any]:
+    ok = _json(whole, "the response; with `stream: true`, server-sent events")
+    ok["content"]["text/event-stream"] = {
+        "schema": {"type": "string", "description": f"`data: <{chunk.__name__}>` events"}
+    }
+    return {
+        "post": {
+            "summary": summary,
+            "tags": ["OpenAI API"],
+            "security": [{"bearer": []}],
+            "parameters": [_ID_HEADER],
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": _ref(body)}},
+            },
+            "responses": {"200": ok, **_ERRORS},
+        }
+    }
+
+
+def _simple(
+    method: str, summary: str, tag: str, ok: dict[str, Any], **extra: Any
+) -> dict[str, Any]:
+    return {method: {"summary": summary, "tags": [tag], "responses": {"200": ok}, **extra}}
+
+
+def _text(description: str, media: str = "text/plain") -> dict[str, Any]:
+    return {"description": description, "content": {media: {"schema": {"type": "string"}}}}
+
+
+def build_openapi(title: str, version: str) -> dict[str, Any]:
+    """The whole document (OpenAPI 3.1)."""
+    _, schemas = models_json_schema([(m, "validation") for m in MODELS], ref_template=REF)
+    keyed: dict[str, Any] = {"security": [{"bearer": []}]}
+    admin: dict[str, Any] = {
+        "security": [{"bearer": []}],
+        "description": "Needs GATEWAY_ADMIN_KEY as the bearer token.",
+    }
+    paths: dict[str, Any] = {
+        "/v1/chat/completions": _generate(
+            "Create a chat completion", ChatCompletionRequest, ChatCompletion, ChatCompletionChunk
+        ),
+        "/v1/completions": _generate(
+            "Create a completion", CompletionRequest, Completion, Completion
+        ),
+        "/v1/embeddings": {
+            "post": {
+                "summary": "Create embeddings",
+                "tags": ["OpenAI API"],
+                "security": [{"bearer": []}],
+                "parameters": [_ID_HEADER],
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": _ref(EmbeddingRequest)}},
+                },
+                "responses": {"200": _json(EmbeddingList, "the embeddings"), **_ERRORS},
+            }
+        },
+        "/v1/models": _simple(
+            "get", "List the served models and adapters", "OpenAI API",
+            _json(ModelList, "base models, then adapters"), **keyed,
+        ),
+        "/v1/models/{model_id}": _simple(
+            "get", "One served model or adapter", "OpenAI API", _json(Model, "the model"),
+            parameters=[{"name": "model_id", "in": "path", "required": True,
+                         "schema": {"type": "string"}}],
+            **keyed,
+        ),
+        "/v1/load_lora_adapter": _simple(
+            "post", "Load a LoRA adapter on every worker of its base model", "Admin",
+            _text("Success: ..."),
+            requestBody={"required": True, "content": {"application/json": {
+                "schema": _ref(LoadLoraAdapterRequest)}}},
+            **admin,
+        ),
+        "/v1/unload_lora_adapter": _simple(
+            "post", "Unload a LoRA adapter", "Admin", _text("Success: ..."),
+            requestBody={"required": True, "content": {"application/json": {
+                "schema": _ref(UnloadLoraAdapterRequest)}}},
+            **admin,
+        ),
+        "/health": _simple(
+            "get", "Every model's readiness and workers (503 unless all are ready)",
+            "Operations", _json(Health, "all models ready"),
+        ),
+        "/health/live": _simple(
+            "get", "Liveness: the process answers", "Operations", _json(Probe, "alive")
+        ),
+        "/health/ready": _simple(
+            "get", "Readiness: 200 when any model is ready, else 503", "Operations",
+            _json(Probe, "ready"),
+        ),
+        "/metrics": _simple(
+            "get", "Prometheus metrics", "Operations", _text("exposition format")
+        ),
+        "/status": _simple(
+            "get", "Models, workers, adapters and traffic for the status page", "Operations",
+            _json(Status, "the status"), **keyed,
+        ),
+        "/ui": _simple(
+            "get", "Status page and chat playground", "Operations",
+            _text("the page", "text/html"),
+        ),
+    }  # fmt: skip
+    for op in ("/health", "/health/ready"):
+        paths[op]["get"]["responses"]["503"] = _json(
+            Health if op == "/health" else Probe, "not ready"
+        )
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": title, "version": version},
+        "paths": paths,
+        "components": {
+            "schemas": schemas["$defs"],
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+    }
