@@ -1,7 +1,8 @@
 """Operator routes: `GET /health/live` (the process answers), `GET /health/ready` (the
-configured models can serve: `GATEWAY_READY_WHEN`), `GET /health` (every model and worker
-with its state, restarts, ejections and requests in flight; worker URLs, details and last
-errors only with the admin key) and `GET /metrics`.
+configured models can serve: `GATEWAY_READY_WHEN`), `GET /health` (200 only when every
+model serves, for monitoring; every model and worker with its state, restarts, ejections
+and requests in flight; worker URLs, details and last errors only with the admin key) and
+`GET /metrics`.
 
 Readiness is per model, never "every model or nothing": one dead model does not take the
 gateway out of a load balancer while the others serve (unless `GATEWAY_READY_WHEN=all`).
@@ -88,11 +89,14 @@ async def health(request: Request) -> Any:
         if admin:
             entry["detail"] = st.detail
         models[name] = entry
-    ok, why = _ready(gw, statuses)
+    # 200 only when every model serves (for monitoring); the probe is /health/ready.
+    _ok, why = _ready(gw, statuses)
+    every = bool(statuses) and all(st.ready for st in statuses.values())
+    every = every and not gw.served.draining
     return JSONResponse(
-        {"status": "ok" if ok else "degraded", "ready": why, "models": models},
-        status_code=200 if ok else 503,
-        headers=None if ok else _RETRY,
+        {"status": "ok" if every else "degraded", "ready": why, "models": models},
+        status_code=200 if every else 503,
+        headers=None if every else _RETRY,
     )
 
 

@@ -158,10 +158,11 @@ def test_dead_model_leaves_ready_and_the_other_model_serving(
         with httpx.Client(base_url=gw.url) as http:
             assert http.get("/health/live").status_code == 200
             assert http.get("/health/ready").status_code == 200
-            health = http.get("/health", headers=ADMIN).json()
-            assert health["models"]["good"]["ready"] is True
-            assert health["models"]["dead"]["ready"] is False
-            assert "not started" in health["models"]["dead"]["detail"]
+            health = http.get("/health")
+            assert health.status_code == 503  # monitoring: not every model serves
+            assert health.json()["models"]["good"]["ready"] is True
+            assert health.json()["models"]["dead"]["state"] == "unavailable"
+            assert "not started" in gw.gateway.served.statuses()["dead"].detail
             r = http.post("/v1/chat/completions", json={"model": "dead", "messages": CHAT})
             assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1
         with openai.OpenAI(base_url=f"{gw.url}/v1", api_key="x", max_retries=0) as client:
