@@ -162,15 +162,20 @@ def screen_fields(body: dict[str, Any], route: Route, rules: RequestFieldsSpec) 
                     _refuse_or_drop(msg, odd, f"messages[{i}]", rules.unknown)
 
 
+# Engines whose workers take vLLM's per-request `cache_salt` (the simulator accepts it).
+SALTED_ENGINES = frozenset({"vllm", "sim"})
+
+
 def cache_salt_for(spec: ModelSpec, tenant: str | None) -> str | None:
     """The prefix-cache domain of a request, set by the gateway and never by a client.
 
-    The hook for per-tenant isolation: the scale-out work (tenants, keys per tenant)
-    returns a per-tenant secret here, and every request of that tenant then shares a
-    prefix cache only with its own. Today there are no tenants: None, so no salt is set
-    and the worker's default (one shared domain per model) applies."""
-    del spec, tenant
-    return None
+    `tenant` is the calling API key's own random salt (`gateway.keys.KeyRecord.cache_salt`),
+    so every request of a key shares a prefix cache only with that key's. Without hashed
+    keys (no tenant) no salt is set and the worker's default (one shared domain per model)
+    applies."""
+    if tenant is None or spec.engine not in SALTED_ENGINES:
+        return None
+    return tenant
 
 
 def apply_cache_salt(body: dict[str, Any], spec: ModelSpec, tenant: str | None) -> None:

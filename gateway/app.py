@@ -78,12 +78,16 @@ def create_app(settings: Settings | None = None, catalog: Catalog | None = None)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await gateway.tenancy.start()
         await gateway.served.start()
+        gateway.adapter_sync.start()
         try:
             yield
         finally:
+            await gateway.adapter_sync.stop()
             await gateway.served.stop()
             gateway.access_log.flush()
+            await gateway.tenancy.close()
 
     app = FastAPI(
         title="LLM gateway",

@@ -1,5 +1,5 @@
-"""The `gateway` command: `serve`, `check`, `pull`, `sim`, `bench`, and the pipeline's
-`merge`, `eval`, `quantize` (parsed and run by `pipeline.cli`).
+"""The `gateway` command: `serve`, `check`, `pull`, `keys`, `sim`, `bench`, and the
+pipeline's `merge`, `eval`, `quantize` (parsed and run by `pipeline.cli`).
 
 Owns argument parsing, the user-facing help texts and process set-up (logging, event
 loop, server); a bad `GATEWAY_*` value ends the process with exit status 2 and one line
@@ -41,7 +41,12 @@ def _serve(args: argparse.Namespace) -> int:
 
     overrides = {
         k: v
-        for k, v in (("config", args.config), ("host", args.host), ("port", args.port))
+        for k, v in (
+            ("config", args.config),
+            ("host", args.host),
+            ("port", args.port),
+            ("workers", args.workers),
+        )
         if v is not None
     }
     settings = _settings(**overrides)
@@ -50,6 +55,10 @@ def _serve(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if settings.workers > 1:
+        from gateway.workers import serve_workers
+
+        return serve_workers(settings)
     try:
         app = create_app(settings)
     except CatalogError as e:
@@ -130,6 +139,63 @@ def _pull(args: argparse.Namespace) -> int:
     return 0
 
 
+def _keys(args: argparse.Namespace) -> int:
+    """`gateway keys create|list|revoke|usage` against $GATEWAY_REDIS_URL or
+    $GATEWAY_KEYS_FILE (the same records the admin API writes)."""
+    import asyncio
+    import json
+    import time
+
+    from engines.base import ServingError
+    from gateway.key_admin import KeyAdmin
+    from gateway.limits import Tenancy
+    from gateway.settings import Settings
+
+    overrides = {"keys_file": args.keys_file} if args.keys_file else {}
+    settings = Settings(**overrides)
+
+    async def run() -> object:
+        tenancy = Tenancy(settings)
+        await tenancy.start()
+        admin = KeyAdmin(tenancy)
+        try:
+            if args.action == "create":
+                policy: dict[str, object] = {
+                    k: v
+                    for k, v in (
+                        ("name", args.name),
+                        ("rpm", args.rpm),
+                        ("tpm", args.tpm),
+                        ("max_parallel", args.max_parallel),
+                        ("budget_tokens", args.budget_tokens),
+                    )
+                    if v is not None
+                }
+                if args.models:
+                    policy["models"] = [m.strip() for m in args.models.split(",") if m.strip()]
+                if args.expires_days is not None:
+                    policy["expires_at"] = time.time() + args.expires_days * 86400
+                token, record = await admin.create(policy)
+                return {"key": token, **record.public()}
+            if args.action == "list":
+                return await admin.list()
+            if args.action == "revoke":
+                return await admin.revoke(args.id)
+            return await admin.usage(args.id)
+        finally:
+            await tenancy.close()
+
+    try:
+        out = asyncio.run(run())
+    except ServingError as e:
+        print(f"error: {e.message}", file=sys.stderr)
+        return 1
+    print(json.dumps(out, indent=1))
+    if args.action == "create":
+        print("The key is shown once; only its salted hash is stored.", file=sys.stderr)
+    return 0
+
+
 def _sim(argv: list[str]) -> int:
     from simulator.__main__ import serve_main  # the test instrument, imported only here
 
@@ -160,6 +226,9 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--config", type=Path, help=config_help)
     serve.add_argument("--host", help="address to listen on (default: $GATEWAY_HOST, 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to listen on (default: $GATEWAY_PORT, 8000)")
+    serve.add_argument(
+        "--workers", type=int, help="front-door processes (default: $GATEWAY_WORKERS, 1)"
+    )
     check = sub.add_parser(
         "check",
         help="validate models.yaml; print every worker command line",
@@ -174,6 +243,20 @@ def main(argv: list[str] | None = None) -> int:
         "($GATEWAY_CACHE_DIR) without serving, so a later `gateway serve` starts offline.",
     )
     pull.add_argument("--config", type=Path, help=config_help)
+    keys = sub.add_parser("keys", help="create, list, revoke API keys and read their usage")
+    keys.add_argument("--keys-file", type=Path, help="default: $GATEWAY_KEYS_FILE")
+    kact = keys.add_subparsers(dest="action", required=True)
+    create = kact.add_parser("create", help="mint a key (printed once)")
+    create.add_argument("--name")
+    create.add_argument("--models", help="comma-separated model names (default: all)")
+    create.add_argument("--rpm", type=int, help="requests per minute")
+    create.add_argument("--tpm", type=int, help="tokens per minute")
+    create.add_argument("--max-parallel", type=int)
+    create.add_argument("--budget-tokens", type=int, help="lifetime token budget")
+    create.add_argument("--expires-days", type=float)
+    kact.add_parser("list", help="list keys (no secrets)")
+    for verb in ("revoke", "usage"):
+        kact.add_parser(verb).add_argument("id")
     sub.add_parser(
         "sim", help="run the vLLM-compatible simulator, a test worker (`gateway sim -h`)"
     )
@@ -198,4 +281,6 @@ def main(argv: list[str] | None = None) -> int:
         return _serve(args)
     if args.command == "pull":
         return _pull(args)
+    if args.command == "keys":
+        return _keys(args)
     return _check(args)

@@ -236,6 +236,17 @@ class Metrics:
         )
         # process_* series: CPU seconds, resident memory, open files, start time.
         ProcessCollector(registry=r)
+        self.store_degraded = Gauge(
+            "gateway_state_store_degraded",
+            "1 while the shared state store (Redis) does not answer",
+            registry=r,
+        )
+        self.key_outcomes = Counter(
+            "gateway_key_requests",
+            "API-key requests settled, by outcome (full, partial, aborted, error); never by key",
+            ["model", "outcome"],
+            registry=r,
+        )
         self._adapters = adapters
         self._routes: dict[tuple[str, str], RouteMetrics] = {}
         r.register(_EngineCollector(statuses))

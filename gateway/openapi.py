@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import models_json_schema
 
+from gateway.keys import KeyPolicy
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 
 REF = "#/components/schemas/{model}"
@@ -170,6 +171,7 @@ class Status(_Doc):
 
 
 MODELS: list[type[BaseModel]] = [
+    KeyPolicy,
     ChatCompletionRequest,
     CompletionRequest,
     EmbeddingRequest,
@@ -244,6 +246,11 @@ def _simple(
     return {method: {"summary": summary, "tags": [tag], "responses": {"200": ok}, **extra}}
 
 
+def _json_any(description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": {
+        "type": "object"}}}}  # fmt: skip
+
+
 def _text(description: str, media: str = "text/plain") -> dict[str, Any]:
     return {"description": description, "content": {media: {"schema": {"type": "string"}}}}
 
@@ -298,6 +305,24 @@ def build_openapi(title: str, version: str) -> dict[str, Any]:
             requestBody={"required": True, "content": {"application/json": {
                 "schema": _ref(UnloadLoraAdapterRequest)}}},
             **admin,
+        ),
+        "/admin/keys": {
+            **_simple(
+                "post", "Create an API key (the plaintext is in this answer only)", "Admin",
+                _json_any("the key and its record"),
+                requestBody={"required": True, "content": {"application/json": {
+                    "schema": _ref(KeyPolicy)}}},
+                **admin,
+            ),
+            **_simple("get", "List API keys (no secrets)", "Admin", _json_any("keys"), **admin),
+        },
+        "/admin/keys/{key_id}": {
+            **_simple("get", "One API key's record", "Admin", _json_any("the record"), **admin),
+            **_simple("delete", "Revoke an API key", "Admin", _json_any("the record"), **admin),
+        },
+        "/admin/keys/{key_id}/usage": _simple(
+            "get", "An API key's usage by day and model, and what is in flight", "Admin",
+            _json_any("the ledger"), **admin,
         ),
         "/health": _simple(
             "get", "Every model's readiness and workers (503 unless all are ready)",

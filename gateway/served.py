@@ -195,6 +195,23 @@ class ServedModels:
         await target.engine.unload_adapter(name)
         del self._targets[name]
 
+    def serves(self, name: str) -> bool:
+        return name in self._targets
+
+    def register_adapter(self, base_name: str, name: str) -> bool:
+        """Serve an adapter another process loaded onto the same workers (no engine call);
+        False when the base model is not served here."""
+        base = self._targets.get(base_name)
+        if base is None or base.adapter is not None or name in self._targets:
+            return False
+        self._targets[name] = Target(base.engine, base.spec, name)
+        return True
+
+    def forget_adapter(self, name: str) -> None:
+        target = self._targets.get(name)
+        if target is not None and target.adapter is not None:
+            del self._targets[name]
+
     def request_defaults(self, name: str) -> dict[str, float]:
         """The model's sampling defaults as body fields (computed once per model)."""
         cached = self._defaults.get(name)

@@ -42,6 +42,19 @@ class Settings(BaseSettings):
     # drain_accept_s (a load balancer notices), then in-flight requests get up to
     # drain_seconds (below) to finish (`gateway.drain`).
     drain_accept_s: float = Field(default=5.0, ge=0)
+    # Hashed API keys with per-key limits (gateway.keys): a JSON keys file for one box;
+    # with GATEWAY_REDIS_URL set, keys, limits and usage live in Redis instead.
+    keys_file: Path | None = None
+    redis_url: str = ""
+    redis_prefix: str = "gw"
+    # Every hot-path Redis call's timeout.
+    redis_timeout_ms: float = Field(default=50.0, gt=0, le=1000)
+    # When Redis does not answer: "closed" answers 503; "local" decides in this process
+    # at each limit ÷ redis_local_share (default: the number of front-door processes).
+    redis_outage: Literal["closed", "local"] = "closed"
+    redis_local_share: int = Field(default=0, ge=0)
+    # Front-door processes of `gateway serve` (gateway.workers).
+    workers: int = Field(default=1, ge=1, le=64)
 
     # Request bounds, checked before anything reaches an engine.
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)

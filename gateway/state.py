@@ -1,6 +1,7 @@
 """`Gateway`: everything one running gateway owns, built once by `create_app`.
 
 Holds the settings, the served models (engines), the metrics, the request-id source and
+the tenancy (API keys, limits, usage, and the shared state store behind them) and
 the access log.
 The app's lifespan starts and stops what needs it; routes reach it as
 `request.app.state.gateway` (the hot routes get it from the front door). No module-level
@@ -13,9 +14,11 @@ import logging
 
 from engines.base import EngineContext
 from gateway.access_log import AccessLog
+from gateway.adapter_sync import AdapterSync
 from gateway.admission import Admission
 from gateway.catalog import Catalog
 from gateway.ids import RequestIds
+from gateway.limits import Tenancy
 from gateway.metrics import Metrics
 from gateway.served import ServedModels
 from gateway.settings import Settings
@@ -50,3 +53,7 @@ class Gateway:
         for spec in catalog.models:
             self.admission.add(spec)
         self.access_log = AccessLog(settings.access_log, settings.access_log_sample)
+        # API keys, limits and usage (gateway.limits); the store behind them.
+        self.tenancy = Tenancy(settings, self.metrics)
+        # Adapter desired state shared with the other front doors (gateway.adapter_sync).
+        self.adapter_sync = AdapterSync(self)

@@ -118,6 +118,9 @@ class StreamObserver:
 
     def first_chunk(self, at: float) -> None: ...
     def chunk(self, gap: float) -> None: ...
+    def relayed(self, events: int) -> None:
+        """SSE events relayed (a stream cut before its usage chunk is billed by them)."""
+
     def tail(self, blocks: tuple[bytes | None, ...]) -> None:
         """The stream's last two blocks (where the finish reason is), once at the end."""
 
@@ -154,8 +157,10 @@ class RelayResponse:
         want_usage = self._want_usage
         observer = self._observer
         tail, prev = self._first, None  # raw: the finish reason is in the last two
+        events = 0
         try:
             block, usage = take_usage(tail, want_usage)
+            events = block.count(b"\n\n")
             await send({"type": "http.response.body", "body": block, "more_body": True})
             last = time.perf_counter()
             async for raw in self._stream:
@@ -163,6 +168,7 @@ class RelayResponse:
                 now = time.perf_counter()
                 observer.chunk(now - last)
                 last = now
+                events += raw.count(b"\n\n")
                 block, found = take_usage(raw, want_usage)
                 if found is not None:
                     usage = found
@@ -183,6 +189,8 @@ class RelayResponse:
         finally:
             watch.close()
             await self._stream.aclose()
+            if usage is None:
+                observer.relayed(events)
             observer.tail((tail, prev))
             observer.finished(usage, error, watch.disconnected)
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from gateway.api import adapters, embeddings, generate, models, ops, status
+from gateway.api import adapters, admin, embeddings, generate, models, ops, status
 
 if TYPE_CHECKING:
     from gateway.state import Gateway
@@ -43,6 +43,11 @@ COLD: list[BaseRoute] = [
     Route("/metrics", ops.metrics, methods=["GET"]),
     Route("/status", status.status, methods=["GET"]),
     Mount("/ui", app=StaticFiles(directory=UI_DIR, html=True), name="ui"),
+    Route("/admin/keys", admin.create_key, methods=["POST"]),
+    Route("/admin/keys", admin.list_keys, methods=["GET"]),
+    Route("/admin/keys/{key_id}", admin.get_key, methods=["GET"]),
+    Route("/admin/keys/{key_id}", admin.revoke_key, methods=["DELETE"]),
+    Route("/admin/keys/{key_id}/usage", admin.key_usage, methods=["GET"]),
 ]
 
 __all__ = ["COLD", "HOT", "HotHandler"]

@@ -55,6 +55,7 @@ async def load_lora_adapter(request: Request) -> Any:
         loads.labels(base.spec.name, "load", "error").inc()
         raise
     loads.labels(base.spec.name, "load", "ok").inc()
+    await gw.adapter_sync.recorded(base.spec.name, name, str(path))
     took = time.perf_counter() - t0
     return PlainTextResponse(
         f"Success: LoRA adapter '{name}' added successfully.",
@@ -79,4 +80,5 @@ async def unload_lora_adapter(request: Request) -> Any:
         gw.metrics.adapter_loads.labels(base, "unload", "error").inc()
         raise
     gw.metrics.adapter_loads.labels(base, "unload", "ok").inc()
+    await gw.adapter_sync.removed(name)
     return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")

@@ -1,7 +1,9 @@
 """Who may call: the client keys on every API route, the admin key on the admin routes.
 
-Owns reading the Bearer token and comparing it in constant time. Does not own where keys
-come from (settings today) or what a key may do beyond passing (limits are admission's).
+Owns reading the Bearer token. Checking a client key is `gateway.limits.Tenancy` (hashed
+keys in the store or keys file, or the plaintext `GATEWAY_API_KEYS` list); the admin key is
+compared here in constant time. What a key may do beyond passing is admission's
+(`Tenancy.admit`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from gateway.api.requests import Incoming
 from gateway.errors import AuthenticationError, PermissionDenied
 
 if TYPE_CHECKING:
+    from gateway.limits import Tenant
     from gateway.state import Gateway
 
 
@@ -22,14 +25,9 @@ def _bearer(inc: Incoming) -> str | None:
     return token.strip() if scheme.lower() == "bearer" else None
 
 
-def check_client_key(gw: Gateway, inc: Incoming) -> None:
-    keys = gw.client_keys
-    if not keys:
-        return
-    token = _bearer(inc)
-    # Compare against every key in constant time: no early exit that leaks which matched.
-    if token is None or not sum(hmac.compare_digest(token, k) for k in keys):
-        raise AuthenticationError()
+async def check_client_key(gw: Gateway, inc: Incoming) -> Tenant | None:
+    """The tenant of a hashed key, or None when a simpler mode let the caller in."""
+    return await gw.tenancy.authenticate(_bearer(inc))
 
 
 def check_admin_key(gw: Gateway, inc: Incoming) -> None:

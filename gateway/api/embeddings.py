@@ -33,7 +33,7 @@ async def embeddings(gw: Gateway, scope: Scope, receive: Receive, send: Send) ->
     rid = request_id(inc, gw.request_ids)
     record.identify(inc, rid)
     try:
-        check_client_key(gw, inc)
+        tenant = await check_client_key(gw, inc)
         body = await read_json(inc, gw.settings.max_body_bytes)
         target = gw.served.resolve(body.get("model"))
         record.model = target.spec.name
@@ -42,6 +42,8 @@ async def embeddings(gw: Gateway, scope: Scope, receive: Receive, send: Send) ->
                 f"The model `{target.spec.name}` does not serve embeddings.", param="model"
             )
         parsed = validate_embedding(body, target.spec, gw.settings)
+        if tenant is not None:
+            record.ticket = await gw.tenancy.admit(tenant, target.spec.name, body)
         record.begin()
         try:
             done = await target.engine.embed(

@@ -69,7 +69,7 @@ async def _generate(gw: Gateway, route: Route, scope: Scope, receive: Receive, s
     rid = request_id(inc, gw.request_ids)
     record.identify(inc, rid)
     try:
-        check_client_key(gw, inc)
+        tenant = await check_client_key(gw, inc)
         body = await read_json(inc, gw.settings.max_body_bytes)
         target = gw.served.resolve(body.get("model"))
         spec = target.spec
@@ -94,7 +94,10 @@ async def _generate(gw: Gateway, route: Route, scope: Scope, receive: Receive, s
                 await check_hosts(hosts, spec.media)
         else:
             parsed = validate_completion(body, spec, gw.settings)
-        apply_cache_salt(body, spec, tenant=None)
+        if tenant is not None:
+            record.ticket = await gw.tenancy.admit(tenant, spec.name, body)
+        # The key's own secret: tenants never share prefix-cache entries.
+        apply_cache_salt(body, spec, tenant=tenant.record.cache_salt if tenant else None)
         record.begin()
         gate = gw.admission.gates.get(spec.name)
         if gate is not None:
@@ -172,12 +175,15 @@ async def _generate(gw: Gateway, route: Route, scope: Scope, receive: Receive, s
                 (b"content-type", b"application/json"),
                 (b"x-request-id", rid.encode()),
                 (b"server-timing", timing),
+                *(record.ticket.headers if record.ticket is not None else ()),
             ],
         )(scope, receive, send)
         return
     record.first_chunk(now)
     assert agen is not None
     headers = [*_SSE_HEADERS, (b"x-request-id", rid.encode()), (b"server-timing", timing)]
+    if record.ticket is not None:
+        headers += record.ticket.headers
     await RelayResponse(first, agen, want_usage=want_usage, headers=headers, observer=record)(
         scope, receive, send
     )

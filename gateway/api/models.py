@@ -17,13 +17,13 @@ if TYPE_CHECKING:
 
 async def list_models(request: Request) -> Any:
     gw: Gateway = request.app.state.gateway
-    check_client_key(gw, Incoming(request.scope, request.receive))
+    await check_client_key(gw, Incoming(request.scope, request.receive))
     return JSONResponse({"object": "list", "data": gw.served.listing()})
 
 
 async def get_model(request: Request) -> Any:
     gw: Gateway = request.app.state.gateway
-    check_client_key(gw, Incoming(request.scope, request.receive))
+    await check_client_key(gw, Incoming(request.scope, request.receive))
     model_id = request.path_params["model_id"]
     for entry in gw.served.listing():
         if entry["id"] == model_id:

@@ -23,6 +23,7 @@ from gateway.streaming import StreamObserver
 
 if TYPE_CHECKING:
     from gateway.ids import RequestIds
+    from gateway.limits import Ticket
     from gateway.state import Gateway
 
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
@@ -92,6 +93,7 @@ class RequestRecord(StreamObserver):
         "_m",
         "adapter",
         "auth",
+        "blocks",
         "gw",
         "model",
         "release",
@@ -100,10 +102,13 @@ class RequestRecord(StreamObserver):
         "start",
         "stream",
         "tails",
+        "ticket",
         "ttft",
     )
 
     def __init__(self, gw: Gateway, route: str, start: float):
+        self.ticket: Ticket | None = None  # an API key's admission, settled in finished()
+        self.blocks = 0
         self.gw = gw
         self.route = route
         self.model = "_unknown"
@@ -131,6 +136,9 @@ class RequestRecord(StreamObserver):
         self._m = self.gw.metrics.route(self.model, self.route)
         self._m.in_flight.inc()
 
+    def relayed(self, events: int) -> None:
+        self.blocks = events
+
     def first_chunk(self, at: float) -> None:
         self.ttft = at - self.start
         if self._m is not None:
@@ -150,6 +158,8 @@ class RequestRecord(StreamObserver):
         if self.release is not None:
             self.release()
             self.release = None
+        if self.ticket is not None:
+            self.gw.tenancy.settle_soon(self.ticket, usage, error, disconnected, self.blocks)
         rm = self._m or self.gw.metrics.route(self.model, self.route)
         if self._began:
             rm.in_flight.dec()

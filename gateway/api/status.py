@@ -66,7 +66,7 @@ async def status(request: Request) -> Any:
         admin = True
     except ServingError:
         admin = False
-        check_client_key(gw, inc)
+        await check_client_key(gw, inc)
     listing = gw.served.listing()
     models = []
     for name, engine in gw.served.engines.items():

@@ -62,6 +62,6 @@ def test_no_generated_request_gets_a_5xx(gw: ServerThread) -> None:
         seen = _fuzz(op, gw.url)
         assert seen, f"no request generated for {op.method} {op.path}"
         statuses.update(seen)
-    assert operations == len(schema.raw_schema["paths"])
+    assert operations == sum(len(methods) for methods in schema.raw_schema["paths"].values())
     assert not [s for s in statuses if s >= 500]
     assert any(400 <= s < 500 for s in statuses) and 200 in statuses

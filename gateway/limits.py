@@ -1,0 +1,433 @@
+"""Admission for API keys: who is calling, may they, and what they used.
+
+`Tenancy` is the one object the request path talks to:
+- `authenticate` turns the Bearer token into a `Tenant` (a hashed key's record), or checks
+  it against the plaintext list (`GATEWAY_API_KEYS`, the simple mode), or lets anyone in
+  when neither is configured;
+- `admit` takes one atomic limiter decision for the tenant (`StateStore.admit`): requests
+  per minute, tokens per minute (prompt estimate + max_tokens reserved now), parallel
+  requests and the token budget; refuses with OpenAI's 429s and returns a `Ticket` whose
+  `x-ratelimit-*` headers go on the response;
+- `settle` (from the request's record, whatever its outcome) returns the unused part of the
+  reservation and writes the usage ledger (`StateStore.settle`) in the background; what
+  cannot be written yet is queued and flushed when the store answers again or at shutdown.
+
+A stream cut before its usage chunk (the client left, or the engine failed mid-stream) is
+settled with what the gateway saw: completion tokens = SSE events relayed (one token per
+event from vLLM and the simulator), prompt tokens = the prompt's JSON bytes × a
+tokens-per-byte ratio learnt per model from real usage (the engine's own prompt count is
+not visible then). The same ratio sizes the prompt part of a TPM reservation.
+
+Outage policy (`GATEWAY_REDIS_OUTAGE`): "closed" answers 503 while Redis does not answer;
+"local" decides in this process with every limit divided by N (`GATEWAY_REDIS_LOCAL_SHARE`,
+default the number of front doors), so N processes together stay near the limit; the
+token budget is not enforced then (its running total lives in Redis). Several front doors
+with the in-memory store (a keys file, no Redis) likewise each decide at limit ÷ N, and
+each counts usage and budget for itself. A key is
+looked up in Redis at most once a second per process (revocation is seen within that
+second); during an outage the last record seen is used, and an unknown key gets 503. The
+change of state is one log line and the `gateway_state_store_degraded` gauge; after a
+failure Redis is tried again after `RETRY_S`, not on every request (no 50 ms wait each).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import orjson
+
+from engines.base import ServingError, Usage
+from gateway.errors import (
+    AuthenticationError,
+    EngineUnavailable,
+    PermissionDenied,
+)
+from gateway.keys import KeyRecord, KeysFile, matches, split
+from gateway.state_store import Decision, Limits, StateStore, StoreUnavailable
+from gateway.state_store import Usage as Spent
+from gateway.state_store.memory import MemoryStore
+
+if TYPE_CHECKING:
+    from gateway.metrics import Metrics
+    from gateway.settings import Settings
+
+log = logging.getLogger("gateway.limits")
+
+KEY_TTL_S = 1.0
+RETRY_S = 1.0
+# Prompt tokens per JSON byte of the prompt before any real usage is seen (then learnt).
+BYTES_RATIO = 0.25
+# A max_tokens-less request reserves this many completion tokens (settled to the real count).
+DEFAULT_RESERVE = 1024
+
+
+class RateLimited(ServingError):
+    """429 `rate_limit_exceeded`, with Retry-After and the x-ratelimit headers."""
+
+    status = 429
+    type: ClassVar[str] = "requests"
+
+    def __init__(self, message: str, headers: list[tuple[bytes, bytes]], kind: str):
+        super().__init__(message, code="rate_limit_exceeded")
+        self.headers = headers
+        self.type = kind  # type: ignore[misc]  # OpenAI: "requests" or "tokens"
+
+
+class QuotaExceeded(ServingError):
+    """429 `insufficient_quota`: the key's budget is spent; retrying will not help."""
+
+    status = 429
+    type: ClassVar[str] = "insufficient_quota"
+
+    def __init__(self) -> None:
+        super().__init__(
+            "You exceeded your current quota: this key's token budget is spent.",
+            code="insufficient_quota",
+        )
+        self.headers = [(b"x-should-retry", b"false")]
+
+
+def _duration(ms: int) -> bytes:
+    """OpenAI's reset format: "1s", "6m0s", "120ms"."""
+    if ms < 1000:
+        return b"%dms" % max(ms, 0)
+    s = ms / 1000
+    if s < 60:
+        return f"{s:.3g}s".encode()
+    return f"{int(s // 60)}m{int(s % 60)}s".encode()
+
+
+def ratelimit_headers(limits: Limits, d: Decision) -> list[tuple[bytes, bytes]]:
+    out: list[tuple[bytes, bytes]] = []
+    if limits.rpm:
+        out += [
+            (b"x-ratelimit-limit-requests", b"%d" % limits.rpm),
+            (b"x-ratelimit-remaining-requests", b"%d" % max(d.remaining_requests, 0)),
+            (b"x-ratelimit-reset-requests", _duration(d.reset_requests_ms)),
+        ]
+    if limits.tpm:
+        out += [
+            (b"x-ratelimit-limit-tokens", b"%d" % limits.tpm),
+            (b"x-ratelimit-remaining-tokens", b"%d" % max(d.remaining_tokens, 0)),
+            (b"x-ratelimit-reset-tokens", _duration(d.reset_tokens_ms)),
+        ]
+    return out
+
+
+@dataclass(slots=True)
+class Tenant:
+    record: KeyRecord
+
+    @property
+    def key_id(self) -> str:
+        return self.record.id
+
+
+@dataclass(slots=True)
+class Ticket:
+    """One admitted request's reservation, settled exactly once."""
+
+    tenant: Tenant
+    model: str
+    reserved: int
+    prompt_bytes: int
+    limits: Limits
+    local: bool
+    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    settled: bool = False
+
+
+def estimate(body: dict[str, Any]) -> tuple[int, int]:
+    """(prompt JSON bytes, reserved completion tokens) of a request."""
+    if "input" in body:  # embeddings
+        return len(orjson.dumps(body["input"])), 0
+    src = body.get("messages") if "messages" in body else body.get("prompt")
+    size = len(orjson.dumps(src)) if src is not None else 0
+    mt = body.get("max_completion_tokens") or body.get("max_tokens") or DEFAULT_RESERVE
+    n = body.get("n") or 1
+    return size, int(mt) * (int(n) if isinstance(n, int) else 1)
+
+
+def outcome(
+    usage: Usage | None, error: ServingError | None, disconnected: bool, blocks: int
+) -> str:
+    if disconnected:
+        return "aborted"
+    if error is None:
+        return "full"
+    return "partial" if usage is not None or blocks else "error"
+
+
+class Tenancy:
+    def __init__(self, settings: Settings, metrics: Metrics | None = None):
+        self.settings = settings
+        self.plain = settings.client_keys
+        self.keys_file = KeysFile(settings.keys_file) if settings.keys_file else None
+        self.store: StateStore
+        if settings.redis_url:
+            from gateway.state_store.redis import RedisStore
+
+            self.store = RedisStore(
+                settings.redis_url, settings.redis_prefix, settings.redis_timeout_ms / 1000
+            )
+        else:
+            self.store = MemoryStore()
+        self.hashed = bool(settings.redis_url or settings.keys_file)
+        self.local = MemoryStore()
+        self.share = settings.redis_local_share or settings.workers
+        self.degraded = False
+        self._retry_at = 0.0
+        self.metrics = metrics
+        self._keys: dict[str, tuple[KeyRecord, float]] = {}
+        self._file_mtime = -1.0
+        self._file_checked = -math.inf
+        self._file_keys: dict[str, KeyRecord] = {}
+        # Prompt tokens per prompt JSON byte, learnt per model from real usage.
+        self._ratio: dict[str, float] = {}
+        self._pending: list[tuple[str, Limits, Spent, str]] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self.store.name == "redis":
+            try:
+                await self.store.start()
+            except StoreUnavailable as e:
+                self._mark(True, str(e))
+
+    async def close(self) -> None:
+        """Finish every settlement in flight, flush the queued ones, close the store."""
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.flush()
+        if self._pending:
+            log.error("%d usage settlements could not be written", len(self._pending))
+        await self.store.close()
+
+    # -- health of the store ---------------------------------------------------------------
+
+    def _mark(self, degraded: bool, why: str = "") -> None:
+        if degraded:
+            self._retry_at = time.monotonic() + RETRY_S
+        if degraded == self.degraded:
+            return
+        self.degraded = degraded
+        if degraded:
+            log.warning(
+                "state store %s unavailable (%s): outage policy %r",
+                self.store.name,
+                why,
+                self.settings.redis_outage,
+            )
+        else:
+            log.warning("state store %s answers again", self.store.name)
+        if self.metrics is not None:
+            self.metrics.store_degraded.set(1 if degraded else 0)
+
+    def _skip_store(self) -> bool:
+        return self.degraded and time.monotonic() < self._retry_at
+
+    def _unavailable(self) -> ServingError:
+        return EngineUnavailable("The rate-limit store is unavailable; retry shortly.")
+
+    # -- who is calling ---------------------------------------------------------------
+
+    async def authenticate(self, token: str | None) -> Tenant | None:
+        """The tenant of a hashed key; None when the caller passed a simpler check (the
+        plaintext list, or no keys configured at all)."""
+        if not self.hashed:
+            if self.plain and (token is None or not sum(_eq(token, k) for k in self.plain)):
+                raise AuthenticationError()
+            return None
+        parts = split(token) if token else None
+        if parts is None:
+            if token is not None and self.plain and sum(_eq(token, k) for k in self.plain):
+                return None  # the plaintext list keeps working beside hashed keys
+            raise AuthenticationError()
+        record = await self._record(parts[0])
+        if record is None or not matches(record, parts[1]):
+            raise AuthenticationError()
+        if record.revoked:
+            raise AuthenticationError("This API key has been revoked.")
+        if record.expired(time.time()):
+            raise AuthenticationError("This API key has expired.")
+        return Tenant(record)
+
+    async def _record(self, key_id: str) -> KeyRecord | None:
+        now = time.monotonic()
+        if self.keys_file is not None and self.store.name == "memory":
+            if now - self._file_checked >= KEY_TTL_S:
+                self._file_checked = now
+                mtime = self.keys_file.mtime()
+                if mtime != self._file_mtime:
+                    self._file_mtime = mtime
+                    self._file_keys = self.keys_file.load()
+            return self._file_keys.get(key_id)
+        cached = self._keys.get(key_id)
+        if cached is not None and now - cached[1] < KEY_TTL_S:
+            return cached[0]
+        if self._skip_store():
+            if cached is not None:
+                return cached[0]
+            raise self._unavailable()
+        try:
+            raw = await self.store.get_key(key_id)
+        except StoreUnavailable as e:
+            self._mark(True, str(e))
+            if cached is not None:
+                return cached[0]
+            raise self._unavailable() from None
+        self._mark(False)
+        if raw is None:
+            self._keys.pop(key_id, None)
+            return None
+        record = KeyRecord.model_validate_json(raw)
+        self._keys[key_id] = (record, now)
+        return record
+
+    # -- may they --------------------------------------------------------------------
+
+    async def admit(self, tenant: Tenant, model: str, body: dict[str, Any]) -> Ticket:
+        record = tenant.record
+        if record.models is not None and model not in record.models:
+            raise PermissionDenied(f"This API key may not use the model `{model}`.", param="model")
+        size, completion = estimate(body)
+        prompt = int(size * self._ratio.get(model, BYTES_RATIO)) + 1
+        cost = prompt + completion
+        limits = record.limits
+        if self.store.name == "memory" and self.share > 1:
+            # Several front doors without Redis: each holds its share of the limits.
+            limits = _share(limits, self.share, keep_budget=True)
+        now_ms = time.time() * 1000
+        local = self._skip_store()
+        decision: Decision | None = None
+        if not local:
+            try:
+                decision = await self.store.admit(record.id, limits, cost, now_ms)
+                self._mark(False)
+            except StoreUnavailable as e:
+                self._mark(True, str(e))
+                local = True
+        if decision is None:
+            if self.settings.redis_outage == "closed":
+                raise self._unavailable()
+            limits = _share(limits, self.share)
+            decision = self.local.admit_now(record.id, limits, cost, now_ms)
+        headers = ratelimit_headers(record.limits, decision)
+        if not decision.admitted:
+            if decision.reason == "budget":
+                raise QuotaExceeded()
+            retry_ms = max(decision.retry_after_ms, 1)
+            headers += [
+                (b"retry-after", b"%d" % max(1, math.ceil(retry_ms / 1000))),
+                (b"retry-after-ms", b"%d" % retry_ms),
+            ]
+            kind = "tokens" if decision.reason == "tokens" else "requests"
+            what = {
+                "requests": f"requests per minute (limit {limits.rpm})",
+                "tokens": f"tokens per minute (limit {limits.tpm}, this request reserves {cost})",
+                "parallel": f"parallel requests (limit {limits.max_parallel})",
+            }[decision.reason]
+            raise RateLimited(f"Rate limit reached for {what}.", headers, kind)
+        return Ticket(tenant, model, cost, size, limits, local, headers)
+
+    # -- what they used -------------------------------------------------------------------
+
+    def settle_soon(
+        self,
+        ticket: Ticket,
+        usage: Usage | None,
+        error: ServingError | None,
+        disconnected: bool,
+        blocks: int,
+    ) -> None:
+        """Settle in the background (called from the request's synchronous record)."""
+        if ticket.settled:
+            return
+        ticket.settled = True
+        how = outcome(usage, error, disconnected, blocks)
+        ratio = self._ratio.get(ticket.model, BYTES_RATIO)
+        if usage is not None:
+            prompt, completion = usage.prompt_tokens, usage.completion_tokens
+            if ticket.prompt_bytes and prompt:
+                ratio += 0.1 * (prompt / ticket.prompt_bytes - ratio)
+                self._ratio[ticket.model] = ratio
+        elif how == "error":
+            prompt = completion = 0
+        else:  # aborted or failed mid-stream before the usage chunk: what was relayed
+            prompt, completion = round(ticket.prompt_bytes * ratio), blocks
+        spent = Spent(ticket.model, ticket.reserved, prompt, completion, how)
+        if self.metrics is not None:
+            self.metrics.key_outcomes.labels(ticket.model, how).inc()
+        day = time.strftime("%Y-%m-%d", time.gmtime())
+        key_id = ticket.tenant.key_id
+        if ticket.local:
+            self.local.settle_now(key_id, ticket.limits, spent, day)
+            # The ledger still belongs in the store: queue it without the limiter part.
+            self._pending.append((key_id, Limits(), _ledger_only(spent), day))
+            return
+        task = asyncio.get_running_loop().create_task(
+            self._settle(key_id, ticket.limits, spent, day)
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _settle(self, key_id: str, limits: Limits, spent: Spent, day: str) -> None:
+        try:
+            await self.store.settle(key_id, limits, spent, day)
+        except StoreUnavailable as e:
+            self._mark(True, str(e))
+            self._pending.append((key_id, limits, spent, day))
+            return
+        if self._pending:
+            await self.flush()
+
+    async def flush(self) -> None:
+        """Write the settlements queued while the store did not answer."""
+        pending, self._pending = self._pending, []
+        for i, (key_id, limits, spent, day) in enumerate(pending):
+            try:
+                await self.store.settle(key_id, limits, spent, day)
+            except StoreUnavailable:
+                self._pending.extend(pending[i:])
+                return
+
+    async def quiesce(self) -> None:
+        """Wait for every settlement in flight (tests, shutdown)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        with contextlib.suppress(StoreUnavailable):
+            await self.flush()
+
+
+def _eq(a: str, b: str) -> bool:
+    import hmac
+
+    return hmac.compare_digest(a, b)
+
+
+def _share(limits: Limits, n: int, keep_budget: bool = False) -> Limits:
+    """Each of n deciders' part of the limits. The budget is a lifetime total counted where
+    it is stored: kept as is for a process's own store, off while Redis is away."""
+    if n <= 1:
+        return limits
+
+    def part(v: int) -> int:
+        return max(1, v // n) if v else 0
+
+    budget = limits.budget_tokens if keep_budget else 0
+    return Limits(part(limits.rpm), part(limits.tpm), part(limits.max_parallel), budget)
+
+
+def _ledger_only(spent: Spent) -> Spent:
+    """A settlement that writes the ledger and the spent budget but releases nothing."""
+    return Spent(
+        spent.model, 0, spent.prompt_tokens, spent.completion_tokens, spent.outcome, release=False
+    )

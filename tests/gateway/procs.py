@@ -1,0 +1,137 @@
+"""Test helpers for shared-state tests: a unique Redis prefix on the shared 127.0.0.1:6379
+(cleaned after), a private redis-server on a free port (for outage tests — the shared
+one is never stopped), and `gateway serve` processes started the way an operator would."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+import redis
+import yaml
+
+from tests.conftest import ADMIN_KEY, CACHE, REPO, free_port
+
+SHARED_REDIS = "redis://127.0.0.1:6379/0"
+
+
+def new_prefix() -> str:
+    return f"gwtest-{uuid.uuid4().hex[:10]}"
+
+
+def clean_prefix(prefix: str, url: str = SHARED_REDIS) -> None:
+    r = redis.Redis.from_url(url)
+    try:
+        keys = list(r.scan_iter(f"{prefix}:*", count=1000))
+        if keys:
+            r.delete(*keys)
+    finally:
+        r.close()
+
+
+class OwnRedis:
+    """A redis-server of the test's own on a free port, data kept across its restarts."""
+
+    def __init__(self, tmp: Path):
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.dir = tmp
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        exe = shutil.which("redis-server")
+        assert exe, "redis-server is not installed"
+        self.proc = subprocess.Popen(
+            [
+                *(exe, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir)),
+                *("--appendonly", "yes", "--save", "", "--protected-mode", "no"),
+            ],
+            stdout=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                redis.Redis(port=self.port).ping()
+                return
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(timeout=20)
+            self.proc = None
+
+
+class GatewayProcess:
+    """`python -m gateway serve` in a child process, on its own port."""
+
+    def __init__(
+        self, models: list[dict[str, Any]], tmp: Path, args: tuple[str, ...] = (), **env: str
+    ):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = tmp / f"models-{self.port}.yaml"
+        config.write_text(yaml.safe_dump({"models": models}))
+        full_env = {
+            **os.environ,
+            "GATEWAY_CACHE_DIR": str(CACHE),
+            "GATEWAY_ADMIN_KEY": ADMIN_KEY,
+            "GATEWAY_LOG_LEVEL": "warning",
+            "PYTHONPATH": str(REPO),
+            **env,
+        }
+        self.log = tmp / f"gateway-{self.port}.log"
+        self._log = self.log.open("wb")
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "gateway",
+                "serve",
+                "--config",
+                str(config),
+                "--port",
+                str(self.port),
+                *args,
+            ],
+            cwd=REPO,
+            env=full_env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def wait_ready(self, timeout: float = 120) -> GatewayProcess:
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"gateway exited: {self.log.read_text()[-2000:]}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(self.log.read_text()[-2000:])
+            time.sleep(0.1)
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
