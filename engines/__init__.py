@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from engines.base import Engine
 
 ENGINES: dict[str, str] = {
-    "transformers": "engines.local:LocalEngine",
+    "transformers": "engines.local.engine:LocalEngine",
     "vllm": "engines.launch.vllm:VLLMEngine",
     "lmdeploy": "engines.launch.lmdeploy:LMDeployEngine",
     "openai": "engines.upstream.engine:OpenAIEngine",

@@ -11,7 +11,7 @@ Owns: parsing a spec's `model` reference and making it loadable by `from_pretrai
 
 Every cache entry is built in a temporary directory and renamed into place, so a start
 killed half-way leaves no broken cache behind. Does not own loading the model for serving
-(`engines.local_batcher`, `engines.local_embed`) or the engine itself (`engines.local`).
+(`engines.local.batcher`, `engines.local.embed`) or the engine itself (`engines.local.engine`).
 """
 
 from __future__ import annotations

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from typing import TYPE_CHECKING
 
@@ -24,6 +26,8 @@ from gateway.streaming import Send
 
 if TYPE_CHECKING:
     from gateway.state import Gateway
+
+log = logging.getLogger("gateway.embeddings")
 
 
 async def embeddings(gw: Gateway, scope: Scope, receive: Receive, send: Send) -> None:
@@ -56,6 +60,12 @@ async def embeddings(gw: Gateway, scope: Scope, receive: Receive, send: Send) ->
             )
         except ServingError as exc:
             raise public_error(exc, target.spec.name, rid) from None
+        except asyncio.CancelledError:  # the client left: still settle the gauge
+            record.finished(None, None, True)
+            raise
+        except Exception as exc:  # an engine bug: a 500 envelope, counted as an error
+            log.exception("engine %s failed", target.spec.name, exc_info=exc)
+            raise ServingError("The engine failed while processing the request.") from None
     except ServingError as exc:
         record.finished(None, exc, False)
         await error_response(exc, rid)(scope, receive, send)

@@ -1,12 +1,15 @@
 """The embedded engine's continuous batcher: one decode thread over one in-process model.
 
 Owns: the running batch and its KV cache, admission of waiting sequences between decode
-steps, per-sequence sampling (greedy / temperature / top-p / seeded generator), logprobs,
-EOS / max-tokens / stop-string endings, cancellation, and model mutations (LoRA adapters)
-serialised between steps. Talks to the outside through thread-safe `submit` / `cancel` /
-`call` and a per-sequence `sink` callback invoked on the decode thread. Does not own the
-OpenAI wire format, prompt building or asyncio (`engines.local`), nor text handling
-(`engines.local_text`).
+steps, per-sequence sampling (penalties, logit_bias and the grammar mask of
+`engines.local.structured.Constraint`, then greedy / temperature / top-p / seeded
+generator), logprobs, EOS / max-tokens / stop-string / grammar-complete endings,
+cancellation, and model mutations (LoRA adapters) serialised between steps. Talks to the
+outside through thread-safe `submit` / `cancel` / `call` and a per-sequence `sink`
+callback invoked on the decode thread. Does not own the OpenAI wire format
+(`engines.local.shapes`), prompt building and sampling parameters
+(`engines.local.prompts`), asyncio (`engines.local.engine`), nor text handling
+(`engines.local.text`).
 
 Why hand-written rather than transformers' own continuous batching (`init_continuous_batching`,
 looked at in 5.24): its sampling configuration and seed are global to the manager (no
@@ -14,7 +17,8 @@ per-request seed, greedy and sampled requests cannot share it), it returns only 
 token's logprob (no top-k), and it has no per-request LoRA adapter. The scheme here is the
 classic one for a small model on CPU:
 
-- the batch keeps one left-padded KV cache (a `DynamicCache`, tensors [B, heads, T, d]) and a
+- the batch keeps one left-padded KV cache (a `DynamicCache` of `engines.local.kvcache`
+  layers: [B, heads, T, d] with room to spare along T, written in place each step) and a
   [B, T] attention mask; every row holds its real tokens right-aligned;
 - each loop iteration first admits waiting sequences (one padded prefill forward for all of
   them, bounded by `max_batched_tokens`), merges their cache rows into the batch (padding
@@ -34,14 +38,16 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from transformers import DynamicCache
 
 from engines.base import EngineUnavailable, ServingError
-from engines.local_text import Detokenizer, StopMatcher
+from engines.local.kvcache import new_cache, pad_left
+from engines.local.prompts import SamplingParams
+from engines.local.text import Detokenizer, StopMatcher
 
 __all__ = [
     "Batcher",
@@ -52,18 +58,6 @@ __all__ = [
 ]
 
 BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed batch
-
-
-@dataclass(slots=True)
-class SamplingParams:
-    max_new_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
-    ignore_eos: bool = False
-    # None: no logprobs; 0: the chosen token's only; k: plus the k most likely.
-    logprobs: int | None = None
 
 
 @dataclass(slots=True)
@@ -313,7 +307,7 @@ class Batcher:
             seed = s.params.seed if s.params.seed is not None else random.getrandbits(63)
             s.generator = torch.Generator(device="cpu").manual_seed(seed)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache()
+        cache = new_cache()
         logits = self._forward(ids, mask, pos, cache, seqs)
         self._merge(seqs, cache, mask.to(self._device))
         self._sample_and_emit(logits, seqs)
@@ -345,9 +339,11 @@ class Batcher:
         for old, new in zip(old_layers, new_layers, strict=True):
             old_k, old_v = old.keys, old.values
             new_k, new_v = new.keys, new.values
-            old.keys = torch.cat([_pad_left(old_k, width, -2), _pad_left(new_k, width, -2)])
-            old.values = torch.cat([_pad_left(old_v, width, -2), _pad_left(new_v, width, -2)])
-        self._mask = torch.cat([_pad_left(self._mask, width, 1), _pad_left(mask, width, 1)])
+            old.replace(
+                torch.cat([pad_left(old_k, width, -2), pad_left(new_k, width, -2)]),
+                torch.cat([pad_left(old_v, width, -2), pad_left(new_v, width, -2)]),
+            )
+        self._mask = torch.cat([pad_left(self._mask, width, 1), pad_left(mask, width, 1)])
         self._rows = self._rows + list(seqs)
 
     def _drop_finished(self) -> None:
@@ -365,14 +361,25 @@ class Batcher:
         mask = mask[:, first:]
         layers: list[Any] = self._cache.layers
         for layer in layers:
-            layer.keys = layer.keys.index_select(0, idx)[:, :, first:]
-            layer.values = layer.values.index_select(0, idx)[:, :, first:]
+            layer.replace(
+                layer.keys.index_select(0, idx)[:, :, first:],
+                layer.values.index_select(0, idx)[:, :, first:],
+            )
         self._mask = mask
         self._rows = [rows[i] for i in keep]
 
     # ------------------------------------------------------------------ sampling
 
     def _sample_and_emit(self, logits: torch.Tensor, rows: list[Sequence]) -> None:
+        for i, s in enumerate(rows):
+            p = s.params
+            if (
+                p.constraint is not None
+                or p.logit_bias
+                or p.presence_penalty
+                or p.frequency_penalty
+            ):
+                _adjust_row(logits, i, s)
         tokens: list[int] = logits.argmax(dim=-1).tolist()
         sampled = [i for i, s in enumerate(rows) if s.params.temperature > 0 and not s.cancelled]
         if sampled:
@@ -409,7 +416,11 @@ class Batcher:
         p = s.params
         text = s.stop.feed(s.detok.add(token))
         finish: str | None = None
-        if s.stop.stopped or (token in self._eos and not p.ignore_eos):
+        grammar_done = False
+        if p.constraint is not None:
+            p.constraint.advance(token)
+            grammar_done = p.constraint.finished
+        if s.stop.stopped or grammar_done or (token in self._eos and not p.ignore_eos):
             finish = "stop"
         elif len(s.out_ids) >= p.max_new_tokens:
             finish = "length"
@@ -440,14 +451,21 @@ class Batcher:
         self._rows, self._cache, self._mask = [], None, None
 
 
-def _pad_left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
-    """Left-pad `t` with zeros along `dim` up to `width` (padding is masked out anyway)."""
-    short = width - t.shape[dim]
-    if short <= 0:
-        return t
-    shape = list(t.shape)
-    shape[dim] = short
-    return torch.cat([t.new_zeros(shape), t], dim=dim)
+def _adjust_row(logits: torch.Tensor, i: int, s: Sequence) -> None:
+    """Penalties, logit_bias and the grammar mask on row `i`, in OpenAI's order."""
+    p = s.params
+    row = logits[i]
+    if (p.presence_penalty or p.frequency_penalty) and s.out_ids:
+        ids = torch.tensor(s.out_ids, dtype=torch.long, device=row.device)
+        counts = torch.bincount(ids, minlength=row.shape[0])[: row.shape[0]].to(row.dtype)
+        row -= counts * p.frequency_penalty + (counts > 0).to(row.dtype) * p.presence_penalty
+    if p.logit_bias:
+        idx = torch.tensor(list(p.logit_bias), dtype=torch.long, device=row.device)
+        row.index_add_(0, idx, torch.tensor(list(p.logit_bias.values()), dtype=row.dtype))
+    if p.constraint is not None:
+        allowed = p.constraint.allowed().to(row.device)
+        if bool(allowed.any()):
+            row.masked_fill_(~allowed[: row.shape[0]], float("-inf"))
 
 
 def _top_p_filter(scaled: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:

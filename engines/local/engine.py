@@ -1,11 +1,12 @@
 """The embedded `transformers` engine: a real model served in process, on CPU or GPU.
 
 Owns: the `Engine` implementation registered as "transformers": spec checks, start-up
-(fetch/convert through `engines.model_source`, load, warm up), turning OpenAI request
-bodies into prompts and sampling parameters, turning the decode loop's per-sequence events
-into OpenAI's exact response and SSE chunk shapes, embeddings' response shape, and LoRA
-adapter bookkeeping. Does not own the decode loop (`engines.local_batcher`), text deltas
-and stop strings (`engines.local_text`), encoders (`engines.local_embed`), nor any HTTP.
+(fetch/convert through `engines.model_source`, load, warm up), the asyncio side of a
+request (submitting its sequences, gathering their events, cancelling on disconnect),
+embeddings requests and LoRA adapter bookkeeping. Does not own request → prompt and
+sampling (`engines.local.prompts`), response shapes (`engines.local.shapes`), the decode
+loop (`engines.local.batcher`), text deltas and stop strings (`engines.local.text`),
+encoders (`engines.local.embed`), nor any HTTP.
 
 This module imports neither torch nor transformers at import time: `gateway check` imports
 engine classes only to call `check_spec`.
@@ -20,7 +21,6 @@ import os
 import threading
 import time
 from collections.abc import AsyncGenerator, Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
@@ -43,35 +43,21 @@ from engines.base import (
     SpecIssue,
     Usage,
 )
+from engines.local import shapes
+from engines.local.shapes import ChoiceState
 
 if TYPE_CHECKING:
-    from engines.local_batcher import Batcher, SeqEvent, Sequence, TokenLogprob
-    from engines.local_embed import Embedder
+    from engines.local.batcher import Batcher, SeqEvent, Sequence
+    from engines.local.embed import Embedder
+    from engines.local.structured import Grammars
 
 __all__ = ["LocalEngine"]
-
-_MAX_TOP_LOGPROBS = 20
-
-
-@dataclass(slots=True)
-class _Choice:
-    """What the engine accumulates for one choice while it streams or completes."""
-
-    index: int
-    prompt_index: int
-    echo: str = ""
-    text: list[str] = field(default_factory=list)
-    logprobs: list[TokenLogprob] = field(default_factory=list)
-    finish_reason: str | None = None
-    completion_tokens: int = 0
-    started: bool = False
-    offset: int = 0  # characters emitted so far (completions' text_offset)
 
 
 class _Job:
     """One request's sequences in the batcher and the asyncio side of their events."""
 
-    def __init__(self, engine: LocalEngine, seqs: list[Sequence], choices: list[_Choice]):
+    def __init__(self, engine: LocalEngine, seqs: list[Sequence], choices: list[ChoiceState]):
         self.engine = engine
         self.seqs = seqs
         self.choices = choices
@@ -93,6 +79,12 @@ class _Job:
                 self.pending -= 1
         return batch
 
+    def usage(self) -> Usage:
+        return Usage(
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=sum(c.completion_tokens for c in self.choices),
+        )
+
     def cancel(self) -> None:
         """Consumer gone: unfinished sequences leave the batch at the next step."""
         live = [s for s in self.seqs if not s.done]
@@ -111,7 +103,8 @@ class LocalEngine:
 
     `options` (all optional):
       device: "cpu" (default), "cuda", "cuda:N" or "auto" (cuda when available);
-      threads: torch intra-op threads (default: the CPUs this process may use);
+      threads: torch intra-op threads (default: the CPUs this process may use, less one
+        for the event loop that parses requests and writes the streams; see _setup_torch);
       max_waiting: sequences allowed to wait for a batch slot before requests are
         refused with 429 (default 1024).
     `dtype: auto` means bfloat16 on GPUs and on CPUs with native bf16 (AVX512-BF16/AMX,
@@ -133,6 +126,8 @@ class LocalEngine:
         self._embedder: Embedder | None = None
         self._tok: Any = None
         self._token_info: Callable[[int], tuple[str, list[int]]] | None = None
+        self._grammar_tok: Grammars | None = None
+        self._template_tools = False
         self._context_len = spec.max_model_len
         self._vocab = 0
         self._adapters: dict[str, str] = {}
@@ -236,7 +231,12 @@ class LocalEngine:
         if self._threads is not None:
             torch.set_num_threads(self._threads)
         else:
-            torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
+            # One CPU is left to the event loop. Measured with bench/embedded.py on a 2-core
+            # EPYC (fp32, through HTTP, same run): 1 thread gave 5.3 / 13.7 tok/s at 1 / 8
+            # streams, 2 threads 5.1 / 9.6. With every core in the OpenMP team, each time
+            # the loop (or anything else) runs, a team member is descheduled and the rest
+            # wait for it at every barrier of every op.
+            torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) - 1))
         dev = self._device_opt
         if dev == "auto":
             dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -255,8 +255,9 @@ class LocalEngine:
         torch, device, dtype = self._setup_torch()
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from engines.local_batcher import Batcher
-        from engines.local_text import token_bytes_fn
+        from engines.local.batcher import Batcher
+        from engines.local.structured import Grammars
+        from engines.local.text import token_bytes_fn
 
         tok = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
@@ -286,11 +287,13 @@ class LocalEngine:
         )
         self._tok = tok
         self._token_info = token_bytes_fn(tok)
+        self._grammar_tok = Grammars(tok, self._vocab)  # ~1 s once, not on a first request
+        self._template_tools = "tools" in str(getattr(tok, "chat_template", None) or "")
         self._batcher.start()
 
     def _load_embedder(self, path: str) -> None:
         _, device, _ = self._setup_torch()
-        from engines.local_embed import Embedder
+        from engines.local.embed import Embedder
 
         self._embedder = Embedder(path, device)
 
@@ -313,53 +316,20 @@ class LocalEngine:
         try:
             while job.pending:
                 for i, ev in await job.next_events():
-                    self._absorb(job.choices[i], ev)
+                    job.choices[i].absorb(ev)
         finally:
             job.cancel()
-        usage = self._usage(job)
-        chat = req.route == "chat"
-        choices: list[dict[str, Any]] = []
-        for c in job.choices:
-            text = c.echo + "".join(c.text)
-            lp = self._logprobs_obj(chat, c, c.logprobs, c.echo) if c.logprobs else None
-            if chat:
-                msg = {"role": "assistant", "content": text, "refusal": None}
-                choices.append(
-                    {
-                        "index": c.index,
-                        "message": msg,
-                        "logprobs": lp,
-                        "finish_reason": c.finish_reason,
-                    }
-                )
-            else:
-                choices.append(
-                    {
-                        "index": c.index,
-                        "text": text,
-                        "logprobs": lp,
-                        "finish_reason": c.finish_reason,
-                    }
-                )
-        body = {
-            "id": _response_id(req),
-            "object": "chat.completion" if chat else "text_completion",
-            "created": req.created,
-            "model": req.model,
-            "choices": choices,
-            "usage": _usage_obj(usage),
-        }
+        usage = job.usage()
+        assert self._token_info is not None
+        body = shapes.completion_body(req, job.choices, usage, self._token_info)
         return Completed(body=orjson.dumps(body), usage=usage)
 
     async def stream(self, req: GenerateRequest) -> AsyncGenerator[bytes, None]:
         job = self._submit(req)
         chat = req.route == "chat"
-        head: dict[str, Any] = {
-            "id": _response_id(req),
-            "object": "chat.completion.chunk" if chat else "text_completion",
-            "created": req.created,
-            "model": req.model,
-        }
+        head = shapes.stream_head(req)
+        info = self._token_info
+        assert info is not None
         try:
             while job.pending:
                 events = await job.next_events()
@@ -368,19 +338,20 @@ class LocalEngine:
                     c = job.choices[i]
                     offset = c.offset
                     first = not c.started
-                    self._absorb(c, ev)
-                    out.extend(self._chunks(head, chat, c, ev, first, offset))
+                    c.absorb(ev)
+                    out.extend(shapes.chunks_for(head, chat, c, ev, first, offset, info))
                 if out:
                     yield b"".join(out)
-            usage = self._usage(job)
-            final = {**head, "choices": [], "usage": _usage_obj(usage)}
-            yield _sse(final)
+            final = {**head, "choices": [], "usage": shapes.usage_obj(job.usage())}
+            yield shapes.sse(final)
         finally:
             job.cancel()
 
     def _submit(self, req: GenerateRequest) -> _Job:
-        from engines.local_batcher import SamplingParams, Sequence
-        from engines.local_text import Detokenizer
+        from engines.local.batcher import Sequence
+        from engines.local.prompts import plan_request
+        from engines.local.structured import parse_structured, refuse_unsupported
+        from engines.local.text import Detokenizer
 
         batcher, loop = self._batcher, self._loop
         if self.spec.task != "generate":
@@ -391,235 +362,55 @@ class LocalEngine:
             raise EngineUnavailable(f"model {self.spec.name!r} is not ready")
         if req.adapter is not None and req.adapter not in self._adapters:
             raise AdapterError(f"adapter {req.adapter!r} is not loaded", param="model")
-        body = req.body
         chat = req.route == "chat"
-        param = "messages" if chat else "prompt"
-        prompts = self._chat_prompt(body) if chat else self._completion_prompts(body)
-        n = int(body.get("n") or 1)
-        if batcher.waiting + n * len(prompts) > self._max_waiting:
+        refuse_unsupported(req.body)
+        st = parse_structured(req.body, chat=chat, template_has_tools=self._template_tools)
+        plan = plan_request(
+            self._tok,
+            req.body,
+            chat=chat,
+            context_len=self._context_len,
+            vocab=self._vocab,
+            max_tokens_default=self.spec.max_tokens_default,
+            messages=st.messages,
+            tools=st.template_tools,
+        )
+        if batcher.waiting + plan.n * len(plan.prompts) > self._max_waiting:
             raise EngineOverloaded(f"{batcher.waiting} sequences already wait for a slot")
-        max_new = body.get("max_completion_tokens") or body.get("max_tokens")
-        asked = max_new is not None  # the client's own limit: past the context is a 400
-        max_new = int(max_new) if max_new is not None else self.spec.max_tokens_default
-        temperature = body.get("temperature")
-        temperature = 1.0 if temperature is None else float(temperature)
-        top_p = body.get("top_p")
-        top_p = 1.0 if top_p is None else float(top_p)
-        seed = body.get("seed")
-        stop = body.get("stop") or []
-        stop = [stop] if isinstance(stop, str) else [str(s) for s in stop]
-        logprobs = self._logprobs_k(chat, body)
-        echo = bool(body.get("echo")) and not chat
-        if echo and logprobs is not None:
-            raise InvalidRequest("echo with logprobs is not supported by this engine", param="echo")
-
-        choices: list[_Choice] = []
+        choices: list[ChoiceState] = []
         seqs: list[Sequence] = []
         job = _Job(self, seqs, choices)
         put = job.queue.put_nowait
-        for p, ids in enumerate(prompts):
-            if len(ids) >= self._context_len:
-                raise InvalidRequest(
-                    f"This model's maximum context length is {self._context_len} tokens. "
-                    f"However, your {param} has {len(ids)} tokens.",
-                    param=param,
-                    code="context_length_exceeded",
-                )
-            room = self._context_len - len(ids)
-            if asked and max_new > room:  # OpenAI's and vLLM's answer, not a silent clamp
-                raise InvalidRequest(
-                    f"This model's maximum context length is {self._context_len} tokens. "
-                    f"However, you requested {len(ids) + max_new} tokens ({len(ids)} in the "
-                    f"{param}, {max_new} in the completion).",
-                    param="max_completion_tokens"
-                    if body.get("max_completion_tokens")
-                    else "max_tokens",
-                    code="context_length_exceeded",
-                )
-            echo_text = self._tok.decode(ids, skip_special_tokens=True) if echo else ""
-            for j in range(n):
-                index = p * n + j
-                params = SamplingParams(
-                    max_new_tokens=max(1, min(max_new, room)),
-                    temperature=temperature,
-                    top_p=top_p,
-                    seed=None if seed is None else int(seed) + index,
-                    stop=stop,
-                    ignore_eos=bool(body.get("ignore_eos", False)),
-                    logprobs=logprobs,
-                )
+        for p, ids in enumerate(plan.prompts):
+            echo_text = self._tok.decode(ids, skip_special_tokens=True) if plan.echo else ""
+            for j in range(plan.n):
+                index = p * plan.n + j
+                params = plan.params(index, len(ids), self._context_len)
+                if st.grammar is not None:
+                    params.constraint = self._grammars().constraint(st.grammar)
 
                 def sink(ev: SeqEvent, index: int = index) -> None:
                     loop.call_soon_threadsafe(put, (index, ev))
 
                 seqs.append(Sequence(ids, params, sink, Detokenizer(self._tok, ids), req.adapter))
-                choices.append(_Choice(index, p, echo=echo_text))
-        job.prompt_tokens = sum(len(ids) for ids in prompts)
+                choices.append(
+                    ChoiceState(
+                        index,
+                        p,
+                        echo=echo_text,
+                        tool_mode=st.tool_mode,
+                        tools=st.tools,
+                        holding={"call": True, "auto": None}.get(st.tool_mode or "", False),
+                    )
+                )
+        job.prompt_tokens = sum(len(ids) for ids in plan.prompts)
         job.pending = len(seqs)
         batcher.submit(seqs)
         return job
 
-    def _chat_prompt(self, body: dict[str, Any]) -> list[list[int]]:
-        messages = []
-        for i, m in enumerate(body.get("messages") or []):
-            content = m.get("content")
-            if isinstance(content, list):  # content parts: text only
-                parts = []
-                for part in content:
-                    if part.get("type") != "text":
-                        raise InvalidRequest(
-                            f"content part type {part.get('type')!r} is not supported",
-                            param=f"messages[{i}].content",
-                        )
-                    parts.append(str(part.get("text", "")))
-                content = "".join(parts)
-            messages.append({**m, "content": content if content is not None else ""})
-        if not messages:
-            raise InvalidRequest("messages must not be empty", param="messages")
-        text = self._tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        ids: list[int] = self._tok(text, add_special_tokens=False)["input_ids"]
-        return [ids]
-
-    def _completion_prompts(self, body: dict[str, Any]) -> list[list[int]]:
-        prompt = body.get("prompt")
-        if isinstance(prompt, str):
-            raw: list[Any] = [prompt]
-        elif isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
-            raw = [prompt]
-        elif isinstance(prompt, list) and prompt:
-            raw = prompt
-        else:
-            raise InvalidRequest("prompt must be a non-empty string or list", param="prompt")
-        out: list[list[int]] = []
-        for item in raw:
-            if isinstance(item, str):
-                ids = self._tok(item)["input_ids"]
-            elif isinstance(item, list) and all(isinstance(t, int) for t in item):
-                if any(not 0 <= t < self._vocab for t in item):
-                    raise InvalidRequest("prompt: token id out of range", param="prompt")
-                ids = list(item)
-            else:
-                raise InvalidRequest("prompt: mixed or nested prompt types", param="prompt")
-            if not ids:
-                raise InvalidRequest("prompt: a prompt is empty", param="prompt")
-            out.append(ids)
-        return out
-
-    @staticmethod
-    def _logprobs_k(chat: bool, body: dict[str, Any]) -> int | None:
-        if chat:
-            if not body.get("logprobs"):
-                return None
-            k = int(body.get("top_logprobs") or 0)
-            name = "top_logprobs"
-        else:
-            raw = body.get("logprobs")
-            if raw is None or raw is False:
-                return None
-            k = int(raw)
-            name = "logprobs"
-        if not 0 <= k <= _MAX_TOP_LOGPROBS:
-            raise InvalidRequest(f"{name} must be between 0 and {_MAX_TOP_LOGPROBS}", param=name)
-        return k
-
-    @staticmethod
-    def _absorb(c: _Choice, ev: SeqEvent) -> None:
-        c.started = True
-        if ev.text:
-            c.text.append(ev.text)
-        if ev.logprobs:
-            c.logprobs.extend(ev.logprobs)
-        c.completion_tokens = max(c.completion_tokens, ev.completion_tokens)
-        if ev.finish_reason is not None:
-            c.finish_reason = ev.finish_reason
-
-    def _usage(self, job: _Job) -> Usage:
-        return Usage(
-            prompt_tokens=job.prompt_tokens,
-            completion_tokens=sum(c.completion_tokens for c in job.choices),
-        )
-
-    def _chunks(
-        self,
-        head: dict[str, Any],
-        chat: bool,
-        c: _Choice,
-        ev: SeqEvent,
-        first: bool,
-        offset: int,
-    ) -> list[bytes]:
-        out: list[bytes] = []
-
-        def chunk(choice: dict[str, Any]) -> None:
-            # No `"usage": null` per chunk: the gateway always asks engines for the final
-            # usage chunk, so the client's own choice is unknown here; like vLLM, leave
-            # the field out of content chunks.
-            out.append(_sse({**head, "choices": [choice]}))
-
-        lp = self._logprobs_obj(chat, c, ev.logprobs, "", offset) if ev.logprobs else None
-        if chat:
-            if first:
-                delta = {"role": "assistant", "content": "", "refusal": None}
-                chunk({"index": c.index, "delta": delta, "logprobs": None, "finish_reason": None})
-            if ev.text or lp:
-                delta = {"content": ev.text}
-                chunk({"index": c.index, "delta": delta, "logprobs": lp, "finish_reason": None})
-            if ev.finish_reason:
-                chunk(
-                    {
-                        "index": c.index,
-                        "delta": {},
-                        "logprobs": None,
-                        "finish_reason": ev.finish_reason,
-                    }
-                )
-        else:
-            text = (c.echo if first else "") + ev.text
-            if text or lp:
-                chunk({"index": c.index, "text": text, "logprobs": lp, "finish_reason": None})
-            if ev.finish_reason:
-                chunk(
-                    {
-                        "index": c.index,
-                        "text": "",
-                        "logprobs": None,
-                        "finish_reason": ev.finish_reason,
-                    }
-                )
-        return out
-
-    def _logprobs_obj(
-        self, chat: bool, c: _Choice, lps: list[TokenLogprob], echo: str, offset: int = 0
-    ) -> dict[str, Any]:
-        info = self._token_info
-        assert info is not None
-        if chat:
-            content = []
-            for t in lps:
-                tok, raw = info(t.token_id)
-                top = []
-                for tid, lp in t.top:
-                    s, b = info(tid)
-                    top.append({"token": s, "logprob": lp, "bytes": b})
-                content.append(
-                    {"token": tok, "logprob": t.logprob, "bytes": raw, "top_logprobs": top}
-                )
-            return {"content": content, "refusal": None}
-        tokens, token_lps, tops, offsets = [], [], [], []
-        pos = offset + len(echo)
-        for t in lps:
-            tok, _ = info(t.token_id)
-            tokens.append(tok)
-            token_lps.append(t.logprob)
-            tops.append({info(tid)[0]: lp for tid, lp in t.top})
-            offsets.append(pos)
-            pos += len(tok)
-        return {
-            "tokens": tokens,
-            "token_logprobs": token_lps,
-            "top_logprobs": tops,
-            "text_offset": offsets,
-        }
+    def _grammars(self) -> Grammars:
+        assert self._grammar_tok is not None
+        return self._grammar_tok
 
     # ------------------------------------------------------------------ embed
 
@@ -645,24 +436,16 @@ class LocalEngine:
             raise InvalidRequest("input must not be empty", param="input")
         ids = emb.tokenize(req.inputs)
         vectors = await asyncio.to_thread(emb.embed, ids)
-        data: list[dict[str, Any]] = []
+        data: list[Any] = []
         for i in range(vectors.shape[0]):
             row = vectors[i]
-            value: Any
             if fmt == "base64":
-                value = base64.b64encode(row.numpy().astype("<f4").tobytes()).decode("ascii")
+                data.append(base64.b64encode(row.numpy().astype("<f4").tobytes()).decode("ascii"))
             else:
-                value = row.tolist()
-            data.append({"object": "embedding", "index": i, "embedding": value})
+                data.append(row.tolist())
         n_tokens = sum(len(x) for x in ids)
-        usage = Usage(prompt_tokens=n_tokens)
-        body = {
-            "object": "list",
-            "data": data,
-            "model": req.model,
-            "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens},
-        }
-        return Completed(body=orjson.dumps(body), usage=usage)
+        body = shapes.embeddings_body(req.model, data, n_tokens)
+        return Completed(body=orjson.dumps(body), usage=Usage(prompt_tokens=n_tokens))
 
     # ------------------------------------------------------------------ adapters
 
@@ -748,21 +531,3 @@ _T = TypeVar("_T")
 def _serialised(fn: Callable[..., _T], *args: Any) -> _T:
     with _LOAD_LOCK:
         return fn(*args)
-
-
-def _response_id(req: GenerateRequest) -> str:
-    prefix = "chatcmpl-" if req.route == "chat" else "cmpl-"
-    rid = req.request_id
-    return rid if rid.startswith(prefix) else prefix + rid
-
-
-def _usage_obj(u: Usage) -> dict[str, int]:
-    return {
-        "prompt_tokens": u.prompt_tokens,
-        "completion_tokens": u.completion_tokens,
-        "total_tokens": u.total_tokens,
-    }
-
-
-def _sse(obj: dict[str, Any]) -> bytes:
-    return b"data: " + orjson.dumps(obj) + b"\n\n"

