@@ -73,6 +73,9 @@ class GenerateRequest:
     adapter: str | None
     request_id: str
     created: int
+    # The session key for session-affine routing (the header the model's `routing:` names),
+    # filled by the gateway only when that model routes by session.
+    session: str | None = None
 
 
 @dataclass(slots=True)
@@ -118,6 +121,13 @@ class WorkerStatus:
     kv_cache_usage: float | None = None  # 0..1
     spec_accepted_tokens: float | None = None
     spec_draft_tokens: float | None = None
+    # Failure handling: taken out of routing by outlier ejection (and how often so far),
+    # restarts of a launched worker process, the last failure seen, requests in flight.
+    ejected: bool = False
+    ejections: int = 0
+    restarts: int = 0
+    last_error: str = ""
+    outstanding: int = 0
 
 
 @dataclass(slots=True)
@@ -130,6 +140,9 @@ class EngineStatus:
     # Largest batch one forward step has run so far (proves batching in tests).
     max_batch_seen: int = 0
     workers: list[WorkerStatus] = field(default_factory=list)
+    # Monotonic counters the gateway exports as metrics (name → total so far), e.g.
+    # "retries", "retry_budget_exhausted", "ejections"; engines fill what they have.
+    counters: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(slots=True)

@@ -59,10 +59,15 @@ class UpstreamError(ServingError):
 
 
 class EngineUnavailable(ServingError):
-    """No worker can take the request now (starting, dead, draining)."""
+    """No worker can take the request now (starting, dead, draining, queue full). Every
+    503 carries Retry-After: `retry_after` seconds (a worker's own value when it sent one)."""
 
     status = 503
     type = "service_unavailable"
+
+    def __init__(self, message: str, *, retry_after: float = 1.0, **kw: Any):
+        super().__init__(message, **kw)
+        self.retry_after = retry_after
 
 
 class EngineOverloaded(ServingError):

@@ -187,10 +187,20 @@ class MediaSpec(_Strict):
 
 class RoutingSpec(_Strict):
     """How a request picks one of the model's workers (`engines.upstream.routing`):
-    scorer name → weight. The default is fewest outstanding requests among healthy
-    workers, ties round-robin."""
+    scorer name → weight, and what the affinity scorers key on. The default is fewest
+    outstanding requests among healthy workers, ties round-robin."""
 
     scorers: dict[str, float] = Field(default_factory=lambda: {"least_outstanding": 1.0})
+    # Ties between equal weighted scores: "round_robin" (a rotating scan start) or "random".
+    ties: Literal["round_robin", "random"] = "round_robin"
+    # prefix_affinity: the prompt's first `prefix_chars` characters are its key.
+    prefix_chars: int = Field(default=512, ge=16, le=65536)
+    # prefix_affinity / session_affinity: consistent hashing with bounded load — a key's
+    # worker is skipped while it has more than `load_factor` × the mean outstanding.
+    load_factor: float = Field(default=1.25, ge=1.0, le=10.0)
+    # session_affinity: the request header that names the session (the body's `user` field
+    # is the fallback).
+    session_header: str = Field(default="x-session-id", pattern=r"^[A-Za-z0-9-]+$")
 
     @field_validator("scorers")
     @classmethod
@@ -203,6 +213,17 @@ class RoutingSpec(_Strict):
         if not any(v.values()):
             raise ValueError("at least one weight must be > 0")
         return v
+
+
+class AdmissionSpec(_Strict):
+    """At most `max_concurrent` requests of this model at the engine; up to `max_queue`
+    more wait (first come, first served) for at most `queue_timeout_s`; beyond that a 503
+    with Retry-After, never a hang."""
+
+    max_concurrent: int = Field(ge=1, le=100_000)
+    max_queue: int = Field(default=0, ge=0, le=1_000_000)
+    queue_timeout_s: float = Field(default=30.0, gt=0)
+    retry_after_s: float = Field(default=1.0, ge=1)
 
 
 class BatchingSpec(_Strict):
@@ -237,6 +258,9 @@ class ModelSpec(_Strict):
     request_fields: RequestFieldsSpec = Field(default_factory=RequestFieldsSpec)
     media: MediaSpec = Field(default_factory=MediaSpec)
     routing: RoutingSpec = Field(default_factory=RoutingSpec)
+    # The gateway's bounded admission queue for this model (`gateway.admission`); none
+    # when left out.
+    admission: AdmissionSpec | None = None
     # Launch mode: how many worker processes; attach mode: the worker base URLs.
     replicas: int = Field(default=1, ge=1, le=64)
     endpoints: list[str] = Field(default_factory=list)

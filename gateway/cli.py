@@ -34,7 +34,6 @@ lists them all). Run `gateway COMMAND -h` for a command's options.
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
 
     from gateway.app import create_app
     from gateway.catalog import CatalogError
@@ -65,9 +64,12 @@ def _serve(args: argparse.Namespace) -> int:
     except CatalogError as e:
         print(e, file=sys.stderr)
         return 2
-    # On SIGTERM, requests in flight get GATEWAY_DRAIN_SECONDS to finish.
+    from gateway.drain import DrainingServer
+
+    # On SIGTERM: readiness 503, GATEWAY_DRAIN_ACCEPT_S of accepting, then requests in
+    # flight get GATEWAY_DRAIN_SECONDS to finish (gateway/drain.py).
     config = uvicorn_config(app, settings, timeout_graceful_shutdown=settings.drain_seconds)
-    uvicorn.Server(config).run()
+    DrainingServer(config, app.state.gateway.served, settings.drain_accept_s).run()
     return 0
 
 

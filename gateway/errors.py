@@ -103,7 +103,7 @@ def error_event(exc: ServingError) -> bytes:
 
 def error_headers(exc: ServingError) -> list[tuple[bytes, bytes]]:
     headers = [(b"content-type", b"application/json")]
-    if isinstance(exc, EngineOverloaded):
+    if isinstance(exc, (EngineOverloaded, EngineUnavailable)):
         headers.append((b"retry-after", str(max(1, round(exc.retry_after))).encode()))
     extra: list[tuple[bytes, bytes]] | None = getattr(exc, "headers", None)
     if extra:

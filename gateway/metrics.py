@@ -18,7 +18,7 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from engines.base import EngineStatus
@@ -52,7 +52,7 @@ class _EngineCollector(Collector):
     def __init__(self, statuses: Callable[[], dict[str, EngineStatus]]):
         self._statuses = statuses
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         running = GaugeMetricFamily(
             "gateway_engine_running_sequences", "Sequences running in the engine", labels=["model"]
         )
@@ -92,7 +92,36 @@ class _EngineCollector(Collector):
             "Accepted / drafted speculative tokens since worker start",
             labels=["model", "worker"],
         )
+        # Failure handling and placement (engine counters, `EngineStatus.counters`): retries,
+        # retry_budget_exhausted, ejections, wedged, adapter_loads / evictions / hits /
+        # misses, start_failures.
+        events = CounterMetricFamily(
+            "gateway_engine_events",
+            "Engine events by kind (retries, budget exhaustion, ejections, adapter loads...)",
+            labels=["model", "event"],
+        )
+        ejected = GaugeMetricFamily(
+            "gateway_worker_ejected",
+            "1 while outlier ejection holds the worker out",
+            labels=["model", "worker"],
+        )
+        ejections = CounterMetricFamily(
+            "gateway_worker_ejections",
+            "Outlier ejections of the worker",
+            labels=["model", "worker"],
+        )
+        retries = CounterMetricFamily(
+            "gateway_upstream_retries",
+            "Requests re-sent to another worker before their first byte",
+            labels=["model"],
+        )
         for model, st in self._statuses().items():
+            for event, value in st.counters.items():
+                events.add_metric([model, event], value)
+            retries.add_metric([model], st.counters.get("retries", 0.0))
+            for w in st.workers:
+                ejected.add_metric([model, w.url], 1.0 if w.ejected else 0.0)
+                ejections.add_metric([model, w.url], w.ejections)
             running.add_metric([model], st.running)
             waiting.add_metric([model], st.waiting)
             ready.add_metric([model], 1.0 if st.ready else 0.0)
@@ -112,6 +141,7 @@ class _EngineCollector(Collector):
                         [model, w.url], (w.spec_accepted_tokens or 0.0) / w.spec_draft_tokens
                     )
         yield from (running, waiting, ready, healthy, w_running, w_waiting, kv, restarts, accept)
+        yield from (events, retries, ejected, ejections)
 
 
 class RouteMetrics:
@@ -185,17 +215,23 @@ class Metrics:
         self.adapters_loaded = Gauge(
             "gateway_adapters_loaded", "LoRA adapters loaded", ["model"], registry=r
         )
+        self.admission_wait = Histogram(
+            "gateway_admission_wait_seconds",
+            "Time a request waited in its model's admission queue",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.admission_rejected = Counter(
+            "gateway_admission_rejected",
+            "Requests refused with 503 by the admission queue (full or waited too long)",
+            ["model"],
+            registry=r,
+        )
         self.adapter_loads = Counter(
             "gateway_adapter_loads",
             "Adapter load and unload requests, by outcome",
             ["model", "op", "outcome"],
-            registry=r,
-        )
-        # Declared for the dashboard; incremented once the engines report their retries.
-        self.retries = Counter(
-            "gateway_upstream_retries",
-            "Requests re-sent to another worker before their first byte",
-            ["model"],
             registry=r,
         )
         # process_* series: CPU seconds, resident memory, open files, start time.

@@ -1,7 +1,10 @@
 """What is served right now: the engines built from models.yaml and the adapters on them.
 
 Owns the name → engine table (base models and their loaded adapters), starting and
-stopping the engines, and adapter load/unload bookkeeping. It does not validate adapter
+stopping the engines, and adapter load/unload bookkeeping. A model whose engine fails to
+start never takes the process down: it is listed as not ready (requests to it get 503 with
+Retry-After) and its start is retried in the background with a growing delay, while the
+other models serve. It does not validate adapter
 paths (`gateway.adapters`) nor speak HTTP (`gateway.api`). The app's lifespan owns the one
 instance.
 """
@@ -15,7 +18,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engines import engine_class
-from engines.base import AdapterError, Engine, EngineContext, EngineStatus
+from engines.base import (
+    AdapterError,
+    AdapterNotFound,
+    Engine,
+    EngineContext,
+    EngineStatus,
+    EngineUnavailable,
+)
 from engines.spec import ModelSpec
 from gateway.catalog import Catalog
 from gateway.errors import InvalidRequest, ModelNotFound
@@ -32,6 +42,22 @@ class Target:
     adapter: str | None = None
 
 
+@dataclass(slots=True)
+class Pending:
+    """A model whose engine has not started (yet): its last error and the retry task."""
+
+    engine: Engine
+    error: str = ""
+    attempts: int = 0
+    next_try: float = 0.0
+    task: asyncio.Task[None] | None = None
+
+
+# Background start retries: first after this many seconds, doubling up to the cap.
+RETRY_FIRST_S = 5.0
+RETRY_MAX_S = 300.0
+
+
 @dataclass
 class ServedModels:
     catalog: Catalog
@@ -40,9 +66,14 @@ class ServedModels:
     _targets: dict[str, Target] = field(default_factory=dict)
     _defaults: dict[str, dict[str, float]] = field(default_factory=dict)
     created: int = field(default_factory=lambda: int(time.time()))
+    pending: dict[str, Pending] = field(default_factory=dict)
+    retry_first_s: float = RETRY_FIRST_S
+    # Set on SIGTERM: readiness answers 503 from then on.
+    draining: bool = False
 
     async def start(self) -> None:
-        """Start every engine at once (GPU workers take minutes each; they overlap)."""
+        """Start every engine at once (GPU workers take minutes each; they overlap). One
+        that fails is retried in the background (`Pending`); this never raises for it."""
         engines: list[Engine] = []
         for spec in self.catalog.models:
             cls = engine_class(spec.engine)
@@ -50,19 +81,45 @@ class ServedModels:
         results = await asyncio.gather(
             *(self._start_one(e) for e in engines), return_exceptions=True
         )
-        failed = [
-            (e, r) for e, r in zip(engines, results, strict=True) if isinstance(r, BaseException)
-        ]
-        if failed:
-            await asyncio.gather(*(e.stop() for e in engines), return_exceptions=True)
-            engine, exc = failed[0]
-            raise RuntimeError(f"model {engine.spec.name!r} failed to start: {exc}") from exc
-        for engine in engines:
-            spec = engine.spec
-            self.engines[spec.name] = engine
-            self._targets[spec.name] = Target(engine, spec)
-            for name in engine.adapters():
-                self._targets[name] = Target(engine, spec, name)
+        for engine, r in zip(engines, results, strict=True):
+            if isinstance(r, BaseException):
+                self._failed(engine, r)
+            else:
+                self._serve(engine)
+
+    def _serve(self, engine: Engine) -> None:
+        spec = engine.spec
+        self.pending.pop(spec.name, None)
+        self.engines[spec.name] = engine
+        self._targets[spec.name] = Target(engine, spec)
+        for name in engine.adapters():
+            self._targets[name] = Target(engine, spec, name)
+
+    def _failed(self, engine: Engine, exc: BaseException) -> None:
+        name = engine.spec.name
+        p = self.pending.get(name) or Pending(engine)
+        self.pending[name] = p
+        p.attempts += 1
+        p.error = str(exc) or repr(exc)
+        delay = min(RETRY_MAX_S, self.retry_first_s * 2 ** (p.attempts - 1))
+        p.next_try = time.monotonic() + delay
+        msg = f"model {name!r} failed to start ({p.error}); not ready, retrying in {delay:g} s"
+        log.error("%s", msg)
+        self.context.progress(msg)
+        p.task = asyncio.get_running_loop().create_task(
+            self._retry(p, delay), name=f"start-retry:{name}"
+        )
+
+    async def _retry(self, p: Pending, delay: float) -> None:
+        await asyncio.sleep(delay)
+        try:
+            await self._start_one(p.engine)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            self._failed(p.engine, e)
+            return
+        self._serve(p.engine)
 
     async def _start_one(self, engine: Engine) -> None:
         spec = engine.spec
@@ -72,6 +129,12 @@ class ServedModels:
         self.context.progress(f"model {spec.name!r} ready in {time.perf_counter() - t0:.1f} s")
 
     async def stop(self) -> None:
+        for p in self.pending.values():
+            if p.task is not None:
+                p.task.cancel()
+        tasks = [p.task for p in self.pending.values() if p.task is not None]
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self.pending.clear()
         engines, self.engines = list(self.engines.values()), {}
         self._targets.clear()
         results = await asyncio.gather(*(e.stop() for e in engines), return_exceptions=True)
@@ -86,6 +149,12 @@ class ServedModels:
             raise InvalidRequest("'model' must be a string.", param="model")
         target = self._targets.get(name)
         if target is None:
+            p = self.pending.get(name) if isinstance(name, str) else None
+            if p is not None:
+                raise EngineUnavailable(
+                    f"The model `{name}` is not ready (its start is retried).",
+                    retry_after=max(1.0, p.next_try - time.monotonic()),
+                )
             raise ModelNotFound(str(name))
         return target
 
@@ -120,7 +189,7 @@ class ServedModels:
     async def unload_adapter(self, name: str) -> None:
         target = self._targets.get(name)
         if target is None or target.adapter is None:
-            raise AdapterError(
+            raise AdapterNotFound(
                 f"No adapter named `{name}` is loaded.", param="lora_name", code="adapter_not_found"
             )
         await target.engine.unload_adapter(name)
@@ -170,7 +239,14 @@ class ServedModels:
         return out
 
     def statuses(self) -> dict[str, EngineStatus]:
-        return {name: e.status() for name, e in self.engines.items()}
+        out = {name: e.status() for name, e in self.engines.items()}
+        for name, p in self.pending.items():
+            out[name] = EngineStatus(
+                ready=False,
+                detail=f"not started after {p.attempts} attempt(s): {p.error}",
+                counters={"start_failures": p.attempts},
+            )
+        return out
 
     def adapter_counts(self) -> dict[str, int]:
         return {name: len(e.adapters()) for name, e in self.engines.items()}

@@ -34,6 +34,14 @@ class Settings(BaseSettings):
     api_keys: str = ""
     # Key for the admin routes (adapter load/unload); empty means they are disabled.
     admin_key: str = ""
+    # /health/ready: "any" model ready, "all" of them, or a comma-separated list of names.
+    ready_when: str = "any"
+    # A model that fails to start is retried after this many seconds, doubling to 300.
+    start_retry_s: float = Field(default=5.0, gt=0)
+    # On SIGTERM: readiness goes 503 at once, the listener keeps accepting for
+    # drain_accept_s (a load balancer notices), then in-flight requests get up to
+    # drain_seconds (below) to finish (`gateway.drain`).
+    drain_accept_s: float = Field(default=5.0, ge=0)
     # Hashed API keys with per-key limits (gateway.keys): a JSON keys file for one box;
     # with GATEWAY_REDIS_URL set, keys, limits and usage live in Redis instead.
     keys_file: Path | None = None

@@ -15,6 +15,7 @@ import logging
 from engines.base import EngineContext
 from gateway.access_log import AccessLog
 from gateway.adapter_sync import AdapterSync
+from gateway.admission import Admission
 from gateway.catalog import Catalog
 from gateway.ids import RequestIds
 from gateway.limits import Tenancy
@@ -40,9 +41,17 @@ class Gateway:
             context=EngineContext(
                 cache_dir=settings.cache_dir, config_dir=catalog.base_dir, progress=_progress
             ),
+            retry_first_s=settings.start_retry_s,
         )
         self.metrics = Metrics(self.served.statuses, self.served.adapter_counts)
         self.request_ids = RequestIds()
+        m = self.metrics
+        self.admission = Admission(
+            lambda model, s: m.admission_wait.labels(model).observe(s),
+            lambda model: m.admission_rejected.labels(model).inc(),
+        )
+        for spec in catalog.models:
+            self.admission.add(spec)
         self.access_log = AccessLog(settings.access_log, settings.access_log_sample)
         # API keys, limits and usage (gateway.limits); the store behind them.
         self.tenancy = Tenancy(settings, self.metrics)

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from simulator.config import FINGERPRINT
+from simulator.costs import prompt_words
 from simulator.wire import HttpError, count_words
 
 if TYPE_CHECKING:
@@ -39,6 +40,8 @@ class Gen:
     prompt_tokens: int
     include_usage: bool
     finish: bytes  # JSON of the last chunk's finish_reason (+ stop_reason)
+    # Prefill time of the uncached prompt tokens (cost model), in seconds.
+    prefill_s: float = 0.0
 
 
 # ------------------------------------------- LoRA runtime API (vLLM's messages and statuses)
@@ -55,7 +58,15 @@ def load_lora(s: SimState, body: bytes) -> bytes:
         raise HttpError(
             400, f"The lora adapter '{name}' has already been loaded.", "InvalidUserInput"
         )
+    if s.config.max_loras and len(s.adapters) >= s.config.max_loras:
+        raise HttpError(
+            400,
+            f"Cannot load LoRA adapter '{name}': {len(s.adapters)} loaded, max_loras is "
+            f"{s.config.max_loras}.",
+            "InvalidUserInput",
+        )
     s.adapters[str(name)] = str(path)
+    s.adapter_loads += 1
     return f"Success: LoRA adapter '{name}' added successfully.".encode()
 
 
@@ -166,7 +177,13 @@ def parse_gen(s: SimState, chat: bool, body: bytes) -> Gen:
         raise HttpError(400, "n must be between 1 and 128.")
     opts = req.get("stream_options")
     include_usage = bool(isinstance(opts, dict) and opts.get("include_usage"))
-    return Gen(chat, bool(req.get("stream")), model, n, n_out, prompt_tokens, include_usage, finish)
+    g = Gen(chat, bool(req.get("stream")), model, n, n_out, prompt_tokens, include_usage, finish)
+    if c.prefill_ms_per_token:
+        words = prompt_words(req.get("messages") if chat else req.get("prompt"))
+        cache = s.prefix_cache
+        cached = cache.lookup_insert(words) if cache is not None else 0
+        g.prefill_s = c.prefill_ms_per_token * max(0, len(words) - cached) / 1000
+    return g
 
 
 def templates(s: SimState, g: Gen, rid: bytes) -> tuple[bytes, bytes]:

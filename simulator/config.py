@@ -78,6 +78,17 @@ class SimConfig:
     drop_rate: float = 1.0
     # /health answers 503 (and generation 503) for this long after start.
     startup_s: float = 0.0
+    # ---- cost model (`simulator.costs`)
+    # Per-worker prefix cache in tokens (0 = off) and the prefill cost of an uncached
+    # prompt token: TTFT = ttft_ms + prefill_ms_per_token × uncached prompt tokens.
+    prefix_cache_tokens: int = 0
+    prefill_ms_per_token: float = 0.0
+    # Adapters one worker holds at once (0 = unlimited; a load beyond it is refused, as
+    # vLLM's --max-loras), and how long a load takes.
+    max_loras: int = 0
+    lora_load_ms: float = 0.0
+    # /health never answers (a wedged process, as under SIGSTOP, for the health probe).
+    hang_health: bool = False
 
     def __post_init__(self) -> None:
         problems = config_problems(self)
@@ -89,7 +100,15 @@ class SimConfig:
 def config_problems(c: SimConfig) -> list[tuple[str, str]]:
     """(field, message) for every out-of-range value; shared by SimConfig and check_spec."""
     out: list[tuple[str, str]] = []
-    for key in ("ttft_ms", "itl_ms", "jitter", "stall_ms", "startup_s"):
+    for key in (
+        "ttft_ms",
+        "itl_ms",
+        "jitter",
+        "stall_ms",
+        "startup_s",
+        "prefill_ms_per_token",
+        "lora_load_ms",
+    ):
         if getattr(c, key) < 0:
             out.append((key, "must be ≥ 0"))
     for key in ("error_rate", "stall_rate", "drop_rate", "spec_acceptance"):
@@ -98,7 +117,7 @@ def config_problems(c: SimConfig) -> list[tuple[str, str]]:
     for key in ("output_tokens", "embedding_dim", "kv_cache_tokens", "max_model_len"):
         if getattr(c, key) < 1:
             out.append((key, "must be ≥ 1"))
-    for key in ("max_running", "spec_tokens", "stall_after"):
+    for key in ("max_running", "spec_tokens", "stall_after", "prefix_cache_tokens", "max_loras"):
         if getattr(c, key) < 0:
             out.append((key, "must be ≥ 0"))
     if c.drop_after is not None and c.drop_after < 0:
@@ -135,6 +154,10 @@ _FLAGS: dict[str, tuple[Callable[[str], Any], str]] = {
     "drop_after": (int, "drop the connection after this many chunks"),
     "drop_rate": (float, "fraction of requests dropped"),
     "startup_s": (float, "/health answers 503 for this long"),
+    "prefix_cache_tokens": (int, "per-worker prefix cache size in tokens (0 = off)"),
+    "prefill_ms_per_token": (float, "TTFT added per uncached prompt token (ms)"),
+    "max_loras": (int, "adapters held at once (0 = unlimited)"),
+    "lora_load_ms": (float, "time one adapter load takes (ms)"),
 }
 
 

@@ -180,13 +180,22 @@ class Connection(asyncio.Protocol):
                 elif path == b"/v1/models":
                     self.write_simple(200, JSON, s.models_body(), keep_alive)
                 elif path == b"/v1/load_lora_adapter":
-                    self.write_simple(200, TEXT, b.load_lora(s, body), keep_alive)
+                    if s.config.lora_load_ms:
+                        self.task = asyncio.get_running_loop().create_task(
+                            self.slow_load(body, keep_alive)
+                        )
+                        self.task.add_done_callback(lambda _t: self.next_pending())
+                    else:
+                        self.write_simple(200, TEXT, b.load_lora(s, body), keep_alive)
                 elif path == b"/v1/unload_lora_adapter":
                     self.write_simple(200, TEXT, b.unload_lora(s, body), keep_alive)
                 else:
                     self.write_simple(404, JSON, b'{"detail":"Not Found"}', keep_alive)
             elif path == b"/health":
-                if s._starting():
+                if s.config.hang_health:
+                    self.task = asyncio.get_running_loop().create_task(asyncio.sleep(3600))
+                    self.task.add_done_callback(lambda _t: self.next_pending())
+                elif s._starting():
                     self.write_simple(503, TEXT, b"starting", keep_alive)
                 else:
                     self.write_simple(200, TEXT, b"", keep_alive)
@@ -206,6 +215,7 @@ class Connection(asyncio.Protocol):
 
     def generate(self, chat: bool, body: bytes, req_id: bytes | None, keep_alive: bool) -> None:
         s = self.s
+        s.received_total += 1
         if s._starting():
             raise HttpError(503, "The simulator is starting.")
         if s._faulty and s._hit(s.config.error_rate):
@@ -256,7 +266,7 @@ class Connection(asyncio.Protocol):
                 if drop_at == 0:
                     self.abort_now()
                     return
-            t = loop.time() + s._draw(c.ttft_ms / 1000)
+            t = loop.time() + s._draw(c.ttft_ms / 1000) + g.prefill_s
             itl = c.itl_ms / 1000
             head, full_id = b.templates(self.s, g, rid)
             if g.stream:
@@ -297,6 +307,14 @@ class Connection(asyncio.Protocol):
         finally:
             s._kv_tokens -= held
             s._slots.release()
+
+    async def slow_load(self, body: bytes, keep_alive: bool) -> None:
+        """An adapter load that takes `lora_load_ms` (the cost model)."""
+        await asyncio.sleep(self.s.config.lora_load_ms / 1000)
+        try:
+            self.write_simple(200, TEXT, b.load_lora(self.s, body), keep_alive)
+        except HttpError as err:
+            self.write_error(err, keep_alive)
 
     def abort_now(self) -> None:
         if self.transport is not None:

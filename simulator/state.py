@@ -22,6 +22,7 @@ from typing import Any
 import orjson
 
 from simulator.config import FINGERPRINT, SimConfig
+from simulator.costs import PrefixCache
 
 
 class Slots:
@@ -90,8 +91,10 @@ class SimState:
         self._text_cache: dict[tuple[int, int], str] = {}
         self._model_json: dict[str, bytes] = {}
         self._auth = b"Bearer " + c.api_key.encode() if c.api_key else None
-        self._zero_latency = c.ttft_ms == 0 and c.itl_ms == 0
+        self._zero_latency = c.ttft_ms == 0 and c.itl_ms == 0 and c.prefill_ms_per_token == 0
         self._faulty = bool(c.error_rate or c.stall_ms or c.drop_after is not None)
+        self.prefix_cache = PrefixCache(c.prefix_cache_tokens) if c.prefix_cache_tokens else None
+        self.adapter_loads = 0
         # Metrics.
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
@@ -99,7 +102,16 @@ class SimState:
         self.spec_draft_tokens_total = 0
         self.spec_accepted_total = 0
         self.requests_total = 0
+        # Generation requests received (answered, failed by a fault, or cut): attempts.
+        self.received_total = 0
         self._kv_tokens = 0
+
+    def reconfigure(self, **changes: Any) -> None:
+        """Change knobs while serving (tests turn faults on and off): latency, faults and
+        startup; capacity, words and adapters keep their start values."""
+        self.config = c = replace(self.config, **changes)
+        self._zero_latency = c.ttft_ms == 0 and c.itl_ms == 0 and c.prefill_ms_per_token == 0
+        self._faulty = bool(c.error_rate or c.stall_ms or c.drop_after is not None)
 
     @property
     def running(self) -> int:
@@ -171,6 +183,11 @@ class SimState:
             ("vllm:generation_tokens_total", "counter", self.generation_tokens_total),
             ("vllm:request_success_total", "counter", self.requests_total),
         ]
+        if self.prefix_cache is not None:
+            rows += [
+                ("vllm:prefix_cache_queries_total", "counter", self.prefix_cache.query_tokens),
+                ("vllm:prefix_cache_hits_total", "counter", self.prefix_cache.hit_tokens),
+            ]
         if self.config.spec_tokens:
             rows += [
                 ("vllm:spec_decode_num_drafts_total", "counter", self.spec_drafts_total),

@@ -31,6 +31,8 @@ __all__ = [
     "free_port",
     "gpu_assignment",
     "launch_issues",
+    "memory_share",
+    "replicas_per_gpu",
 ]
 
 # Where `launch_commands` puts worker ports when `options.base_port` is not given. The
@@ -67,8 +69,13 @@ class LaunchOptions(UpstreamOptions):
     # Extra environment for every worker (e.g. VLLM_USE_FLASHINFER_SAMPLER: "0").
     env: dict[str, str] = Field(default_factory=dict)
     # Physical GPU ids to hand out, gpus_per_replica per replica in order; default
-    # 0 .. replicas × gpus_per_replica − 1.
+    # 0 .. replicas × gpus_per_replica − 1. An id may repeat across replicas to share one
+    # GPU (gpu_ids: [0, 0] runs two replicas on GPU 0), never within one replica.
     gpu_ids: list[int] | None = None
+    # Share of a GPU's memory one replica may take (vLLM --gpu-memory-utilization, LMDeploy
+    # --cache-max-entry-count). Left out while replicas share a GPU: 0.9 ÷ the most
+    # replicas on one GPU. The shares on one GPU must add up to at most 0.95.
+    gpu_memory_share: float | None = Field(default=None, gt=0, le=1)
 
 
 def launch_issues(spec: ModelSpec, opts: LaunchOptions) -> list[SpecIssue]:
@@ -88,8 +95,25 @@ def launch_issues(spec: ModelSpec, opts: LaunchOptions) -> list[SpecIssue]:
                     f"{spec.gpus_per_replica} GPUs each (need {need})",
                 )
             )
-        if len(set(opts.gpu_ids)) != len(opts.gpu_ids):
-            issues.append(SpecIssue(path="options.gpu_ids", message="duplicate GPU id"))
+        for i, ids in enumerate(gpu_assignment(spec, opts.gpu_ids)):
+            if len(set(ids)) != len(ids):
+                issues.append(
+                    SpecIssue(
+                        path="options.gpu_ids",
+                        message=f"replica {i} would use GPU {ids} twice (an id may repeat "
+                        "only across replicas, to share a GPU)",
+                    )
+                )
+    sharing = replicas_per_gpu(spec, opts.gpu_ids)
+    share = memory_share(spec, opts)
+    if share is not None and sharing > 1 and share * sharing > 0.95:
+        issues.append(
+            SpecIssue(
+                path="options.gpu_memory_share",
+                message=f"{sharing} replicas share one GPU at {share:g} of its memory each "
+                f"({share * sharing:g} > 0.95): give at most {0.95 / sharing:.2f}",
+            )
+        )
     if opts.base_port is not None and opts.base_port + spec.replicas - 1 > 65535:
         issues.append(SpecIssue(path="options.base_port", message="ports run past 65535"))
     if spec.attach:
@@ -146,6 +170,24 @@ def gpu_assignment(spec: ModelSpec, gpu_ids: Sequence[int] | None) -> list[list[
     g = spec.gpus_per_replica
     ids = list(gpu_ids) if gpu_ids is not None else list(range(spec.replicas * g))
     return [ids[i * g : (i + 1) * g] for i in range(spec.replicas)]
+
+
+def replicas_per_gpu(spec: ModelSpec, gpu_ids: Sequence[int] | None) -> int:
+    """The most replicas placed on one GPU (1 when none is shared, 0 without GPUs)."""
+    counts: dict[int, int] = {}
+    for ids in gpu_assignment(spec, gpu_ids):
+        for g in set(ids):
+            counts[g] = counts.get(g, 0) + 1
+    return max(counts.values(), default=0)
+
+
+def memory_share(spec: ModelSpec, opts: LaunchOptions) -> float | None:
+    """The GPU memory share each replica gets: `gpu_memory_share`, or 0.9 ÷ the replicas
+    on the busiest GPU when a GPU is shared, else None (the engine's own default)."""
+    if opts.gpu_memory_share is not None:
+        return opts.gpu_memory_share
+    n = replicas_per_gpu(spec, opts.gpu_ids)
+    return round(0.9 / n, 3) if n > 1 else None
 
 
 def flag_args(args: Mapping[str, Any], *, negate_false: bool) -> list[str]:

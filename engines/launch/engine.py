@@ -214,6 +214,7 @@ class LaunchedEngine(OpenAIEngine):
         ep = self._endpoint(url)
         if ep is not None:
             ep.healthy, ep.detail = False, "worker exited; restarting"
+            ep.last_error = "worker process exited"
 
     async def worker_restarted(self, index: int, url: str) -> None:
         """The worker is healthy again with only its command line's state: load the
@@ -229,6 +230,7 @@ class LaunchedEngine(OpenAIEngine):
         sup = self._supervisor
         if sup is not None:
             for w, s in zip(st.workers, sup.states(), strict=False):
+                w.restarts = s.restarts
                 if s.restarts:
                     w.detail = f"{w.detail}; {s.restarts} restart(s)"
                 if not s.healthy:

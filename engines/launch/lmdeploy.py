@@ -50,6 +50,7 @@ from engines.launch.command import (
     LaunchOptions,
     ResolvedPaths,
     flag_args,
+    memory_share,
 )
 from engines.launch.engine import LaunchedEngine
 from engines.options import EngineOptions
@@ -323,8 +324,12 @@ class LMDeployEngine(LaunchedEngine):
         if b.max_batched_tokens is not None:
             # LMDeploy's per-iteration token budget is a prefill budget (default 8192).
             argv += ["--max-prefill-token-num", str(b.max_batched_tokens)]
-        if opts.cache_max_entry_count is not None:
-            argv += ["--cache-max-entry-count", f"{opts.cache_max_entry_count:g}"]
+        cache_share = opts.cache_max_entry_count
+        if cache_share is None:
+            # Replicas sharing a GPU: each k/v cache takes its share (LMDeploy's is 0.8).
+            cache_share = memory_share(spec, opts)
+        if cache_share is not None:
+            argv += ["--cache-max-entry-count", f"{cache_share:g}"]
         if spec.lora is not None and spec.lora.adapters:
             # One flag, nargs='*', each "name=path" split on its first "=" (cli/utils.py
             # get_lora_adapters); names cannot hold "=" (spec pattern), paths may.

@@ -27,6 +27,7 @@ from engines.launch.command import (
     ResolvedPaths,
     adapter_paths,
     flag_args,
+    memory_share,
 )
 from engines.launch.engine import LaunchedEngine
 from engines.options import EngineOptions
@@ -194,6 +195,11 @@ class VLLMEngine(LaunchedEngine):
             argv += ["--quantization", q]
         if spec.gpus_per_replica > 1:
             argv += ["--tensor-parallel-size", str(spec.gpus_per_replica)]
+        share = memory_share(spec, opts)
+        explicit = {k.replace("_", "-") for k in spec.engine_args}
+        if share is not None and "gpu-memory-utilization" not in explicit:
+            # Replicas sharing a GPU each take their share (vLLM's default is 0.9 each).
+            argv += ["--gpu-memory-utilization", f"{share:g}"]
         b = spec.batching
         if _explicit(spec, "batching") and _explicit(b, "max_sequences"):
             argv += ["--max-num-seqs", str(b.max_sequences)]

@@ -38,6 +38,21 @@ class Endpoint:
     outstanding: int = 0
     healthy: bool = False
     detail: str = "not checked yet"
+    # Outlier state (`engines.upstream.outliers`): consecutive failures, taken out of
+    # routing until `ejected_until` (loop time), half-open after re-admission (one request
+    # at a time until one succeeds), ejections in a row (the next ejection's length) and
+    # in total, and the last failure seen.
+    failures: int = 0
+    ejected: bool = False
+    ejected_until: float = 0.0
+    half_open: bool = False
+    eject_streak: int = 0
+    ejections: int = 0
+    last_error: str = ""
+    # Adapters this worker holds, least recently used first (on-demand placement only,
+    # `engines.upstream.adapters`), and how many it may hold.
+    adapters: dict[str, None] = field(default_factory=dict)
+    adapter_slots: int = 0
     # Raw metric sums from the last scrape, and the engine-neutral reading of them
     # (running, waiting, KV-cache use) that routing scorers use.
     metrics: dict[str, float] = field(default_factory=dict)

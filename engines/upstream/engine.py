@@ -1,16 +1,20 @@
 """The engine for any OpenAI-compatible upstream, and the base of the vLLM, LMDeploy and sim
 engines.
 
-Owns the upstream hop: one keep-alive connection pool per endpoint (`engines.upstream.http1`) for
-the generate and embedding requests and one aiohttp session for the cold paths (health,
-metrics, adapters), picking an endpoint (fewest outstanding requests among healthy ones),
-one retry on another endpoint before the first byte, relaying non-streamed bodies and
-streamed SSE bytes, normalising upstream errors into `engines.base.ServingError`s, a
-background loop that checks `/health`, scrapes the workers' `/metrics`, and re-applies
-adapters to a worker that comes back, and the runtime LoRA API (`/v1/load_lora_adapter`,
-`/v1/unload_lora_adapter`) on every endpoint. It does not launch workers (subclasses do,
-through `start_workers`), validate client requests, frame SSE for the client, or count
-anything for the gateway's metrics: those belong to the gateway.
+Owns the upstream hop's lifecycle and relay: one keep-alive connection pool per endpoint
+(`engines.upstream.http1`) for the generate and embedding requests and one aiohttp session
+for the cold paths (health, metrics, adapters), the routing request of each call (prefix
+and session keys only when a scorer needs them), relaying non-streamed bodies and streamed
+SSE bytes (after the first byte a failure ends the stream with an error event, counted
+toward ejection), and the runtime LoRA API. Sending with retries, the retry budget and
+ejection accounting are `engines.upstream.send`; probes, re-admission and wedge detection
+`engines.upstream.health`. It does not launch workers (subclasses do, through
+`start_workers`), validate client requests, frame SSE for the client, or count anything
+for the gateway's metrics (it exposes counters in `status()`).
+
+Why over ~450 lines: the class is the one contract surface subclasses extend (hooks,
+lifecycle, relay, adapters, status); its hot paths were already split out (`http1`,
+`send`, `relay`, `sse`) and what remains is one concern per section.
 
 Hooks for subclasses:
 - `start_workers()` returns the workers' base URLs (default: `spec.endpoints`);
@@ -38,7 +42,6 @@ comment, or when a model rename / transform hook is active.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 from collections.abc import AsyncGenerator
@@ -52,7 +55,6 @@ from engines.base import (
     EmbedRequest,
     EngineBase,
     EngineContext,
-    EngineOverloaded,
     EngineStatus,
     EngineTimeout,
     EngineUnavailable,
@@ -68,11 +70,18 @@ from engines.spec import ModelSpec
 from engines.upstream import http1
 from engines.upstream.adapters import AdapterFanout
 from engines.upstream.endpoints import Endpoint
-from engines.upstream.errors import error_status_of_event, is_json_error, normalise_error
+from engines.upstream.errors import (
+    error_status_of_event,
+    normalise_error,
+)
+from engines.upstream.health import HealthChecks
 from engines.upstream.options import UpstreamOptions
-from engines.upstream.prom_text import sum_samples
+from engines.upstream.outliers import Outliers, RetryBudget
 from engines.upstream.relay import process_run
 from engines.upstream.routing import SCORERS, Router, RoutingRequest
+from engines.upstream.routing.hashring import stable_hash
+from engines.upstream.routing.prefix import prompt_prefix
+from engines.upstream.send import Sender
 from engines.upstream.sse import SSEBuffer
 
 __all__ = ["OpenAIEngine"]
@@ -80,7 +89,7 @@ __all__ = ["OpenAIEngine"]
 log = logging.getLogger("engines.upstream")
 
 
-class OpenAIEngine(EngineBase):
+class OpenAIEngine(Sender, EngineBase):
     """Engine "openai": relays to OpenAI-compatible servers listed in `spec.endpoints`."""
 
     metrics_prefix: ClassVar[str] = "vllm:"
@@ -93,12 +102,29 @@ class OpenAIEngine(EngineBase):
         self.opts: UpstreamOptions = opts
         self._session: aiohttp.ClientSession | None = None
         self._endpoints: list[Endpoint] = []
-        self.router = Router([(SCORERS[n](), w) for n, w in spec.routing.scorers.items()])
-        self.adapter_state = AdapterFanout(spec.name, self.normalise_error, opts.adapter_timeout_s)
+        self.router = Router.from_spec(spec.routing, SCORERS)
+        self._needs_prefix = "prefix" in self.router.needs
+        self._needs_session = "session" in self.router.needs
+        on_demand = "lora_affinity" in spec.routing.scorers and spec.lora is not None
+        self._slots = spec.lora.max_adapters if spec.lora is not None else 0
+        self.adapter_state = AdapterFanout(
+            spec.name, self.normalise_error, opts.adapter_timeout_s, on_demand, self._slots
+        )
+        self._on_demand = on_demand
         self._adapters = self.adapter_state.loaded
         self._health_task: asyncio.Task[None] | None = None
         self._forward_id = opts.forward_request_id
-        self._probe_timeout = aiohttp.ClientTimeout(total=opts.health_timeout_s)
+        self.budget = RetryBudget(opts.retry_budget_ratio, opts.retry_budget_min)
+        self.outliers = Outliers(opts.eject_after_failures, opts.eject_base_s, opts.eject_max_s)
+        self.health = HealthChecks(
+            spec.name,
+            opts,
+            self.metrics_prefix,
+            self.read_worker_metrics,
+            self.adapter_state.reapply,
+            self.outliers,
+            self.budget,
+        )
         # The name to write into responses when the upstream serves under another one.
         self._rename: str | None = (
             spec.name if spec.served_model_name and spec.served_model_name != spec.name else None
@@ -197,10 +223,12 @@ class OpenAIEngine(EngineBase):
             read_s = self.opts.read_timeout_s
             for ep in self._endpoints:
                 ep.connect(headers, connect_s, read_s)
+                ep.adapter_slots = self._slots
             await self._wait_healthy(self.opts.start_timeout_s)
             await self.apply_start_adapters()
             self._health_task = asyncio.create_task(
-                self._health_loop(), name=f"health:{self.spec.name}"
+                self.health.run(lambda: self._session, lambda: self._endpoints),
+                name=f"health:{self.spec.name}",
             )
         except BaseException:
             await self.stop()
@@ -223,7 +251,7 @@ class OpenAIEngine(EngineBase):
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         while True:
-            await asyncio.gather(*(self._probe(ep) for ep in self._endpoints))
+            await self._probe_all()
             if all(ep.healthy for ep in self._endpoints):
                 return
             if loop.time() >= deadline:
@@ -238,57 +266,29 @@ class OpenAIEngine(EngineBase):
                 )
             await asyncio.sleep(0.1)
 
-    async def _health_loop(self) -> None:
-        interval = self.opts.health_interval_s
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                await asyncio.gather(*(self._probe(ep) for ep in self._endpoints))
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # never let the loop die; the next round retries
-                log.exception("health check of %s failed", self.spec.name)
+    async def _probe_all(self) -> None:
+        if self._session is not None:
+            await self.health.round(self._session, self._endpoints)
 
     async def _probe(self, ep: Endpoint) -> None:
-        """Check one worker; scrape its metrics; re-apply adapters when it comes back."""
-        session = self._session
-        if session is None:
-            return
-        try:
-            async with session.get(
-                ep.url + self.opts.health_path, timeout=self._probe_timeout
-            ) as r:
-                await r.read()
-                ok, detail = r.status < 500, f"health answered {r.status}"
-        except (aiohttp.ClientError, TimeoutError, OSError) as e:
-            ok, detail = False, f"health check failed: {e!r}"
-        if ok and self.metrics_prefix:
-            try:
-                async with session.get(ep.url + "/metrics", timeout=self._probe_timeout) as r:
-                    if r.status == 200:
-                        ep.metrics = sum_samples(await r.text(), self.metrics_prefix)
-                        load = WorkerStatus(url=ep.url, healthy=True)
-                        self.read_worker_metrics(ep.metrics, load)
-                        ep.load = load
-            except (aiohttp.ClientError, TimeoutError, OSError, UnicodeDecodeError):
-                pass  # metrics are best effort; health decides
-        if not ok:
-            ep.healthy, ep.detail = False, detail
-            return
-        if not ep.healthy:
-            # Back (or up for the first time): it may have restarted without our adapters.
-            try:
-                await self.adapter_state.reapply(session, ep)
-            except ServingError as e:
-                ep.detail = f"re-applying adapters failed: {e.message}"
-                return
-            ep.healthy, ep.detail = True, "ok"
+        """One health probe of one worker (`engines.upstream.health`)."""
+        if self._session is not None:
+            await self.health.probe(self._session, ep)
 
     # ------------------------------------------------------------------ the hot path
 
-    def _pick(self, req: RoutingRequest | None, exclude: Endpoint | None = None) -> Endpoint | None:
-        """The endpoint for one attempt (`engines.upstream.routing`)."""
-        return self.router.pick(self._endpoints, req, exclude)
+    def _routing_request(self, req: GenerateRequest) -> RoutingRequest:
+        """What the router may know of `req`; the hashes only when a scorer needs them."""
+        if not (self._needs_prefix or self._needs_session):
+            return RoutingRequest(adapter=req.adapter)
+        prefix = session = None
+        if self._needs_prefix:
+            text = prompt_prefix(req.body, self.spec.routing.prefix_chars)
+            prefix = stable_hash(text) if text else None
+        if self._needs_session:
+            key = req.session or req.body.get("user")
+            session = stable_hash(str(key)) if key else None
+        return RoutingRequest(adapter=req.adapter, prefix=prefix, session=session)
 
     def _encode(self, body: dict[str, Any], adapter: str | None) -> bytes:
         target = adapter or self.spec.upstream_name
@@ -296,121 +296,13 @@ class OpenAIEngine(EngineBase):
             body = {**body, "model": target}
         return orjson.dumps(body)
 
-    async def _send(
-        self,
-        route: str,
-        data: bytes,
-        request_id: str,
-        stream: bool,
-        rreq: RoutingRequest | None = None,
-    ) -> tuple[Endpoint, Any]:
-        """POST to a picked endpoint; before any response byte, retry a failed connection
-        once on another endpoint (or the same one when it is the only one and the failure
-        was a dropped connection). Returns the endpoint, with its outstanding count raised
-        (the caller lowers it), and an `http1.Stream` (stream) or a whole `http1.Response`."""
-        if self._session is None:
-            raise EngineUnavailable(f"model {self.spec.name!r} is not started")
-        ep = self._pick(rreq)
-        if ep is None:
-            raise EngineUnavailable(f"model {self.spec.name!r} has no endpoints")
-        rid = (
-            request_id.encode()
-            if self._forward_id and request_id.isascii() and request_id.isprintable()
-            else None
-        )
-        for attempt in (0, 1):
-            pool = ep.pool
-            if pool is None:
-                raise EngineUnavailable(f"model {self.spec.name!r} is not started")
-            head: bytes = getattr(ep, route)
-            if rid is None:
-                req = b"%sContent-Length: %d\r\n\r\n%s" % (head, len(data), data)
-            else:
-                req = b"%sX-Request-Id: %s\r\nContent-Length: %d\r\n\r\n%s" % (
-                    head,
-                    rid,
-                    len(data),
-                    data,
-                )
-            ep.outstanding += 1
-            try:
-                resp: Any = await (pool.stream(req) if stream else pool.fetch(req))
-            except TimeoutError as e:
-                ep.outstanding -= 1
-                log.warning(
-                    "request %s: upstream %s did not answer in time: %r", request_id, ep.url, e
-                )
-                raise EngineTimeout(
-                    f"model {self.spec.name!r}: a worker did not answer in time"
-                ) from e
-            except (http1.ConnectError, http1.Disconnected) as e:
-                ep.outstanding -= 1
-                refused = isinstance(e, http1.ConnectError)
-                if refused:
-                    ep.healthy, ep.detail = False, f"connection failed: {e}"
-                other = self._pick(rreq, ep)
-                if attempt == 0 and (other is not None or not refused):
-                    ep = other or ep
-                    continue
-                log.warning("request %s: upstream %s unreachable: %s", request_id, ep.url, e)
-                raise EngineUnavailable(f"model {self.spec.name!r}: no worker reachable") from e
-            except http1.ProtocolError as e:
-                ep.outstanding -= 1
-                log.warning(
-                    "request %s: upstream %s failed mid-response: %s", request_id, ep.url, e
-                )
-                raise UpstreamError(
-                    f"model {self.spec.name!r}: a worker failed mid-response"
-                ) from e
-            except BaseException:
-                ep.outstanding -= 1
-                raise
-            return ep, resp
-        raise AssertionError("unreachable")  # pragma: no cover
-
-    def _answer_error(
-        self, status: int, body: bytes, retry_after: bytes | None, request_id: str, ep: Endpoint
-    ) -> ServingError:
-        json_error = is_json_error(body)
-        if status >= 500 or not json_error:
-            # What the worker said stays in the log, with the request id; the client gets
-            # the normalised error (a generic text for a body that is not a JSON error).
-            log.warning(
-                "request %s: upstream %s answered HTTP %d: %s",
-                request_id,
-                ep.url,
-                status,
-                body[:4000].decode("utf-8", "replace"),
-            )
-        err = self.normalise_error(status, body)
-        if not json_error:
-            err.message = (
-                f"The model `{self.spec.name}` answered HTTP {status} without an error message."
-            )
-            err.args = (err.message,)
-        if isinstance(err, EngineOverloaded) and retry_after is not None:
-            with contextlib.suppress(ValueError):
-                err.retry_after = float(retry_after)
-        return err
-
-    async def _read_error(self, resp: http1.Stream, request_id: str, ep: Endpoint) -> ServingError:
-        try:
-            body = await resp.read()
-        except (http1.ProtocolError, TimeoutError):
-            body = b""
-        return self._answer_error(resp.status, body, resp.header(b"retry-after"), request_id, ep)
-
     async def _request(
         self, route: str, data: bytes, request_id: str, rreq: RoutingRequest | None = None
     ) -> bytes:
         """A whole upstream answer's body (non-streamed routes). A cancelled request closes
         its connection (inside `http1`): that is how it reaches the upstream at once."""
-        ep, resp = await self._send(route, data, request_id, False, rreq)
+        ep, resp, _ = await self._send(route, data, request_id, False, rreq)
         ep.outstanding -= 1
-        if resp.status != 200:
-            raise self._answer_error(
-                resp.status, resp.body, resp.header(b"retry-after"), request_id, ep
-            )
         body: bytes = resp.body
         return body
 
@@ -434,7 +326,7 @@ class OpenAIEngine(EngineBase):
 
     async def complete(self, req: GenerateRequest) -> Completed:
         route = "chat" if req.route == "chat" else "completions"
-        rreq = RoutingRequest(adapter=req.adapter)
+        rreq = self._routing_request(req)
         body = await self._request(route, self._encode(req.body, req.adapter), req.request_id, rreq)
         obj = self._decode(body)
         rename = self._rename if req.adapter is None else None
@@ -457,25 +349,51 @@ class OpenAIEngine(EngineBase):
 
     async def stream(self, req: GenerateRequest) -> AsyncGenerator[bytes, None]:
         route = "chat" if req.route == "chat" else "completions"
-        ep, resp = await self._send(
+        ep, resp, data = await self._send(
             route,
             self._encode(req.body, req.adapter),
             req.request_id,
             True,
-            RoutingRequest(adapter=req.adapter),
+            self._routing_request(req),
         )
         try:
-            if resp.status != 200:
-                raise await self._read_error(resp, req.request_id, ep)
             rename = self._rename if req.adapter is None else None
             slow = rename is not None or self._custom_chunk
             buf = SSEBuffer()
             read = resp.read_chunk
             done = False
             while True:
+                if not data:
+                    break
+                run = buf.feed(data)
+                if run:
+                    # The fast path: the run is relayed as received. Everything unusual
+                    # (the final [DONE], an error event, comments, non-`data: ` lines) goes
+                    # slow.
+                    if (
+                        slow
+                        or b"[DONE]" in run
+                        or b'"error"' in run
+                        or b"\n:" in run
+                        or not run.startswith(b"data: ")
+                    ):
+                        run, seen_done, error = process_run(
+                            run,
+                            rename,
+                            self.transform_chunk if self._custom_chunk else None,
+                            self._error_from_event,
+                        )
+                        done = done or seen_done
+                        if run:
+                            yield run
+                        if error is not None:
+                            raise error
+                    else:
+                        yield run
                 try:
                     data = await read()
                 except TimeoutError as e:
+                    self._failed(ep, "stalled mid-stream")
                     log.warning(
                         "request %s: upstream %s stalled mid-stream", req.request_id, ep.url
                     )
@@ -483,40 +401,15 @@ class OpenAIEngine(EngineBase):
                         f"model {self.spec.name!r}: a worker stalled mid-stream"
                     ) from e
                 except http1.ProtocolError as e:
+                    self._failed(ep, f"broke the stream: {e}")
                     log.warning(
                         "request %s: upstream %s broke the stream: %s", req.request_id, ep.url, e
                     )
                     raise UpstreamError(
                         f"model {self.spec.name!r}: a worker broke the stream"
                     ) from e
-                if not data:
-                    break
-                run = buf.feed(data)
-                if not run:
-                    continue
-                # The fast path: the run is relayed as received. Everything unusual (the
-                # final [DONE], an error event, comments, non-`data: ` lines) goes slow.
-                if (
-                    slow
-                    or b"[DONE]" in run
-                    or b'"error"' in run
-                    or b"\n:" in run
-                    or not run.startswith(b"data: ")
-                ):
-                    run, seen_done, error = process_run(
-                        run,
-                        rename,
-                        self.transform_chunk if self._custom_chunk else None,
-                        self._error_from_event,
-                    )
-                    done = done or seen_done
-                    if run:
-                        yield run
-                    if error is not None:
-                        raise error
-                    continue
-                yield run
             if not done:
+                self._failed(ep, "ended the stream before [DONE]")
                 log.warning(
                     "request %s: upstream %s ended the stream early", req.request_id, ep.url
                 )
@@ -597,14 +490,33 @@ class OpenAIEngine(EngineBase):
     def status(self) -> EngineStatus:
         workers: list[WorkerStatus] = []
         for ep in self._endpoints:
-            w = WorkerStatus(url=ep.url, healthy=ep.healthy, detail=ep.detail)
+            w = WorkerStatus(
+                url=ep.url,
+                healthy=ep.healthy,
+                detail=ep.detail,
+                ejected=ep.ejected,
+                ejections=ep.ejections,
+                last_error=ep.last_error,
+                outstanding=ep.outstanding,
+            )
             self.read_worker_metrics(ep.metrics, w)
             workers.append(w)
-        healthy = sum(w.healthy for w in workers)
+        serving = sum(w.healthy and not w.ejected for w in workers)
         return EngineStatus(
-            ready=healthy > 0,
-            detail=f"{healthy}/{len(workers)} endpoints healthy",
+            ready=serving > 0,
+            detail=f"{serving}/{len(workers)} endpoints serving",
             running=sum(w.running or 0 for w in workers),
             waiting=sum(w.waiting or 0 for w in workers),
             workers=workers,
+            counters={
+                "retries": self.budget.retries_total,
+                "retry_budget_exhausted": self.budget.exhausted,
+                "ejections": sum(ep.ejections for ep in self._endpoints),
+                "wedged": self.health.wedged,
+                "fast_fails": self.fast_fails,
+                "adapter_loads": self.adapter_state.loads,
+                "adapter_evictions": self.adapter_state.evictions,
+                "adapter_hits": self.adapter_state.hits,
+                "adapter_misses": self.adapter_state.misses,
+            },
         )

@@ -28,6 +28,7 @@ __all__ = [
     "PayloadTooLarge",
     "UpstreamModelNotFound",
     "error_status_of_event",
+    "is_backpressure",
     "is_json_error",
     "normalise_error",
     "parse_error_body",
@@ -80,6 +81,21 @@ def normalise_error(status: int, body: bytes) -> ServingError:
     if etype:
         err.code = code
     return err
+
+
+# Words of a 503 that means "busy, come back later" rather than "broken".
+_BACKPRESSURE = ("queue", "overload", "capacity", "too many", "busy", "rate limit")
+
+
+def is_backpressure(status: int, err: ServingError) -> bool:
+    """A 429, or a 503 that says the worker is full (its queue, capacity): the worker is
+    working, so it never counts toward ejection and is not retried elsewhere."""
+    if status == 429:
+        return True
+    if status != 503:
+        return False
+    text = err.message.lower()
+    return any(w in text for w in _BACKPRESSURE)
 
 
 def error_status_of_event(obj: dict[str, Any]) -> int:

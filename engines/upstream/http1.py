@@ -522,6 +522,13 @@ class Pool:
             conn.abandon(seq)
             raise
 
+    def fail_busy(self, err: BaseException) -> None:
+        """Fail every request in flight with `err` (a wedged server); idle connections
+        stay."""
+        for conn in list(self._conns):
+            if conn.busy:
+                conn._fail(err)
+
     def close(self) -> None:
         """Close every connection, idle or busy (busy requests fail with ProtocolError or
         Disconnected)."""

@@ -1,7 +1,14 @@
 """The `options:` every engine that relays to OpenAI-compatible workers accepts.
 
-Owns timeouts, health-check knobs and request-id forwarding for the upstream hop. The
-launched engines (`engines.launch`) and the simulator engine extend this model.
+Owns timeouts, health-check knobs, the retry budget, outlier-ejection knobs and request-id
+forwarding for the upstream hop. The launched engines (`engines.launch`) and the simulator
+engine extend this model.
+
+Timeouts (never a total on a stream): `connect_timeout_s` (TCP connect), `first_byte_timeout_s`
+(a stream's status line, headers and first body bytes; past it the request is retried on
+another worker, since nothing has reached the client yet), `read_timeout_s` (the longest
+silence between two reads after that, and the whole wait for a non-streamed answer, which a
+worker sends only when the generation ends).
 """
 
 from __future__ import annotations
@@ -17,9 +24,25 @@ class UpstreamOptions(EngineOptions):
     """Options of engine "openai" (and the base of vllm / lmdeploy / sim)."""
 
     connect_timeout_s: float = Field(default=10.0, gt=0)
+    # A stream's headers and first body bytes (prefill of a long prompt in a queue: generous).
+    first_byte_timeout_s: float = Field(default=120.0, gt=0)
     # Longest silence while reading a response (streamed or not); a non-streamed answer of a
     # long generation arrives only at its end, so this is generous.
     read_timeout_s: float = Field(default=600.0, gt=0)
+    # Retries on another worker before the first byte reaches the client (per request), and
+    # the budget over all requests: retries ≤ max(retry_budget_min, ratio × requests) per
+    # `retry_budget_window_s` (`engines.upstream.outliers.RetryBudget`).
+    max_retries: int = Field(default=2, ge=0, le=10)
+    retry_budget_ratio: float = Field(default=0.2, ge=0, le=1)
+    retry_budget_min: int = Field(default=3, ge=0)
+    retry_budget_window_s: float = Field(default=10.0, gt=0)
+    # Outlier ejection: after this many consecutive failures (connect errors, resets, 5xx
+    # that are not backpressure, timeouts) a worker is taken out for eject_base_s, doubled
+    # on each ejection in a row up to eject_max_s, then re-admitted half-open (one request
+    # at a time until one succeeds) once a health probe passes.
+    eject_after_failures: int = Field(default=5, ge=1)
+    eject_base_s: float = Field(default=5.0, gt=0)
+    eject_max_s: float = Field(default=300.0, gt=0)
     health_interval_s: float = Field(default=5.0, gt=0)
     health_timeout_s: float = Field(default=3.0, gt=0)
     # How long `start()` waits for a first healthy endpoint.

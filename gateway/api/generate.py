@@ -99,6 +99,14 @@ async def _generate(gw: Gateway, route: Route, scope: Scope, receive: Receive, s
         # The key's own secret: tenants never share prefix-cache entries.
         apply_cache_salt(body, spec, tenant=tenant.record.cache_salt if tenant else None)
         record.begin()
+        gate = gw.admission.gates.get(spec.name)
+        if gate is not None:
+            try:
+                await gate.enter()
+            except asyncio.CancelledError:
+                record.finished(None, None, True)
+                raise
+            record.release = gate.leave
         stream = record.stream = parsed.stream
         record.adapter = target.adapter
         want_usage = bool(stream and parsed.stream_options and parsed.stream_options.include_usage)
@@ -114,6 +122,8 @@ async def _generate(gw: Gateway, route: Route, scope: Scope, receive: Receive, s
             request_id=rid,
             created=int(time.time()),
         )
+        if "session_affinity" in spec.routing.scorers:
+            req.session = inc.header(spec.routing.session_header.lower().encode())
     except ServingError as exc:
         record.finished(None, exc, False)
         await error_response(exc, rid)(scope, receive, send)

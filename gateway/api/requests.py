@@ -96,6 +96,7 @@ class RequestRecord(StreamObserver):
         "blocks",
         "gw",
         "model",
+        "release",
         "rid",
         "route",
         "start",
@@ -115,6 +116,8 @@ class RequestRecord(StreamObserver):
         self._done = False
         self._began = False
         self._m: RouteMetrics | None = None
+        # Frees the request's admission slot (`gateway.admission`) when it ends.
+        self.release: Callable[[], None] | None = None
         # For the access log (`gateway.access_log`): set by the route as it learns them.
         self.rid = ""
         self.auth: bytes | None = None
@@ -152,6 +155,9 @@ class RequestRecord(StreamObserver):
         if self._done:
             return
         self._done = True
+        if self.release is not None:
+            self.release()
+            self.release = None
         if self.ticket is not None:
             self.gw.tenancy.settle_soon(self.ticket, usage, error, disconnected, self.blocks)
         rm = self._m or self.gw.metrics.route(self.model, self.route)

@@ -276,7 +276,7 @@ def test_lora_load_use_unload_reaches_every_worker(
     assert not any("sql" in w.adapters for w in fleet["workers"])
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="sql", messages=CHAT)  # type: ignore[arg-type]
-    assert _admin(gw, "/v1/unload_lora_adapter", {"lora_name": "sql"}).status_code == 400
+    assert _admin(gw, "/v1/unload_lora_adapter", {"lora_name": "sql"}).status_code == 404
 
 
 def test_adapter_paths_outside_the_roots_are_refused(fleet: dict[str, Any], tmp_path: Path) -> None:

@@ -133,13 +133,20 @@ def test_public_health_shows_states_not_urls(gw: ServerThread, upstream: Recordi
     assert public.status_code == 200
     body = public.json()
     assert body["models"]["ok"]["state"] == "ready"
-    assert body["models"]["ok"]["workers"] == {"healthy": 1, "total": 1}
+    workers = body["models"]["ok"]["workers"]
+    assert (workers["healthy"], workers["total"]) == (1, 1)
+    # Per worker: state and counts, no address (issue 9's /health).
+    assert workers["list"] == [
+        {"id": 0, "state": "healthy", "healthy": True, "restarts": 0, "ejections": 0,
+         "in_flight": 0}
+    ]  # fmt: skip
     assert upstream.url not in public.text and "127.0.0.1" not in public.text
     wrong = httpx.get(f"{gw.url}/health", headers={"authorization": "Bearer nope"})
     assert upstream.url not in wrong.text
     admin = httpx.get(f"{gw.url}/health", headers={"authorization": f"Bearer {ADMIN_KEY}"})
     workers = admin.json()["models"]["ok"]["workers"]["list"]
-    assert workers == [{"url": upstream.url, "healthy": True, "detail": "ok"}]
+    assert len(workers) == 1
+    assert workers[0] | {"url": upstream.url, "healthy": True, "detail": "ok"} == workers[0]
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,8 @@
 """The routing plugin contract: what a scorer sees and returns.
 
-Owns `RoutingRequest` (what a policy may know about the request: adapter, and later the
-prompt's prefix or a session key) and the `Scorer` Protocol. Does not own any policy.
+Owns `RoutingRequest` (what a policy may know about the request: the adapter, the hash of
+the prompt's prefix, the hash of its session key; the engine computes a hash only when an
+enabled scorer `needs` it) and the `Scorer` Protocol. Does not own any policy.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ class RoutingRequest:
     """The request as routing sees it."""
 
     adapter: str | None = None
+    # Stable 64-bit hashes (`hashring.stable_hash`), None when no scorer needs them.
+    prefix: int | None = None
+    session: int | None = None
 
 
 class Scorer(Protocol):
@@ -27,5 +31,7 @@ class Scorer(Protocol):
     request (the router's p99 budget is 50 µs for 16 workers)."""
 
     name: str
+    # Optional: `needs` ("prefix" | "session") asks the engine to compute that key;
+    # `configure(routing: RoutingSpec)` receives the model's `routing:` settings.
 
     def score(self, candidates: Sequence[Endpoint], request: RoutingRequest) -> list[float]: ...

@@ -19,7 +19,8 @@ class LeastOutstandingScorer:
     name = "least_outstanding"
 
     def score(self, candidates: Sequence[Endpoint], request: RoutingRequest) -> list[float]:
-        top = max(e.outstanding for e in candidates)
+        outs = [e.outstanding for e in candidates]
+        top = max(outs)
         if top == 0:
-            return [1.0] * len(candidates)
-        return [1.0 - e.outstanding / top for e in candidates]
+            return [1.0] * len(outs)
+        return [1.0 - o / top for o in outs]

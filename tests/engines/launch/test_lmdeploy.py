@@ -465,3 +465,15 @@ async def test_launch_mode_with_a_stand_in_lmdeploy(tmp_path: Path) -> None:
     finally:
         await engine.stop()
     await asyncio.sleep(0)
+
+
+def test_two_replicas_share_one_gpu_with_a_cache_share_each() -> None:
+    s = spec(replicas=2, options={"gpu_ids": [0, 0]})
+    assert LMDeployEngine.check_spec(s) == []
+    cmds = LMDeployEngine.worker_commands(s)
+    assert [c.env["CUDA_VISIBLE_DEVICES"] for c in cmds] == ["0", "0"]
+    for c in cmds:
+        assert c.argv[c.argv.index("--cache-max-entry-count") + 1] == "0.45"
+    own = spec(replicas=2, options={"gpu_ids": [0, 0], "cache_max_entry_count": 0.3})
+    argv = LMDeployEngine.launch_commands(own)[0]
+    assert argv[argv.index("--cache-max-entry-count") + 1] == "0.3"

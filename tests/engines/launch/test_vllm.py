@@ -519,3 +519,23 @@ async def test_launch_failure_surfaces_the_worker_log(tmp_path: Path) -> None:
         await engine.start()
     assert "vllm[0] exited with exit code 1" in str(info.value)
     assert "ValueError: bad model config" in str(info.value)
+
+
+def test_two_replicas_share_one_gpu_with_a_memory_share_each() -> None:
+    s = spec(replicas=2, options={"gpu_ids": [0, 0]})
+    assert VLLMEngine.check_spec(s) == []
+    cmds = VLLMEngine.worker_commands(s)
+    assert [c.env["CUDA_VISIBLE_DEVICES"] for c in cmds] == ["0", "0"]
+    for c in cmds:  # 0.9 ÷ 2 replicas on GPU 0
+        assert c.argv[c.argv.index("--gpu-memory-utilization") + 1] == "0.45"
+    explicit = spec(replicas=2, options={"gpu_ids": [0, 0], "gpu_memory_share": 0.4})
+    assert "0.4" in argv_of(explicit)
+    too_much = spec(replicas=2, options={"gpu_ids": [0, 0], "gpu_memory_share": 0.6})
+    assert "at most 0.47" in issues(too_much)["options.gpu_memory_share"]
+    twice = spec(replicas=1, gpus_per_replica=2, options={"gpu_ids": [0, 0]})
+    assert "twice" in issues(twice)["options.gpu_ids"]
+    # engine_args win over the computed share.
+    own = spec(replicas=2, options={"gpu_ids": [0, 0]}, engine_args={"gpu_memory_utilization": 0.3})
+    assert argv_of(own).count("--gpu-memory-utilization") == 1
+    # Not shared: vLLM's own default, no flag.
+    assert "--gpu-memory-utilization" not in argv_of(spec(replicas=2))

@@ -1,0 +1,134 @@
+"""Health of one model's workers: the start-up wait, the background probe loop, half-open
+re-admission of ejected workers, and wedge detection.
+
+Owns probing (`GET health_path`, then a scrape of `/metrics` into `Endpoint.load`),
+marking workers healthy or down, re-applying adapters to a worker that comes back (through
+a callback), re-admitting an ejected worker half-open once its ejection time is up and a
+probe passes, and treating a probe that hangs while requests are in flight as a wedged
+worker: it is ejected and its in-flight requests are failed at once (streams end with an
+error event). It also rolls the retry budget's window. Does not own what counts as a
+request failure or the ejection rule (`engines.upstream.outliers`) nor routing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+
+import aiohttp
+
+from engines.base import ServingError, WorkerStatus
+from engines.upstream import http1
+from engines.upstream.endpoints import Endpoint
+from engines.upstream.options import UpstreamOptions
+from engines.upstream.outliers import Outliers, RetryBudget
+from engines.upstream.prom_text import sum_samples
+
+__all__ = ["HealthChecks"]
+
+log = logging.getLogger("engines.upstream")
+
+ReadMetrics = Callable[[dict[str, float], WorkerStatus], None]
+OnBack = Callable[[aiohttp.ClientSession, Endpoint], Awaitable[None]]
+
+
+class HealthChecks:
+    """Probes of one model's endpoints (`run()` is the background loop)."""
+
+    def __init__(
+        self,
+        model: str,
+        opts: UpstreamOptions,
+        metrics_prefix: str,
+        read_metrics: ReadMetrics,
+        on_back: OnBack,
+        outliers: Outliers,
+        budget: RetryBudget,
+    ) -> None:
+        self.model = model
+        self.opts = opts
+        self.metrics_prefix = metrics_prefix
+        self.read_metrics = read_metrics
+        self.on_back = on_back
+        self.outliers = outliers
+        self.budget = budget
+        self.timeout = aiohttp.ClientTimeout(total=opts.health_timeout_s)
+        self.wedged = 0
+
+    async def round(self, session: aiohttp.ClientSession, endpoints: Sequence[Endpoint]) -> None:
+        await asyncio.gather(*(self.probe(session, ep) for ep in endpoints))
+
+    async def run(
+        self,
+        session: Callable[[], aiohttp.ClientSession | None],
+        endpoints: Callable[[], Sequence[Endpoint]],
+    ) -> None:
+        interval = self.opts.health_interval_s
+        window = self.opts.retry_budget_window_s
+        loop = asyncio.get_running_loop()
+        rolled = loop.time()
+        while True:
+            await asyncio.sleep(interval)
+            if loop.time() - rolled >= window:
+                self.budget.roll()
+                rolled = loop.time()
+            s = session()
+            if s is None:
+                continue
+            try:
+                await self.round(s, endpoints())
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # never let the loop die; the next round retries
+                log.exception("health check of %s failed", self.model)
+
+    async def probe(self, session: aiohttp.ClientSession, ep: Endpoint) -> None:
+        """Check one worker; scrape its metrics; re-apply adapters when it comes back;
+        re-admit it half-open when its ejection is over."""
+        hung = False
+        try:
+            async with session.get(ep.url + self.opts.health_path, timeout=self.timeout) as r:
+                await r.read()
+                ok, detail = r.status < 500, f"health answered {r.status}"
+        except TimeoutError as e:
+            ok, detail, hung = False, f"health check hung: {e!r}", True
+        except (aiohttp.ClientError, OSError) as e:
+            ok, detail = False, f"health check failed: {e!r}"
+        if ok and self.metrics_prefix:
+            try:
+                async with session.get(ep.url + "/metrics", timeout=self.timeout) as r:
+                    if r.status == 200:
+                        ep.metrics = sum_samples(await r.text(), self.metrics_prefix)
+                        load = WorkerStatus(url=ep.url, healthy=True)
+                        self.read_metrics(ep.metrics, load)
+                        ep.load = load
+            except (aiohttp.ClientError, TimeoutError, OSError, UnicodeDecodeError):
+                pass  # metrics are best effort; health decides
+        if not ok:
+            ep.healthy, ep.detail = False, detail
+            if hung and ep.outstanding:
+                self.wedge(ep, detail)
+            return
+        now = asyncio.get_running_loop().time()
+        if not ep.healthy:
+            # Back (or up for the first time): it may have restarted without our adapters.
+            try:
+                await self.on_back(session, ep)
+            except ServingError as e:
+                ep.detail = f"re-applying adapters failed: {e.message}"
+                return
+            ep.healthy, ep.detail = True, "ok"
+        if self.outliers.due(ep, now):
+            self.outliers.readmit(ep)
+            ep.detail = "ok (re-admitted half-open)"
+
+    def wedge(self, ep: Endpoint, why: str) -> None:
+        """A worker that stopped answering with requests in flight: eject it and fail its
+        in-flight requests now rather than at their read timeouts."""
+        self.wedged += 1
+        ep.last_error = f"wedged: {why}"
+        if not ep.ejected:
+            self.outliers.eject(ep, asyncio.get_running_loop().time())
+        if ep.pool is not None:
+            ep.pool.fail_busy(http1.ProtocolError(f"{ep.url} is wedged ({why})"))

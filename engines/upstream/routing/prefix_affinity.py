@@ -1,0 +1,40 @@
+"""Scorer `prefix_affinity`: send prompts that start alike to the same worker, whose
+prefix (KV) cache then already holds their common start.
+
+    key      = stable hash of the prompt's first `routing.prefix_chars` characters (chat:
+               the messages' text in order; completions: the prompt)
+    owner    = consistent-hash owner of key with bounded load (`hashring`)
+    score(e) = 1 if e is owner else 0
+
+Bounded load keeps one hot prefix from pinning one worker: once the owner holds more than
+`load_factor` × the mean outstanding, the key spills to the next worker on the ring (which
+then warms up too). Combine with `least_outstanding` at a lower weight to break the rest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from engines.spec import RoutingSpec
+from engines.upstream.endpoints import Endpoint
+from engines.upstream.routing.base import RoutingRequest
+from engines.upstream.routing.hashring import HashRing
+
+
+class PrefixAffinityScorer:
+    name = "prefix_affinity"
+    needs = "prefix"
+
+    def __init__(self) -> None:
+        self.ring = HashRing()
+
+    def configure(self, routing: RoutingSpec) -> None:
+        self.ring.load_factor = routing.load_factor
+
+    def score(self, candidates: Sequence[Endpoint], request: RoutingRequest) -> list[float]:
+        if request.prefix is None:
+            return [0.0] * len(candidates)
+        owner = self.ring.owner(request.prefix, candidates)
+        out = [0.0] * len(candidates)
+        out[candidates.index(owner)] = 1.0
+        return out

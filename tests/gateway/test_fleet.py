@@ -1,0 +1,253 @@
+"""The fleet through a real gateway, driven with the official `openai` SDK and httpx:
+failover before the first byte, the retry budget under sustained 503, the total-outage
+fast-fail with Retry-After, and a dead model that leaves the gateway ready and the other
+model serving (then comes back by itself)."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from simulator import SimServer
+from tests.conftest import ADMIN_KEY, start_gateway
+from tests.gateway.test_api_sim import CHAT, SimThread
+
+FAST = {"health_interval_s": 0.1, "start_timeout_s": 3.0}
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
+
+
+@pytest.fixture(scope="module")
+def sims() -> Iterator[SimThread]:
+    t = SimThread()
+    yield t
+    t.close()
+
+
+def _stop(sims: SimThread, servers: list[SimServer]) -> None:
+    for s in servers:
+        sims.call(s.stop())
+
+
+def test_worker_killed_before_headers_clients_all_get_200(sims: SimThread, tmp_path: Path) -> None:
+    workers = [sims.start(model="m", itl_ms=1) for _ in range(3)]
+    dead = workers[0]
+    dead.reconfigure(drop_after=0)
+    options = {**FAST, "eject_after_failures": 3, "health_interval_s": 60}
+    gw = start_gateway(
+        [{"name": "m", "engine": "openai", "endpoints": [w.url for w in workers],
+          "options": options}],
+        tmp_path,
+    )  # fmt: skip
+    try:
+        with openai.OpenAI(base_url=f"{gw.url}/v1", api_key="x", max_retries=0) as client:
+            for i in range(20):
+                if i % 2:
+                    text = "".join(
+                        c.choices[0].delta.content or ""
+                        for c in client.chat.completions.create(
+                            model="m", messages=CHAT, max_tokens=3, stream=True
+                        )
+                    )
+                    assert len(text.split()) == 3
+                else:
+                    r = client.chat.completions.create(model="m", messages=CHAT, max_tokens=3)
+                    assert r.choices[0].message.content
+        # Each of its 3 attempts was a first attempt (a retry goes to a worker not yet
+        # tried); then it was ejected and got nothing more.
+        assert dead.received_total == 3
+        assert workers[1].requests_total + workers[2].requests_total == 20
+        health = httpx.get(f"{gw.url}/health", headers=ADMIN).json()
+        w0 = health["models"]["m"]["workers"]["list"][0]
+        assert w0["state"] == "ejected" and w0["ejections"] == 1
+        assert "reset" in w0["last_error"]
+        metrics = httpx.get(f"{gw.url}/metrics").text
+        assert 'gateway_engine_events_total{event="retries",model="m"} 3.0' in metrics
+        assert f'gateway_worker_ejected{{model="m",worker="{dead.url}"}} 1.0' in metrics
+    finally:
+        gw.stop()
+        _stop(sims, workers)
+
+
+def test_sustained_503_costs_at_most_1_2_attempts_per_request(
+    sims: SimThread, tmp_path: Path
+) -> None:
+    workers = [sims.start(model="m", error_rate=1.0, error_status=503) for _ in range(3)]
+    options = {**FAST, "eject_after_failures": 100_000}
+    gw = start_gateway(
+        [{"name": "m", "engine": "openai", "endpoints": [w.url for w in workers],
+          "options": options}],
+        tmp_path,
+    )  # fmt: skip
+    try:
+        n = 150
+        with httpx.Client(base_url=gw.url) as http:
+            for _ in range(n):
+                r = http.post("/v1/chat/completions", json={"model": "m", "messages": CHAT})
+                assert r.status_code == 503
+                assert r.headers["retry-after"] == "1"  # the worker's own
+                assert r.json()["error"]["type"] == "service_unavailable"
+        attempts = sum(w.received_total for w in workers)
+        assert n < attempts <= 1.2 * n
+    finally:
+        gw.stop()
+        _stop(sims, workers)
+
+
+def test_total_outage_is_a_fast_503_with_retry_after(sims: SimThread, tmp_path: Path) -> None:
+    workers = [sims.start(model="m", error_rate=1.0, error_status=500) for _ in range(2)]
+    options = {**FAST, "eject_after_failures": 1, "eject_base_s": 60}
+    gw = start_gateway(
+        [{"name": "m", "engine": "openai", "endpoints": [w.url for w in workers],
+          "options": options}],
+        tmp_path,
+    )  # fmt: skip
+    try:
+        with httpx.Client(base_url=gw.url) as http:
+            body = {"model": "m", "messages": CHAT}
+            for _ in range(2):
+                assert http.post("/v1/chat/completions", json=body).status_code == 502
+            seen = [w.received_total for w in workers]
+            times = []
+            for _ in range(200):
+                t0 = time.perf_counter()
+                r = http.post("/v1/chat/completions", json=body)
+                times.append(time.perf_counter() - t0)
+                assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1
+            # No worker was touched: the answer came from the gateway's own state.
+            assert [w.received_total for w in workers] == seen
+            times.sort()
+            print(f"total-outage 503 round trip: p50 {times[100] * 1e3:.2f} ms, "
+                  f"p99 {times[197] * 1e3:.2f} ms")  # fmt: skip
+            ready = http.get("/health/ready")
+            assert ready.status_code == 503 and "retry-after" in ready.headers
+    finally:
+        gw.stop()
+        _stop(sims, workers)
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_dead_model_leaves_ready_and_the_other_model_serving(
+    sims: SimThread, tmp_path: Path
+) -> None:
+    good = sims.start(model="good", itl_ms=1)
+    port = _closed_port()
+    models: list[dict[str, Any]] = [
+        {"name": "good", "engine": "openai", "endpoints": [good.url], "options": FAST},
+        {
+            "name": "dead",
+            "engine": "openai",
+            "endpoints": [f"http://127.0.0.1:{port}"],
+            "options": {**FAST, "start_timeout_s": 0.3},
+        },
+    ]
+    gw = start_gateway(models, tmp_path, start_retry_s=0.5)
+    late: SimServer | None = None
+    try:
+        with httpx.Client(base_url=gw.url) as http:
+            assert http.get("/health/live").status_code == 200
+            assert http.get("/health/ready").status_code == 200
+            health = http.get("/health")
+            assert health.status_code == 503  # monitoring: not every model serves
+            assert health.json()["models"]["good"]["ready"] is True
+            assert health.json()["models"]["dead"]["state"] == "unavailable"
+            assert "not started" in gw.gateway.served.statuses()["dead"].detail
+            r = http.post("/v1/chat/completions", json={"model": "dead", "messages": CHAT})
+            assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1
+        with openai.OpenAI(base_url=f"{gw.url}/v1", api_key="x", max_retries=0) as client:
+            r2 = client.chat.completions.create(model="good", messages=CHAT, max_tokens=2)
+            assert r2.choices[0].message.content
+        # The dead model's upstream appears: the background retry starts it.
+        late = SimServer(model="dead")
+        sims.call(late.start("127.0.0.1", port))
+        with httpx.Client(base_url=gw.url) as http:
+            for _ in range(200):
+                if http.get("/health").json()["models"]["dead"]["ready"]:
+                    break
+                time.sleep(0.05)
+            r = http.post(
+                "/v1/chat/completions",
+                json={"model": "dead", "messages": CHAT, "max_tokens": 2},
+            )
+            assert r.status_code == 200, r.text
+    finally:
+        gw.stop()
+        _stop(sims, [good] + ([late] if late is not None else []))
+
+
+def test_ready_when_all_and_listed(sims: SimThread, tmp_path: Path) -> None:
+    good = sims.start(model="good", itl_ms=1)
+    models: list[dict[str, Any]] = [
+        {"name": "good", "engine": "openai", "endpoints": [good.url], "options": FAST},
+        {
+            "name": "dead",
+            "engine": "openai",
+            "endpoints": [f"http://127.0.0.1:{_closed_port()}"],
+            "options": {**FAST, "start_timeout_s": 0.2},
+        },
+    ]
+    for rule, code in (("all", 503), ("good", 200), ("dead", 503), ("good,dead", 503)):
+        gw = start_gateway(models, tmp_path, ready_when=rule, start_retry_s=60)
+        try:
+            assert httpx.get(f"{gw.url}/health/ready").status_code == code, rule
+        finally:
+            gw.stop()
+    sims.call(good.stop())
+
+
+def test_admission_queue_bounds_and_answers_503_with_retry_after(
+    sims: SimThread, tmp_path: Path
+) -> None:
+    import concurrent.futures
+
+    worker = sims.start(model="m", itl_ms=40, output_tokens=40)
+    models: list[dict[str, Any]] = [
+        {
+            "name": "m",
+            "engine": "openai",
+            "endpoints": [worker.url],
+            "options": FAST,
+            "admission": {"max_concurrent": 2, "max_queue": 2, "retry_after_s": 2},
+        },
+    ]
+    gw = start_gateway(models, tmp_path)
+    try:
+        body = {"model": "m", "messages": CHAT}
+
+        def call(_: int) -> httpx.Response:
+            return httpx.post(f"{gw.url}/v1/chat/completions", json=body, timeout=30)
+
+        gate = gw.gateway.admission.gates["m"]
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            admitted = [pool.submit(call, i) for i in range(4)]
+            for _ in range(500):  # 2 running, 2 queued
+                if gate.active == 2 and len(gate.waiters) == 2:
+                    break
+                time.sleep(0.01)
+            assert gate.active == 2 and len(gate.waiters) == 2
+            refused = [call(i) for i in range(4)]  # beyond the queue: at once
+            answers = [f.result() for f in admitted]
+        assert [r.status_code for r in answers] == [200] * 4
+        for r in refused:
+            assert r.status_code == 503
+            assert r.headers["retry-after"] == "2"
+            assert r.json()["error"]["code"] == "queue_full"
+        assert worker.received_total == 4  # the refused never reached the worker
+        metrics = httpx.get(f"{gw.url}/metrics").text
+        assert 'gateway_admission_rejected_total{model="m"} 4.0' in metrics
+        assert 'gateway_admission_wait_seconds_count{model="m"} 4.0' in metrics
+        assert gw.gateway.admission.gates["m"].active == 0
+    finally:
+        gw.stop()
+        sims.call(worker.stop())
