@@ -76,6 +76,11 @@ class GenerateRequest:
     # The session key for session-affine routing (the header the model's `routing:` names),
     # filled by the gateway only when that model routes by session.
     session: str | None = None
+    # Filled by engines that pick among workers, for the gateway's access log: which
+    # worker answered (its base URL; logs only, never a client) and how many attempts
+    # failed before it.
+    worker: str | None = None
+    retries: int = 0
 
 
 @dataclass(slots=True)

@@ -8,8 +8,8 @@ count anything (`gateway.metrics`).
 Fields: `time` (UTC, ISO 8601), `request_id`, `model`, `adapter`, `key_id`, `route`,
 `stream`, `status` (499: the client left), `prompt_tokens`, `completion_tokens`,
 `ttft_ms` (streams), `duration_ms`, `worker`, `retries`, `finish_reason`, and `error`
-(the OpenAI error type) when it failed. `worker` and `retries` are null: the engines do
-not report per request which worker answered or how often they retried.
+(the OpenAI error type) when it failed. `worker` and `retries` come from engines
+that pick among workers (null for the embedded engine, which has none).
 
 Lines go to stdout in batches (`_StdoutLines`, which says why), or through the
 `gateway.access` logger when it has handlers. Cost: a request that is not sampled costs
@@ -83,6 +83,10 @@ class AccessEntry:
     duration_s: float
     error_type: str | None
     tails: tuple[bytes | None, ...]
+    # Which worker answered and how many attempts failed before it, from engines that pick
+    # among workers (None from the embedded engine, which has none).
+    worker: str | None = None
+    retries: int | None = None
 
 
 class _StdoutLines:
@@ -188,8 +192,8 @@ class AccessLog:
             "completion_tokens": e.completion_tokens,
             "ttft_ms": None if e.ttft_s is None else round(e.ttft_s * 1000, 3),
             "duration_ms": round(e.duration_s * 1000, 3),
-            "worker": None,
-            "retries": None,
+            "worker": e.worker,
+            "retries": e.retries,
             "finish_reason": finish_reason(*e.tails) if e.status == 200 else None,
         }
         if e.error_type is not None:

@@ -297,11 +297,16 @@ class OpenAIEngine(Sender, EngineBase):
         return orjson.dumps(body)
 
     async def _request(
-        self, route: str, data: bytes, request_id: str, rreq: RoutingRequest | None = None
+        self,
+        route: str,
+        data: bytes,
+        request_id: str,
+        rreq: RoutingRequest | None = None,
+        trace: GenerateRequest | None = None,
     ) -> bytes:
         """A whole upstream answer's body (non-streamed routes). A cancelled request closes
         its connection (inside `http1`): that is how it reaches the upstream at once."""
-        ep, resp, _ = await self._send(route, data, request_id, False, rreq)
+        ep, resp, _ = await self._send(route, data, request_id, False, rreq, trace)
         ep.outstanding -= 1
         body: bytes = resp.body
         return body
@@ -327,7 +332,9 @@ class OpenAIEngine(Sender, EngineBase):
     async def complete(self, req: GenerateRequest) -> Completed:
         route = "chat" if req.route == "chat" else "completions"
         rreq = self._routing_request(req)
-        body = await self._request(route, self._encode(req.body, req.adapter), req.request_id, rreq)
+        body = await self._request(
+            route, self._encode(req.body, req.adapter), req.request_id, rreq, req
+        )
         obj = self._decode(body)
         rename = self._rename if req.adapter is None else None
         if rename is not None or self._custom_response:
@@ -355,6 +362,7 @@ class OpenAIEngine(Sender, EngineBase):
             req.request_id,
             True,
             self._routing_request(req),
+            req,
         )
         try:
             rename = self._rename if req.adapter is None else None

@@ -25,6 +25,7 @@ from engines.base import (
     EngineOverloaded,
     EngineTimeout,
     EngineUnavailable,
+    GenerateRequest,
     ServingError,
     UpstreamError,
 )
@@ -110,6 +111,7 @@ class Sender:
         request_id: str,
         stream: bool,
         rreq: RoutingRequest | None = None,
+        trace: GenerateRequest | None = None,
     ) -> tuple[Endpoint, Any, bytes]:
         """POST to a picked endpoint; before the first byte reaches the client, retry a
         retriable failure (`_attempt`) on another endpoint, at most `max_retries` times and
@@ -147,6 +149,8 @@ class Sender:
                 resp, first = await self._attempt(ep, pool, req, stream, request_id)
             except _Retriable as r:
                 tried.append(ep)
+                if trace is not None:
+                    trace.retries = len(tried)
                 other = None
                 if len(tried) <= self.opts.max_retries:
                     other = self._pick(rreq, tried)
@@ -154,6 +158,8 @@ class Sender:
                     raise r.error from r.__cause__
                 ep = other
                 continue
+            if trace is not None:
+                trace.worker = ep.url
             return ep, resp, first
 
     async def _attempt(

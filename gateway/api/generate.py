@@ -124,6 +124,7 @@ async def _generate(gw: Gateway, route: Route, scope: Scope, receive: Receive, s
         )
         if "session_affinity" in spec.routing.scorers:
             req.session = inc.header(spec.routing.session_header.lower().encode())
+        record.req = req
     except ServingError as exc:
         record.finished(None, exc, False)
         await error_response(exc, rid)(scope, receive, send)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from engines.base import ServingError, Usage
+from engines.base import GenerateRequest, ServingError, Usage
 from gateway.access_log import AccessEntry
 from gateway.errors import InvalidRequest, PayloadTooLarge, error_body, error_headers
 from gateway.metrics import RouteMetrics
@@ -97,6 +97,7 @@ class RequestRecord(StreamObserver):
         "gw",
         "model",
         "release",
+        "req",
         "rid",
         "route",
         "start",
@@ -125,6 +126,8 @@ class RequestRecord(StreamObserver):
         self.stream = False
         self.ttft: float | None = None
         self.tails: tuple[bytes | None, ...] = ()
+        # The request handed to the engine (it notes the worker and retries there).
+        self.req: GenerateRequest | None = None
 
     def identify(self, inc: Incoming, rid: str) -> None:
         self.rid = rid
@@ -226,4 +229,6 @@ def entry(
         duration_s=time.perf_counter() - r.start,
         error_type=err.type if err is not None else None,
         tails=r.tails,
+        worker=r.req.worker if r.req is not None else None,
+        retries=r.req.retries if r.req is not None and r.req.worker is not None else None,
     )

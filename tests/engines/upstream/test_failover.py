@@ -31,19 +31,26 @@ async def test_killed_before_headers_fails_over_and_the_retry_never_returns_ther
     dead = servers[0]
     dead.reconfigure(drop_after=0)  # accepts, reads the request, closes before headers
     engine = await _engine(servers, eject_after_failures=3, health_interval_s=60)
+    live = {servers[1].url, servers[2].url}
     try:
+        retried = 0
         for i in range(12):
+            req = chat(stream=bool(i % 2))
             if i % 2:
-                assert b'"content"' in await collect(engine, chat(stream=True))
+                assert b'"content"' in await collect(engine, req)
             else:
-                assert (await engine.complete(chat())).usage is not None
+                assert (await engine.complete(req)).usage is not None
+            # The request notes who answered and how many attempts failed first (the
+            # gateway's access log reads these).
+            assert req.worker in live and req.retries in (0, 1)
+            retried += req.retries
         # Every request succeeded; the dead worker saw at most the threshold, each a first
         # attempt (a retry goes to a worker not yet tried), then it was ejected.
         assert dead.received_total == 3
         st = engine.status()
         assert st.workers[0].ejected and st.workers[0].ejections == 1
         assert "connection reset" in st.workers[0].last_error
-        assert st.counters["retries"] == 3
+        assert st.counters["retries"] == 3 == retried
         assert servers[1].requests_total + servers[2].requests_total == 12
     finally:
         await _close(engine, servers)
