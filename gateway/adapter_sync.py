@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING
 from gateway.state_store import StoreUnavailable
 
 if TYPE_CHECKING:
-    from gateway.state import Gateway
+    from gateway.limits import Tenancy
+    from gateway.served import ServedModels
 
 log = logging.getLogger("gateway.adapter_sync")
 
@@ -33,9 +34,10 @@ INTERVAL_S = 1.0
 
 
 class AdapterSync:
-    def __init__(self, gw: Gateway):
-        self.gw = gw
-        self.enabled = bool(gw.settings.redis_url)
+    def __init__(self, served: ServedModels, tenancy: Tenancy, enabled: bool):
+        self.served = served
+        self.tenancy = tenancy
+        self.enabled = enabled
         self._task: asyncio.Task[None] | None = None
         self._synced: set[str] = set()  # names this process serves because the map says so
 
@@ -43,7 +45,7 @@ class AdapterSync:
         """An adapter was loaded through this process: tell the others."""
         if self.enabled:
             with contextlib.suppress(StoreUnavailable):
-                await self.gw.tenancy.store.map_set(
+                await self.tenancy.store.map_set(
                     MAP, name, json.dumps({"base": base, "path": path})
                 )
 
@@ -51,11 +53,11 @@ class AdapterSync:
         if self.enabled:
             self._synced.discard(name)
             with contextlib.suppress(StoreUnavailable):
-                await self.gw.tenancy.store.map_delete(MAP, name)
+                await self.tenancy.store.map_delete(MAP, name)
 
     async def sync_once(self) -> None:
-        desired = await self.gw.tenancy.store.map_all(MAP)
-        served = self.gw.served
+        desired = await self.tenancy.store.map_all(MAP)
+        served = self.served
         for name, raw in desired.items():
             if served.serves(name):
                 continue

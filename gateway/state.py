@@ -56,4 +56,4 @@ class Gateway:
         # API keys, limits and usage (gateway.limits); the store behind them.
         self.tenancy = Tenancy(settings, self.metrics)
         # Adapter desired state shared with the other front doors (gateway.adapter_sync).
-        self.adapter_sync = AdapterSync(self)
+        self.adapter_sync = AdapterSync(self.served, self.tenancy, enabled=bool(settings.redis_url))
