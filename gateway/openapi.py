@@ -198,14 +198,21 @@ def _json(model: type[BaseModel], description: str) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": _ref(model)}}}
 
 
+# Every operation may answer these, all in OpenAI's error envelope (the server's own limits
+# — 408, 429, 431, 503 — apply to every route).
 _ERRORS = {
     "400": _json(ErrorResponse, "invalid request"),
     "401": _json(ErrorResponse, "missing or wrong API key"),
-    "404": _json(ErrorResponse, "unknown model"),
+    "403": _json(ErrorResponse, "not allowed (e.g. the admin API is disabled)"),
+    "404": _json(ErrorResponse, "unknown model, adapter or key"),
+    "405": _json(ErrorResponse, "method not allowed on this path"),
+    "408": _json(ErrorResponse, "the request's headers or body arrived too slowly"),
     "413": _json(ErrorResponse, "body too large"),
-    "429": _json(ErrorResponse, "engine overloaded; see Retry-After"),
+    "429": _json(ErrorResponse, "rate limited or overloaded; see Retry-After"),
+    "431": _json(ErrorResponse, "request headers too large"),
     "500": _json(ErrorResponse, "engine failure"),
-    "503": _json(ErrorResponse, "no worker available"),
+    "502": _json(ErrorResponse, "a worker failed"),
+    "503": _json(ErrorResponse, "no worker available, draining, or too many connections"),
     "504": _json(ErrorResponse, "engine timeout"),
 }
 _ID_HEADER = {
@@ -243,7 +250,9 @@ def _generate(
 def _simple(
     method: str, summary: str, tag: str, ok: dict[str, Any], **extra: Any
 ) -> dict[str, Any]:
-    return {method: {"summary": summary, "tags": [tag], "responses": {"200": ok}, **extra}}
+    return {
+        method: {"summary": summary, "tags": [tag], "responses": {"200": ok, **_ERRORS}, **extra}
+    }
 
 
 def _json_any(description: str) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """A bounded schemathesis run against the gateway's own /openapi.json: requests generated
 from every operation's schema (valid and invalid bodies, headers, path parameters) must
-never get a 5xx. The gateway serves simulator models (engine `sim`) under the names the
+never get a 5xx, and every answer must conform to the document (status, content type,
+body schema). The gateway serves simulator models (engine `sim`) under the names the
 schema's examples cannot guess, so most bodies end at validation or a 404: that path is
 what this run exercises; the generated valid bodies that name a served model reach it."""
 
@@ -12,6 +13,11 @@ from collections.abc import Iterator
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
 
 from tests.conftest import ServerThread, start_gateway
 
@@ -46,6 +52,12 @@ def _fuzz(op: schemathesis.APIOperation, base_url: str) -> list[int]:
         seen.append(response.status_code)
         assert response.status_code < 500, (
             f"{case.method} {case.path} -> {response.status_code}: {response.text[:300]}"
+        )
+        # And the answer is what the document says: a documented status, content type and
+        # body schema.
+        case.validate_response(
+            response,
+            checks=[status_code_conformance, content_type_conformance, response_schema_conformance],
         )
 
     run()
