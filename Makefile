@@ -29,10 +29,11 @@ system-deps:
 serve: $(VENV)/.installed
 	$(VENV)/bin/gateway serve
 
-# The checks first (ruff, format, strict mypy), then the suite. pytest exits 5 when it
-# collects no tests: not a failure of the code under test.
+# The checks first (ruff, format, strict mypy), then the suite, with a Redis on
+# 127.0.0.1:6379 (started for the run when none answers). pytest exits 5 when it collects
+# no tests: not a failure of the code under test.
 test: lint system-deps
-	$(VENV)/bin/pytest -q -p no:cacheprovider; rc=$$?; [ $$rc -eq 5 ] && rc=0; exit $$rc
+	bash scripts/with-redis $(VENV)/bin/pytest -q -p no:cacheprovider; rc=$$?; [ $$rc -eq 5 ] && rc=0; exit $$rc
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
