@@ -25,6 +25,9 @@ Everything started is stopped at the end. `--dry-run` swaps every engine for the
 simulator and the quantize runs for empty checkpoint directories (no GPU needed).
 
 This is a measurement script, not library code: it is long because it is one sequence.
+
+Why one file of this size: it is copied to the GPU machine and run there as one script;
+every step is a function, in the order it runs.
 """
 
 from __future__ import annotations
