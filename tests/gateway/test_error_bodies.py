@@ -31,13 +31,6 @@ FAULTS = ["html502", "trace500", "trace400", "leaky400", "context400"]
 
 
 @pytest.fixture(scope="module")
-def upstream() -> Iterator[RecordingUpstream]:
-    up = RecordingUpstream().start()
-    yield up
-    up.stop()
-
-
-@pytest.fixture(scope="module")
 def gw(
     upstream: RecordingUpstream, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ServerThread]:

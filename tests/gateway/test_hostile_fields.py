@@ -26,13 +26,6 @@ PUBLIC_IP = "93.184.216.34"
 
 
 @pytest.fixture(scope="module")
-def upstream() -> Iterator[RecordingUpstream]:
-    up = RecordingUpstream().start()
-    yield up
-    up.stop()
-
-
-@pytest.fixture(scope="module")
 def gw(
     upstream: RecordingUpstream, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ServerThread]:

@@ -25,13 +25,6 @@ CHAT = [{"role": "user", "content": "hi"}]
 
 
 @pytest.fixture(scope="module")
-def upstream() -> Iterator[RecordingUpstream]:
-    up = RecordingUpstream().start()
-    yield up
-    up.stop()
-
-
-@pytest.fixture(scope="module")
 def gw(
     upstream: RecordingUpstream, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ServerThread]:

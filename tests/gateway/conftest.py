@@ -1,0 +1,17 @@
+"""Fixtures shared by the gateway tests."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tests.recording_upstream import RecordingUpstream
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[RecordingUpstream]:
+    """A loopback upstream that records every body it receives (one per test module)."""
+    up = RecordingUpstream().start()
+    yield up
+    up.stop()
