@@ -132,6 +132,10 @@ class LMDeployEngine(LaunchedEngine):
     label: ClassVar[str] = "lmdeploy"
     program: ClassVar[str] = "lmdeploy"
     options_model: ClassVar[type[EngineOptions]] = LMDeployOptions
+    continuation_unsupported: ClassVar[str | None] = (
+        "LMDeploy's chat API has no continue_final_message, and its stream chunks are "
+        "rewritten (transform_chunk): mid-stream continuation needs vLLM-compatible workers"
+    )
 
     # Bound on streams whose first delta (the one keeping `role`) has been seen.
     _ROLE_MEMORY = 4096
