@@ -77,6 +77,10 @@ models:
       roots: [/root/loras]
     routing:
       scorers: {lora_affinity: 2, least_outstanding: 1}
+    # A fixed KV size lets the two replicas on GPU 0 start together (else they start one
+    # after the other: engines.launch.engine.LaunchedEngine.start_waves).
+    engine_args:
+      kv-cache-memory-bytes: 8589934592
     options:
       gpu_ids: [0, 0]
       gpu_memory_share: 0.4
@@ -150,6 +154,7 @@ class Fleet(Proof):
         if self.args.dry_run:
             m["engine"] = "sim"
             m.pop("model")
+            m.pop("engine_args")
             for key in ("gpu_ids", "gpu_memory_share", "start_timeout_s", "stop_grace_s", "env"):
                 m["options"].pop(key, None)
             m["options"].update({"ttft_ms": 20, "itl_ms": 3})
