@@ -71,6 +71,8 @@ models:
     max_model_len: 2048
     request_defaults:
       temperature: 0
+    request_fields:
+      allow_extra: [ignore_eos]   # the load generator's --ignore-eos
     lora:
       max_adapters: 4
       max_rank: 16

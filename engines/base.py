@@ -215,6 +215,16 @@ class Engine(Protocol):
 
     async def unload_adapter(self, name: str) -> None: ...
 
+    def adopt_adapter(self, name: str, path: str) -> None:
+        """Record an adapter another front door loaded onto the same workers, without a
+        worker call (where adapters are placed on demand, the first request for it here
+        loads it where it is missing)."""
+        ...
+
+    def forget_adapter(self, name: str) -> None:
+        """Forget an adapter another front door unloaded (no worker call)."""
+        ...
+
     def adapters(self) -> list[str]:
         """Names of the adapters loaded now."""
         ...
@@ -275,6 +285,12 @@ class EngineBase:
         raise AdapterError(
             f"The model `{self.spec.name}` does not take LoRA adapters.", param="lora_name"
         )
+
+    def adopt_adapter(self, name: str, path: str) -> None:
+        return None
+
+    def forget_adapter(self, name: str) -> None:
+        return None
 
     def adapters(self) -> list[str]:
         return []

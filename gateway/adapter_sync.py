@@ -4,8 +4,10 @@ A LoRA adapter loaded through one gateway process (`POST /v1/load_lora_adapter`)
 written to the store's `adapters` map (name → base model and path); every process polls
 the map each `INTERVAL_S` and serves what it lists — registering the name on its base
 model's engine without loading it again, since the workers behind (the control process
-under `--workers`, or the shared upstream workers) already hold it — and stops serving
-what was unloaded. A front door that restarts or joins reads the map at start-up.
+under `--workers`, or the shared upstream workers) already hold it; an engine that places
+adapters on demand (LoRA affinity) records the path and loads it on a worker that lacks
+it at the first request — and stops serving what was unloaded. A front door that
+restarts or joins reads the map at start-up.
 
 Active when the state is shared (Redis, or more than one front door); with the in-memory
 store and one process there is nobody to tell. Re-loading adapters into workers that
@@ -61,10 +63,14 @@ class AdapterSync:
         for name, raw in desired.items():
             if served.serves(name):
                 continue
-            base = json.loads(raw)["base"]
-            if served.register_adapter(base, name):
+            entry = json.loads(raw)
+            if served.register_adapter(entry["base"], name, entry["path"]):
                 self._synced.add(name)
-                log.info("serving adapter %r on %r (loaded through another process)", name, base)
+                log.info(
+                    "serving adapter %r on %r (loaded through another process)",
+                    name,
+                    entry["base"],
+                )
         for name in list(self._synced - desired.keys()):
             served.forget_adapter(name)
             self._synced.discard(name)

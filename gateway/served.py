@@ -198,18 +198,20 @@ class ServedModels:
     def serves(self, name: str) -> bool:
         return name in self._targets
 
-    def register_adapter(self, base_name: str, name: str) -> bool:
-        """Serve an adapter another process loaded onto the same workers (no engine call);
-        False when the base model is not served here."""
+    def register_adapter(self, base_name: str, name: str, path: str) -> bool:
+        """Serve an adapter another process loaded onto the same workers (no worker call:
+        the engine only records it); False when the base model is not served here."""
         base = self._targets.get(base_name)
         if base is None or base.adapter is not None or name in self._targets:
             return False
+        base.engine.adopt_adapter(name, path)
         self._targets[name] = Target(base.engine, base.spec, name)
         return True
 
     def forget_adapter(self, name: str) -> None:
         target = self._targets.get(name)
         if target is not None and target.adapter is not None:
+            target.engine.forget_adapter(name)
             del self._targets[name]
 
     def request_defaults(self, name: str) -> dict[str, float]:

@@ -490,6 +490,12 @@ class OpenAIEngine(Sender, EngineBase):
     async def unload_adapter(self, name: str) -> None:
         await self.adapter_state.unload(self._session, self._endpoints, name)
 
+    def adopt_adapter(self, name: str, path: str) -> None:
+        self.adapter_state.loaded[name] = path
+
+    def forget_adapter(self, name: str) -> None:
+        self.adapter_state.loaded.pop(name, None)
+
     async def _adapter_call(
         self, ep: Endpoint, op: str, name: str, path: str | None = None, tolerate: bool = False
     ) -> None:

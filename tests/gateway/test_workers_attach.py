@@ -139,3 +139,84 @@ def _listener_pid(port: int) -> int | None:
             if link.startswith("socket:[") and link[8:-1] in inodes:
                 return int(pid)
     return None
+
+
+def test_adapter_loaded_through_one_front_door_is_placed_by_all(tmp_path: Path) -> None:
+    """LoRA affinity (adapters placed on demand) behind two front doors sharing Redis: an
+    adapter loaded through one front door is served by both; the other one places it on a
+    worker that lacks it at its first request (seen on the H200: it answered 404)."""
+    import subprocess
+
+    from tests.gateway.procs import SHARED_REDIS, clean_prefix, new_prefix
+    from tests.gateway.test_tenancy import create_key
+
+    root = tmp_path / "loras"
+    (root / "a1").mkdir(parents=True)
+    (root / "a1" / "adapter_config.json").write_text('{"r": 8, "peft_type": "LORA"}')
+    (root / "a1" / "adapter_model.safetensors").write_bytes(b"\0" * 16)
+    sims, urls = [], []
+    for _ in range(2):
+        port = _free()
+        sims.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "simulator", "--port", str(port), "--model", "m"],
+                cwd=REPO,
+                env={**os.environ, "PYTHONPATH": str(REPO)},
+            )
+        )
+        urls.append(f"http://127.0.0.1:{port}")
+    models = [
+        {
+            "name": "m",
+            "engine": "openai",
+            "endpoints": urls,
+            "lora": {"max_adapters": 2, "roots": [str(root)]},
+            "routing": {"scorers": {"lora_affinity": 2, "least_outstanding": 1}},
+            "options": {"health_interval_s": 0.2},
+        }
+    ]
+    prefix = new_prefix()
+    gw = GatewayProcess(
+        models,
+        tmp_path,
+        ("--workers", "2"),
+        GATEWAY_REDIS_URL=SHARED_REDIS,
+        GATEWAY_REDIS_PREFIX=prefix,
+    )
+    try:
+        gw.wait_ready(timeout=120)
+        key = create_key(gw.url)["key"]
+        r = httpx.post(
+            f"{gw.url}/v1/load_lora_adapter",
+            json={"lora_name": "a1", "lora_path": str(root / "a1")},
+            headers={"authorization": f"Bearer {ADMIN_KEY}"},
+        )
+        assert r.status_code == 200, r.text
+        served = 0
+        deadline = time.monotonic() + 60
+        while served < 20:  # 20 in a row on new connections (both front doors)
+            with openai.OpenAI(base_url=f"{gw.url}/v1", api_key=key, max_retries=0) as c:
+                try:
+                    c.chat.completions.create(model="a1", messages=CHAT, max_tokens=1)  # type: ignore[arg-type]
+                    served += 1
+                except openai.NotFoundError:
+                    served = 0  # the other front door has not read the store yet
+                    assert time.monotonic() < deadline, "a1 not served by both front doors"
+                    time.sleep(0.2)
+        # It was placed on demand: some worker holds it now.
+        held = [httpx.get(f"{u}/v1/models").json()["data"] for u in urls]
+        assert any(m["id"] == "a1" for data in held for m in data)
+    finally:
+        gw.stop()
+        clean_prefix(prefix)
+        for p in sims:
+            p.terminate()
+            p.wait(timeout=10)
+
+
+def _free() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
