@@ -516,6 +516,7 @@ class OpenAIEngine(Sender, EngineBase):
             running=sum(w.running or 0 for w in workers),
             waiting=sum(w.waiting or 0 for w in workers),
             workers=workers,
+            decisions=dict(self.router.decisions),
             counters={
                 "retries": self.budget.retries_total,
                 "retry_budget_exhausted": self.budget.exhausted,

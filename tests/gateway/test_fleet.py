@@ -70,6 +70,13 @@ def test_worker_killed_before_headers_clients_all_get_200(sims: SimThread, tmp_p
         metrics = httpx.get(f"{gw.url}/metrics").text
         assert 'gateway_engine_events_total{event="retries",model="m"} 3.0' in metrics
         assert f'gateway_worker_ejected{{model="m",worker="{dead.url}"}} 1.0' in metrics
+        # One routing decision per attempt: 20 first picks and the 3 retries.
+        decisions = {
+            line.split('reason="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
+            for line in metrics.splitlines()
+            if line.startswith('gateway_routing_decisions_total{model="m"')
+        }
+        assert decisions["retry"] == 3 and sum(decisions.values()) == 23
     finally:
         gw.stop()
         _stop(sims, workers)

@@ -16,6 +16,7 @@ from engines.upstream.routing.base import RoutingRequest
 
 class KVCacheScorer:
     name = "kv_cache"
+    reason = "least_loaded"  # the routing decision's reason when it decides
 
     def score(self, candidates: Sequence[Endpoint], request: RoutingRequest) -> list[float]:
         out = []

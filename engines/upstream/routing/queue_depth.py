@@ -18,10 +18,12 @@ from engines.upstream.routing.base import RoutingRequest
 
 class QueueDepthScorer:
     name = "queue_depth"
+    reason = "least_loaded"  # the routing decision's reason when it decides
 
     def score(self, candidates: Sequence[Endpoint], request: RoutingRequest) -> list[float]:
         waiting = [(e.load.waiting or 0) if e.load is not None else 0 for e in candidates]
         top = max(waiting)
         if top == 0:
             return [1.0] * len(candidates)
-        return [1.0 - w / top for w in waiting]
+        scale = 1.0 / top
+        return [1.0 - w * scale for w in waiting]
