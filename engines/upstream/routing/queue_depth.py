@@ -1,6 +1,7 @@
 """Scorer `queue_depth`: prefer the endpoint whose engine has the fewest requests waiting
 for a batch slot, as its own `/metrics` last said (`vllm:num_requests_waiting`,
-`lmdeploy:num_requests_waiting`, normalised by each engine's `read_worker_metrics`).
+`lmdeploy:num_requests_waiting` + `num_api_requests_waiting`, normalised per worker by
+`engines.upstream.worker_metrics`, so a pool may mix the two engines).
 
     score(e) = 1 − waiting(e) / max(waiting over candidates)     (1 when all are 0)
 
