@@ -130,6 +130,10 @@ def test_total_outage_is_a_fast_503_with_retry_after(sims: SimThread, tmp_path: 
                 r = http.post("/v1/chat/completions", json=body)
                 times.append(time.perf_counter() - t0)
                 assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1
+            # The engine's own words for the client (no worker named), passed on as is.
+            assert r.json()["error"]["message"] == (
+                "The model `m` has no worker that can take the request now; try again shortly."
+            )
             # No worker was touched: the answer came from the gateway's own state.
             assert [w.received_total for w in workers] == seen
             times.sort()
