@@ -13,8 +13,8 @@ When nothing passes, the answer is None: the engine fails fast with 503 + Retry-
 rather than sending to a worker it believes down (health is re-probed every
 `health_interval_s`, ejections end on their own).
 
-The picker: the highest weighted sum; ties broken round-robin (the first highest at or
-after a rotating start, so an idle fleet is served in turn), or at random (`routing.ties:
+The picker: the highest weighted sum; ties broken round-robin (a rotating counter picks
+which of the tied, so an idle fleet is served in turn), or at random (`routing.ties:
 random`, for several gateway processes whose round-robin cursors would otherwise move in
 step).
 
@@ -33,8 +33,8 @@ rule decided each pick.
 Measured (bench/routing.py --pick-only, 16 endpoints, docs/benchmarks.md): the reason costs
 one `count` over the totals and, with several scorers, one pass for the runner-up; the
 weighted sum is one comprehension over the scorers' columns with the weights applied once,
-rather than a list per scorer and a `zip(*columns)`; the round-robin start is an index into
-the filtered list rather than a rotated copy of it.
+rather than a list per scorer and a `zip(*columns)`; ties rotate by a counter over the tied
+rather than over a rotated copy of the endpoint list.
 """
 
 from __future__ import annotations
@@ -62,13 +62,13 @@ def usable(e: Endpoint) -> bool:
     return e.healthy and not e.ejected and not (e.half_open and e.outstanding)
 
 
-def _reason_of(scorer: Scorer) -> Why:
+def _reason_of(scorer: Scorer) -> str | Why:
     """The scorer's `why(winner, request)`, else its constant `reason`."""
     why: Why | None = getattr(scorer, "why", None)
     if why is not None:
         return why
     reason: str = getattr(scorer, "reason", _DEFAULT_REASON)
-    return lambda _e, _r: reason
+    return reason
 
 
 class Router:
@@ -158,26 +158,28 @@ class Router:
         elif self.random_ties:
             i = random.choice([k for k, t in enumerate(totals) if t == top])
         else:
-            start = self._rr = (self._rr + 1) % n
-            try:
-                i = totals.index(top, start)
-            except ValueError:
-                i = totals.index(top)
+            # Round-robin among the tied: the m-th of them, m from a rotating counter (a
+            # few `index` calls in C; no exception, no list of the tied).
+            self._rr += 1
+            i = totals.index(top)
+            for _ in range(self._rr % ties):
+                i = totals.index(top, i + 1)
         winner = candidates[i]
         if exclude:
-            self._count("retry")
+            reason = "retry"
         elif ties > 1:
-            self._count("tie")
+            reason = "tie"
         else:
-            self._count(self._decider(columns, totals, i)(winner, req))
+            decider = self._why[0] if len(score) == 1 else self._decider(columns, totals, i)
+            reason = decider if isinstance(decider, str) else decider(winner, req)
+        d = self.decisions
+        d[reason] = d.get(reason, 0) + 1
         return winner
 
-    def _decider(self, columns: list[list[float]], totals: list[float], i: int) -> Why:
-        """The reason of the scorer that contributed most to the winner's lead over the
-        runner-up (the winner is the only highest: no ties here)."""
+    def _decider(self, columns: list[list[float]], totals: list[float], i: int) -> str | Why:
+        """The reason (or its `why`) of the scorer that contributed most to the winner's
+        lead over the runner-up (the winner is the only highest: no ties here)."""
         why = self._why
-        if len(why) == 1:
-            return why[0]
         top = totals[i]
         totals[i] = -1.0  # scores are ≥ 0: the runner-up is the next highest
         j = totals.index(max(totals))
