@@ -1,6 +1,6 @@
 """Total outage over HTTP: the gateway's fast-fail 503 beside its floor, in one run.
 
-    .venv/bin/python bench/outage.py [--calls 2000]
+    .venv/bin/python bench/outage.py [--calls 2000] [--tree OTHER_CHECKOUT]
 
 Starts two simulator workers that answer every request with 500 (`gateway sim
 --error-rate 1`) and `gateway serve` attaching them as one `openai` model with
@@ -65,8 +65,9 @@ def pct(xs: list[float], p: float) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--calls", type=int, default=2000)
+    ap.add_argument("--tree", default=str(REPO), help="the checkout whose gateway runs")
     args = ap.parse_args()
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": str(Path(args.tree).resolve())}
     procs: list[subprocess.Popen[bytes]] = []
     with tempfile.TemporaryDirectory() as tmp:
         try:
