@@ -11,18 +11,24 @@ llm-compressor's wheels installed in /root/q and LMDeploy's add-on in /root/lmd:
     PYTHONPATH=<this tree> python3 <this tree>/bench/gpu_pipeline.py --out $OUT --deadline T
 
 Steps (each recorded in results.json; a failing step is recorded and the next one runs):
-1. In parallel: four `gateway quantize` runs (awq, gptq, fp8, and an AWQ W4A16 group-32
-   checkpoint, the only compressed-tensors layout LMDeploy's PyTorch engine accepts; for a
-   Llama model it still cannot load it, docs/gpu.md), the draft model (the first
+1. In parallel: the `gateway quantize` runs (awq, gptq, fp8), the draft model (the first
    DRAFT_LAYERS decoder layers of /root/smol), and a transformers reference of the greedy
-   answer in bf16 / fp16 / fp32 on the GPU.
+   answer in bf16 / fp16 / fp32 on the GPU. Then `gateway awq-export` rewrites the awq
+   checkpoint (compressed-tensors) in AutoAWQ format for LMDeploy's PyTorch engine, which
+   cannot load compressed-tensors for a Llama model (docs/gpu.md).
 2. One `gateway serve` per model (each its own models.yaml and port, so one model failing
    to start cannot take the others down), all started at once; then one more gateway in
    attach mode in front of every ready worker, for the side-by-side eval.
 3. A chat on every model, `gateway eval` over all of them, the draft model's acceptance
    from the worker's metrics, `gateway bench` per model, the LMDeploy greedy evidence.
 Everything started is stopped at the end. `--dry-run` swaps every engine for the
-simulator and the quantize runs for empty checkpoint directories (no GPU needed).
+simulator and the quantize and export runs for empty checkpoint directories (no GPU).
+
+`--only PART,...` runs a subset (default: all of PARTS); only the checkpoints and models
+the chosen parts need are made and started. E.g. `--only awq-lmdeploy,c1-latency`:
+quantize awq, gptq, fp8 → export awq to AutoAWQ → serve it on LMDeploy's PyTorch engine
+and the three formats plus bf16 on vLLM → a chat on each → `gateway bench` at
+concurrency 1 per vLLM format.
 
 This is a measurement script, not library code: it is long because it is one sequence.
 
@@ -55,9 +61,30 @@ QUANT = {  # name → gateway quantize arguments
     "awq": ["--method", "awq"],
     "gptq": ["--method", "gptq"],
     "fp8": ["--method", "fp8"],
-    "awq-g32": ["--method", "awq", "--scheme", "W4A16", "--group-size", "32"],
+}
+AUTOAWQ = "awq-autoawq"  # `gateway awq-export` of CK/awq
+VLLM_FORMATS = ("smol", "smol-awq", "smol-gptq", "smol-fp8")
+# --only parts → the models each one serves (models.yaml names in `Run.entries`).
+PARTS: dict[str, tuple[str, ...]] = {
+    "vllm-formats": VLLM_FORMATS,  # chat on each
+    "awq-lmdeploy": ("lmd-awq",),  # quantize awq → export → LMDeploy PyTorch → chat
+    "draft": ("smol-draft",),  # draft-model speculation and its acceptance
+    "greedy": ("smol", "lmd-bf16", "lmd-fp16"),  # LMDeploy's greedy answer evidence
+    "eval": (),  # `gateway eval` over every model started
+    "bench": (),  # `gateway bench` c=16 and c=1 over every model started
+    "c1-latency": VLLM_FORMATS,  # `gateway bench` c=1 per vLLM format
+}
+# Checkpoints (CK/<name>) each model needs.
+NEEDS: dict[str, tuple[str, ...]] = {
+    "smol-awq": ("awq",),
+    "smol-gptq": ("gptq",),
+    "smol-fp8": ("fp8",),
+    "smol-draft": ("draft",),
+    "lmd-awq": ("awq", AUTOAWQ),
 }
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+ADMIN_KEY = "gpu-pipeline-admin"
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 T0 = time.time()
 
 
@@ -116,6 +143,11 @@ class Run:
         self.R: dict[str, Any] = {"steps": {}, "errors": []}
         self.gateways: dict[str, dict[str, Any]] = {}  # name → {proc, port, log, ...}
         self.front: subprocess.Popen[bytes] | None = None
+        self.parts = set(args.only.split(",")) if args.only else set(PARTS)
+        self.models = {m for p in self.parts for m in PARTS[p]}
+        if args.no_lmdeploy:
+            self.models = {m for m in self.models if not m.startswith("lmd")}
+        self.ckpts = {c for m in self.models for c in NEEDS.get(m, ())}
         self.env = {
             **os.environ,
             "PYTHONPATH": str(TREE),
@@ -123,6 +155,8 @@ class Run:
             "HF_HUB_OFFLINE": "1",
             "VLLM_USE_FLASHINFER_SAMPLER": "0",
             "GATEWAY_CACHE_DIR": str(self.work / "gw-cache"),
+            # /health lists worker URLs only to the admin key (gateway/api/ops.py).
+            "GATEWAY_ADMIN_KEY": ADMIN_KEY,
         }
 
     def left(self) -> float:
@@ -162,26 +196,24 @@ class Run:
                 time.time(),
             )
 
+        quant = [n for n in QUANT if n in self.ckpts]
         if self.args.dry_run:
-            for name in QUANT:
+            for name in quant:
                 d = CK / name
                 d.mkdir(parents=True, exist_ok=True)
                 (d / "config.json").write_text("{}")
-            (CK / "draft").mkdir(exist_ok=True)
+            if "draft" in self.ckpts:
+                (CK / "draft").mkdir(exist_ok=True)
         else:
-            for name, extra in QUANT.items():
-                argv = [sys.executable, "-m", "gateway", "quantize", SMOL, *extra]
+            for name in quant:
+                argv = [sys.executable, "-m", "gateway", "quantize", SMOL, *QUANT[name]]
                 start(f"quantize-{name}", [*argv, "--out", str(CK / name), "--force"], qenv)
-            start(
-                "draft",
-                [sys.executable, "-c", DRAFT_CODE, SMOL, str(CK / "draft"), str(DRAFT_LAYERS)],
-                self.env,
-            )
-            start(
-                "hf-ref",
-                [sys.executable, "-c", HF_REF_CODE, SMOL, str(self.out / "hf_ref.json")],
-                self.env,
-            )
+            if "draft" in self.ckpts:
+                draft = [sys.executable, "-c", DRAFT_CODE, SMOL, str(CK / "draft")]
+                start("draft", [*draft, str(DRAFT_LAYERS)], self.env)
+            if "greedy" in self.parts:
+                ref = [sys.executable, "-c", HF_REF_CODE, SMOL, str(self.out / "hf_ref.json")]
+                start("hf-ref", ref, self.env)
         limit = time.time() + min(self.args.quantize_timeout_s, self.left() - 200)
         rec: dict[str, Any] = {}
         for name, (p, f, t0) in procs.items():
@@ -207,6 +239,36 @@ class Run:
         )
         self.R["checkpoints"] = rec
 
+    def export_autoawq(self) -> None:
+        """`gateway awq-export CK/awq --out CK/awq-autoawq`: the same AWQ integers in the
+        AutoAWQ GEMM format, for LMDeploy's PyTorch engine (torch + safetensors only)."""
+        if AUTOAWQ not in self.ckpts:
+            return
+        dst = CK / AUTOAWQ
+        if self.args.dry_run:
+            dst.mkdir(parents=True, exist_ok=True)
+            (dst / "config.json").write_text("{}")
+            self.R["autoawq"] = {"dry_run": True}
+            return
+        argv = [sys.executable, "-m", "gateway", "awq-export", str(CK / "awq")]
+        argv += ["--out", str(dst), "--force"]
+        t0 = time.time()
+        p = subprocess.run(argv, cwd=TREE, env=self.env, capture_output=True, text=True,
+                           timeout=max(30, min(300, self.left() - 200)))  # fmt: skip
+        rec: dict[str, Any] = {
+            "cmd": " ".join(argv[2:]),
+            "rc": p.returncode,
+            "s": round(time.time() - t0, 1),
+            "tail": (p.stdout + p.stderr).splitlines()[-8:],
+        }
+        if (dst / "awq_export.json").exists():
+            rec["record"] = json.loads((dst / "awq_export.json").read_text())
+            rec["bytes"] = sum(x.stat().st_size for x in dst.glob("*.safetensors"))
+        self.R["autoawq"] = rec
+        log(f"awq-export: rc {p.returncode} in {rec['s']} s: {rec['tail'][-1:]}")
+        if p.returncode != 0:
+            raise RuntimeError(f"awq-export failed: {rec['tail']}")
+
     # ------------------------------------------------------------------ 2. gateways
 
     def entries(self) -> dict[str, dict[str, Any]]:
@@ -231,7 +293,13 @@ class Run:
             "health_interval_s": 2,
             "env": {"PYTHONPATH": "/root/lmd/site:/root/lmd/dep", "HF_HUB_OFFLINE": "1"},
         }
-        base = {"max_model_len": 2048, "request_defaults": {"temperature": 0}}
+        base = {
+            "max_model_len": 2048,
+            "request_defaults": {"temperature": 0},
+            # `gateway bench --ignore-eos` sends vLLM's extension; the allowlist refuses
+            # fields nobody turned on (gateway/allowlist.py).
+            "request_fields": {"allow_extra": ["ignore_eos"]},
+        }
 
         def v(model: str, **kw: Any) -> dict[str, Any]:
             return {
@@ -247,6 +315,7 @@ class Run:
             return {**base, "engine": "lmdeploy", "model": model, "options": dict(lopts), **kw}
 
         largs = {"logprobs-mode": "raw_logprobs"}  # LMDeploy answers logprobs only with it
+        pt = {**lopts, "backend": "pytorch"}
         e = {
             "smol": v(SMOL),
             "smol-awq": v(str(CK / "awq"), quantization="awq"),
@@ -261,14 +330,12 @@ class Run:
                 },
             ),
         }
-        if not self.args.no_lmdeploy:
-            e["lmd-awq"] = lm(
-                str(CK / "awq-g32"), quantization="awq", engine_args=largs
-            )  # backend: probed
-            e["lmd-bf16"] = lm(SMOL, options={**lopts, "backend": "pytorch"}, engine_args=largs)
-            e["lmd-fp16"] = lm(
-                SMOL, dtype="float16", options={**lopts, "backend": "pytorch"}, engine_args=largs
-            )
+        # The AutoAWQ export is group 64 (SmolLM2's width 576): TurboMind takes 128 only,
+        # so the backend is named; the image has no TurboMind anyway.
+        e["lmd-awq"] = lm(str(CK / AUTOAWQ), quantization="awq", options=pt, engine_args=largs)
+        e["lmd-bf16"] = lm(SMOL, options=pt, engine_args=largs)
+        e["lmd-fp16"] = lm(SMOL, dtype="float16", options=pt, engine_args=largs)
+        e = {name: entry for name, entry in e.items() if name in self.models}
         if self.args.dry_run:
             for m in e.values():
                 m.update(engine="sim", options={"ttft_ms": 20, "itl_ms": 3})
@@ -336,12 +403,13 @@ class Run:
                     log(f"{name}: FAILED to start ({g['failed']})")
                     continue
                 with contextlib.suppress(httpx.HTTPError):
-                    r = httpx.get(g["url"] + "/health", timeout=2)
+                    r = httpx.get(g["url"] + "/health", timeout=2, headers=ADMIN)
                     if r.status_code == 200:
                         g["ready_s"] = round(time.time() - g["t0"], 1)
                         g["health"] = r.json()
-                        ws = g["health"].get("models", {}).get(name, {}).get("workers", [])
-                        g["worker"] = ws[0]["url"] if ws else None
+                        ws = g["health"].get("models", {}).get(name, {}).get("workers", {})
+                        listed = ws.get("list", []) if isinstance(ws, dict) else ws
+                        g["worker"] = listed[0].get("url") if listed else None
                         pending.discard(name)
                         log(f"{name}: ready in {g['ready_s']} s, worker {g['worker']}")
             time.sleep(1)
@@ -518,8 +586,12 @@ class Run:
         out: dict[str, Any] = {}
         self.R["bench"] = out
         plan = [(16, 160, 2), (1, 12, 1)]  # concurrency, requests, warmup
+        names = self.ready()
+        if "bench" not in self.parts:  # c1-latency alone
+            plan = [(1, 12, 1)]
+            names = [n for n in names if n in VLLM_FORMATS]
         for conc, n, warm in plan:
-            for name in self.ready():
+            for name in names:
                 if self.left() < 90:
                     log("bench: out of time")
                     return
@@ -691,15 +763,21 @@ class Run:
 
     def run(self) -> int:
         try:
+            self.R["parts"] = sorted(self.parts)
             self.step("checkpoints", self.make_checkpoints)
+            self.step("autoawq export", self.export_autoawq)
             self.step("start gateways", self.start_gateways)
             if self.ready():
-                self.step("front gateway", self.start_front)
                 self.step("chat", self.chat_all)
-                self.step("eval", self.evaluate)
-                self.step("draft acceptance", self.draft_acceptance)
-                self.step("lmdeploy greedy", self.lmdeploy_greedy)
-                self.step("bench", self.bench)
+                if "eval" in self.parts:
+                    self.step("front gateway", self.start_front)
+                    self.step("eval", self.evaluate)
+                if "draft" in self.parts:
+                    self.step("draft acceptance", self.draft_acceptance)
+                if "greedy" in self.parts:
+                    self.step("lmdeploy greedy", self.lmdeploy_greedy)
+                if self.parts & {"bench", "c1-latency"}:
+                    self.step("bench", self.bench)
         finally:
             self.step("stop", self.stop)
             self.collect()
@@ -717,7 +795,13 @@ def main() -> int:
     ap.add_argument("--no-lmdeploy", action="store_true")
     ap.add_argument("--dry-run", action="store_true")
     ap.add_argument("--smol", help="the bf16 checkpoint (default /root/smol)")
+    ap.add_argument("--only", help=f"comma-separated parts: {', '.join(PARTS)} (default: all)")
     args = ap.parse_args()
+    unknown = set(args.only.split(",")) - set(PARTS) if args.only else set()
+    if unknown:
+        ap.error(
+            f"--only: unknown part(s) {', '.join(sorted(unknown))}; choose from {', '.join(PARTS)}"
+        )
     if args.dry_run:
         global CK, SMOL
         CK = Path(args.work) / "ck"

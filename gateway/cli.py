@@ -1,5 +1,5 @@
 """The `gateway` command: `serve`, `check`, `pull`, `keys`, `sim`, `bench`, and the
-pipeline's `merge`, `eval`, `quantize` (parsed and run by `pipeline.cli`).
+pipeline's `merge`, `eval`, `quantize`, `awq-export` (parsed and run by `pipeline.cli`).
 
 Owns argument parsing, the user-facing help texts and process set-up (logging, event
 loop, server); a bad `GATEWAY_*` value ends the process with exit status 2 and one line

@@ -93,8 +93,8 @@ class _EngineCollector(Collector):
             labels=["model", "worker"],
         )
         # Failure handling and placement (engine counters, `EngineStatus.counters`): retries,
-        # retry_budget_exhausted, ejections, wedged, adapter_loads / evictions / hits /
-        # misses, start_failures.
+        # retry_budget_exhausted, ejections, wedged, continuations (mid-stream),
+        # adapter_loads / evictions / hits / misses, start_failures.
         events = CounterMetricFamily(
             "gateway_engine_events",
             "Engine events by kind (retries, budget exhaustion, ejections, adapter loads...)",

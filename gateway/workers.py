@@ -10,9 +10,17 @@ Layout of one multi-process gateway (the process that runs `gateway serve` is th
        └─ uvicorn's supervisor ── N front doors, one socket bound once by the supervisor and
                                   inherited by every worker (the kernel spreads accepts);
                                   each front door serves the same catalog, rewritten so that
-                                  control-owned models are `engine: openai` endpoints on the
-                                  control's loopback port; attach-mode models (`engine:
-                                  openai` already) go straight to their workers
+                                  in-process models (transformers, sim) are `engine: openai`
+                                  endpoints on the control's loopback port, launched workers
+                                  (vllm, lmdeploy) are attached by URL, and attach-mode
+                                  models go straight to their workers
+
+Launched workers are reached directly, not through the control process: the control
+launches and supervises them on ports the parent fixes in advance (`options.base_port`),
+and every front door attaches to those URLs with the model's own engine (its response
+rewrites, routing, retries and continuation), so streams cost one relay hop and the
+control process is off the data path. A worker the control restarts comes back on the
+same port, which the front doors' health probes notice.
 
 Front doors share keys, limits, usage and adapter desired state through the state store
 when `GATEWAY_REDIS_URL` is set. Without Redis each front door has its own in-memory
@@ -60,12 +68,63 @@ _FRONT_FIELDS = (
 )
 
 
+# Engines whose workers the control launches and the front doors attach to by URL.
+_LAUNCHED = ("vllm", "lmdeploy")
+
+
+def _free_ports(host: str, n: int) -> int:
+    """The first of `n` consecutive ports nothing listens on now."""
+    for _ in range(100):
+        base = _free_port(host)
+        if base + n - 1 > 65535:
+            continue
+        try:
+            for p in range(base + 1, base + n):
+                with socket.socket() as s:
+                    s.bind((host, p))
+        except OSError:
+            continue
+        return base
+    raise RuntimeError(f"no {n} consecutive free ports on {host}")
+
+
+def _attach_entry(entry: dict[str, Any], host: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the control's entry with fixed worker ports, the front doors' attach-mode entry)
+    for a launched model: the front entry keeps everything but the launch-only keys."""
+    from engines import engine_class
+    from engines.launch.command import LaunchOptions
+    from engines.upstream.options import UpstreamOptions
+
+    options = dict(entry.get("options") or {})
+    replicas = int(entry.get("replicas") or 1)
+    if options.get("base_port") is None:
+        options["base_port"] = _free_ports(host, replicas)
+    base = int(options["base_port"])
+    cls = engine_class(str(entry["engine"]))
+    opts_model = getattr(cls, "options_model", LaunchOptions)
+    launch_only = set(LaunchOptions.model_fields) - set(UpstreamOptions.model_fields)
+    launch_only |= set(getattr(opts_model, "launch_only", ()))
+    front = {
+        k: v
+        for k, v in entry.items()
+        if k not in ("model", "replicas", "gpus_per_replica", "engine_args", "options")
+    }
+    front["endpoints"] = [f"http://{host}:{base + i}" for i in range(replicas)]
+    front["options"] = {k: v for k, v in options.items() if k not in launch_only}
+    return {**entry, "options": options}, front
+
+
 def split_catalog(raw: dict[str, Any], control_url: str | None) -> tuple[list[Any], list[Any]]:
     """(the control's models, the front doors' models) of a models.yaml document."""
     control, front = [], []
     for entry in raw.get("models") or []:
-        if entry.get("engine") == "openai":
+        if entry.get("engine") == "openai" or entry.get("endpoints"):
             front.append(entry)
+            continue
+        if entry.get("engine") in _LAUNCHED:
+            owned, attached = _attach_entry(entry, "127.0.0.1")
+            control.append(owned)
+            front.append(attached)
             continue
         control.append(entry)
         relay = {k: entry[k] for k in _FRONT_FIELDS if k in entry}

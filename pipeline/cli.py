@@ -1,10 +1,11 @@
-"""Argument parsing for `gateway merge`, `gateway eval` and `gateway quantize`.
+"""Argument parsing for `gateway merge`, `gateway eval`, `gateway quantize` and
+`gateway awq-export`.
 
-Owns the three sub-parsers (added to `gateway`'s own parser by `add_commands`) and
-turning their arguments into calls of `pipeline.merge`, `pipeline.evaluate` and
-`pipeline.quantize`, with the exit statuses: 0 done, 1 the work failed, 2 a refused
-argument or environment (one line on stderr). Imports nothing heavy at module level:
-`gateway` imports this for every sub-command.
+Owns the four sub-parsers (added to `gateway`'s own parser by `add_commands`) and
+turning their arguments into calls of `pipeline.merge`, `pipeline.evaluate`,
+`pipeline.quantize` and `pipeline.awq_export`, with the exit statuses: 0 done, 1 the work
+failed, 2 a refused argument or environment (one line on stderr). Imports nothing heavy
+at module level: `gateway` imports this for every sub-command.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 
 __all__ = ["COMMANDS", "add_commands", "run"]
 
-COMMANDS = ("merge", "eval", "quantize")
+COMMANDS = ("merge", "eval", "quantize", "awq-export")
 BUNDLED_TASKS = Path(__file__).parent / "tasks" / "basic.jsonl"
 
 
@@ -68,6 +69,19 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     q.add_argument("--group-size", type=int, help="128, 64, 32 or -1 (default: largest that fits)")
     q.add_argument("--force", action="store_true", help="replace a non-empty --out")
     q.add_argument("--cpu", action="store_true", help="allow calibrating on CPU (small models)")
+
+    x = sub.add_parser(
+        "awq-export",
+        help="rewrite a compressed-tensors W4A16 checkpoint in AutoAWQ format (for LMDeploy)",
+    )
+    x.add_argument("src", type=Path, help="checkpoint written by `gateway quantize --method awq`")
+    x.add_argument("--out", type=Path, required=True, help="directory to write")
+    x.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    x.add_argument(
+        "--allow-rounded-scales",
+        action="store_true",
+        help="round scales that are not exact in fp16 instead of refusing",
+    )
 
 
 def _merge(args: argparse.Namespace) -> int:
@@ -152,5 +166,24 @@ def _quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _awq_export(args: argparse.Namespace) -> int:
+    from pipeline.awq_export import AwqExportError, export_autoawq
+
+    try:
+        record = export_autoawq(
+            args.src,
+            args.out,
+            force=args.force,
+            allow_rounded_scales=args.allow_rounded_scales,
+            progress=lambda s: print(s, flush=True),
+        )
+    except AwqExportError as e:
+        print(f"gateway awq-export: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(record))
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
-    return {"merge": _merge, "eval": _eval, "quantize": _quantize}[args.command](args)
+    commands = {"merge": _merge, "eval": _eval, "quantize": _quantize, "awq-export": _awq_export}
+    return commands[args.command](args)

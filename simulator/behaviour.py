@@ -40,6 +40,9 @@ class Gen:
     prompt_tokens: int
     include_usage: bool
     finish: bytes  # JSON of the last chunk's finish_reason (+ stop_reason)
+    # Where in the word cycle the output starts: 0 for a fresh answer, k when the prompt
+    # (or chat's continued final assistant message) ends with the first k output tokens.
+    start: int = 0
     # Prefill time of the uncached prompt tokens (cost model), in seconds.
     prefill_s: float = 0.0
 
@@ -147,19 +150,30 @@ def parse_gen(s: SimState, chat: bool, body: bytes) -> Gen:
     c = s.config
     req = json_body(body)
     model = check_model(s, req)
+    start = 0
     if chat:
         messages = req.get("messages")
         if not isinstance(messages, list) or not messages:
             raise HttpError(400, "'messages' must be a non-empty list.")
         prompt_tokens = count_words(messages)
+        if req.get("continue_final_message") is True:
+            last = messages[-1]
+            if isinstance(last, dict) and last.get("role") == "assistant":
+                content = last.get("content")
+                if isinstance(content, str):
+                    start = s.continued_from(content)
     else:
         if "prompt" not in req:
             raise HttpError(400, "'prompt' is required.")
-        prompt_tokens = count_words(req["prompt"])
+        prompt = req["prompt"]
+        prompt_tokens = count_words(prompt)
+        if isinstance(prompt, str):
+            start = s.continued_from(prompt)
     prompt_tokens = max(1, prompt_tokens)
     max_tokens = req.get("max_completion_tokens") or req.get("max_tokens")
     if max_tokens is None:
-        n_out, finish = c.output_tokens, b'"stop","stop_reason":null'
+        # A greedy model stops where its uninterrupted answer would have stopped.
+        n_out, finish = max(1, c.output_tokens - start), b'"stop","stop_reason":null'
     else:
         if not isinstance(max_tokens, int) or max_tokens < 1:
             raise HttpError(400, f"max_tokens must be at least 1, got {max_tokens!r}.")
@@ -177,7 +191,9 @@ def parse_gen(s: SimState, chat: bool, body: bytes) -> Gen:
         raise HttpError(400, "n must be between 1 and 128.")
     opts = req.get("stream_options")
     include_usage = bool(isinstance(opts, dict) and opts.get("include_usage"))
-    g = Gen(chat, bool(req.get("stream")), model, n, n_out, prompt_tokens, include_usage, finish)
+    g = Gen(
+        chat, bool(req.get("stream")), model, n, n_out, prompt_tokens, include_usage, finish, start
+    )
     if c.prefill_ms_per_token:
         words = prompt_words(req.get("messages") if chat else req.get("prompt"))
         cache = s.prefix_cache
@@ -214,7 +230,7 @@ def token_events(s: SimState, g: Gen, head: bytes, step: int, first: bool) -> by
     fin = g.finish if step == g.n_out - 1 else b"null"
     parts = []
     for i in range(g.n):
-        tok = toks[(i + step) % w]
+        tok = toks[(i + g.start + step) % w]
         if g.chat:
             if first:
                 parts.append(
@@ -243,7 +259,7 @@ def whole_body(s: SimState, g: Gen, full_id: bytes) -> bytes:
     finish = "length" if g.finish.startswith(b'"length"') else "stop"
     choices: list[dict[str, Any]] = []
     for i in range(g.n):
-        text = s.text(i, g.n_out)
+        text = s.text((i + g.start) % len(s.tok_json), g.n_out)
         if g.chat:
             choices.append(
                 {

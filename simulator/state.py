@@ -1,7 +1,8 @@
 """What one simulator holds while it runs: counters, capacity queue, adapters, draws.
 
 Owns `SimState` (`running` / `waiting`, the `/metrics` and `/v1/models` bodies, the latency
-and fault draws, the open connections) and `Slots` (vLLM's running limit with a FIFO
+and fault draws, the open connections, the output text and finding where a prompt
+continues it) and `Slots` (vLLM's running limit with a FIFO
 waiting queue). Does not own the socket (`simulator.server`), the wire protocol
 (`simulator.connection`) or what a request answers (`simulator.behaviour`).
 """
@@ -89,6 +90,11 @@ class SimState:
         self._tokens = [" " + w for w in c.words]
         self.tok_json = [orjson.dumps(t) for t in self._tokens]
         self._text_cache: dict[tuple[int, int], str] = {}
+        # Continuing its own text (`continued_from`): the first token, the length of
+        # text(0, j) → j for one cycle of the words, and that whole cycle.
+        self._first_token = self._tokens[0]
+        self._cycle = self.text(0, len(self._tokens))
+        self._tail_lengths = {len(self.text(0, j)): j for j in range(len(self._tokens), 0, -1)}
         self._model_json: dict[str, bytes] = {}
         self._auth = b"Bearer " + c.api_key.encode() if c.api_key else None
         self._zero_latency = c.ttft_ms == 0 and c.itl_ms == 0 and c.prefill_ms_per_token == 0
@@ -149,6 +155,23 @@ class SimState:
             if len(self._text_cache) < 4096:
                 self._text_cache[key] = text
         return text
+
+    def continued_from(self, text: str) -> int:
+        """k when `text` ends with text(0, k), this simulator's own answer so far (a greedy
+        model given its partial answer continues it), else 0. One `rfind` of the first
+        token and one dict lookup for a prompt that is no such text (the hot path)."""
+        pos = text.rfind(self._first_token)
+        if pos < 0:
+            return 0
+        j = self._tail_lengths.get(len(text) - pos)
+        if j is None or not text.endswith(self.text(0, j)):
+            return 0
+        # Whole cycles of the words before the last one.
+        cycle, w = self._cycle, len(self._tokens)
+        while pos >= len(cycle) and text.startswith(cycle, pos - len(cycle)):
+            pos -= len(cycle)
+            j += w
+        return j
 
     def mjson(self, model: str) -> bytes:
         b = self._model_json.get(model)

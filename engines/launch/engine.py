@@ -170,8 +170,28 @@ class LaunchedEngine(OpenAIEngine):
             backoff_max_s=opts.restart_backoff_max_s,
             on_restart=self.worker_restarted,
             on_exit=self.worker_exited,
+            waves=self.start_waves(spec, opts),
         )
         return await self._supervisor.start()
+
+    @classmethod
+    def start_waves(cls, spec: ModelSpec, opts: LaunchOptions) -> list[list[int]]:
+        """Replicas that share a GPU start one after another: vLLM and LMDeploy size their
+        KV cache from the memory they see while profiling at start, and a neighbour
+        allocating at the same moment makes one of them find none (seen on the H200: "No
+        available memory for the cache blocks", docs/gpu.md). Replica i goes in wave k when
+        k earlier replicas hold one of its GPUs. Subclasses return one wave when the
+        cache size is fixed and no profiling race exists."""
+        waves: list[list[int]] = []
+        seen: dict[int, int] = {}
+        for i, gpus in enumerate(gpu_assignment(spec, opts.gpu_ids)):
+            k = max((seen.get(g, 0) for g in gpus), default=0)
+            for g in gpus:
+                seen[g] = k + 1
+            while len(waves) <= k:
+                waves.append([])
+            waves[k].append(i)
+        return waves
 
     async def stop(self) -> None:
         try:

@@ -132,6 +132,10 @@ class LMDeployEngine(LaunchedEngine):
     label: ClassVar[str] = "lmdeploy"
     program: ClassVar[str] = "lmdeploy"
     options_model: ClassVar[type[EngineOptions]] = LMDeployOptions
+    continuation_unsupported: ClassVar[str | None] = (
+        "LMDeploy's chat API has no continue_final_message, and its stream chunks are "
+        "rewritten (transform_chunk): mid-stream continuation needs vLLM-compatible workers"
+    )
 
     # Bound on streams whose first delta (the one keeping `role`) has been seen.
     _ROLE_MEMORY = 4096
@@ -606,7 +610,7 @@ def _unsupported_checkpoint(found: CheckpointQuant, backend: Backend) -> str | N
                 return (
                     f"LMDeploy 0.18's PyTorch engine loads compressed-tensors only for "
                     f"{', '.join(sorted(_PT_PREFIXED_ARCHS))}, not {arch or 'this model'} "
-                    "(serve it with vLLM, or use an AutoAWQ-format checkpoint)"
+                    "(serve it with vLLM, or convert it with `gateway awq-export`)"
                 )
             if not ok:
                 return (
@@ -636,5 +640,32 @@ def _unsupported_checkpoint(found: CheckpointQuant, backend: Backend) -> str | N
         # converter.py _SUPPORTED_GROUP_SIZES: awq and gptq {128}.
         size = found.config.get("group_size", 128)
         if size != 128:
-            return f"TurboMind loads {found.method.upper()} with group size 128 only, not {size}"
+            hint = "; set options.backend: pytorch to use LMDeploy's PyTorch engine"
+            return (
+                f"TurboMind loads {found.method.upper()} with group size 128 only, not {size}"
+                + (hint if found.method == "awq" else "")
+            )
+    if backend == "pytorch" and found.method == "awq":
+        return _pytorch_awq_refusal(found.config)
+    return None
+
+
+def _pytorch_awq_refusal(q: dict[str, Any]) -> str | None:
+    """Why LMDeploy 0.18's PyTorch engine cannot run this AutoAWQ checkpoint, or None.
+    pytorch/config.py reads `bits` (default 4) and `group_size` (default 128) and builds
+    AwqLinear (pytorch/nn/linear/awq.py: qweight int32 [in, out/8], the GEMM layout);
+    without TurboMind's extension the layer runs pytorch/kernels/cuda/awq_kernels.py,
+    which unpacks 4-bit fields and tiles K by the group size (`BLOCK_SIZE_K=group_size`:
+    Triton needs a power of two, and tl.dot at least 16)."""
+    bits, size = q.get("bits", 4), q.get("group_size", 128)
+    version = str(q.get("version", "gemm")).lower()
+    if bits != 4:
+        return f"LMDeploy's PyTorch engine runs 4-bit AWQ only, not {bits}-bit"
+    if version != "gemm":
+        return f"LMDeploy's PyTorch engine loads AutoAWQ's GEMM layout, not {version!r}"
+    if not isinstance(size, int) or size < 16 or size & (size - 1):
+        return (
+            "LMDeploy's PyTorch engine runs AWQ with a power-of-two group size of at "
+            f"least 16 (its Triton kernel tiles by the group), not {size}"
+        )
     return None

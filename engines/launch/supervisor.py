@@ -62,7 +62,9 @@ ExitHook = Callable[[int, str], None]
 class WorkerSupervisor:
     """Runs a fixed set of workers and keeps them running until `stop()`.
 
-    `start()` launches every worker, waits until each answers `GET /health` with 200, and
+    `start()` launches every worker (wave by wave when `waves` is given: workers that must
+    not start together, such as replicas sharing a GPU that each size their memory at
+    start), waits until each answers `GET /health` with 200, and
     returns their base URLs (stable for the supervisor's life: a restarted worker comes
     back on the same port, so relays and routers keep their URL list). A worker that exits
     before it is healthy, or is not healthy within `start_timeout_s`, fails the start with
@@ -91,10 +93,14 @@ class WorkerSupervisor:
         poll_interval_s: float = 0.25,
         progress_interval_s: float = 5.0,
         tail_lines: int = 40,
+        waves: Sequence[Sequence[int]] | None = None,
     ) -> None:
         self._workers = [
             _Worker(cmd=w, state=WorkerState(label=w.label, url=w.url)) for w in workers
         ]
+        # Start order: each wave (worker indices) is launched once the previous one is
+        # healthy; default one wave of all (the engine decides, see `start_waves`).
+        self.waves = [list(w) for w in waves] if waves else [list(range(len(workers)))]
         self.log_dir = log_dir
         self._progress = progress
         self.start_timeout_s = start_timeout_s
@@ -129,15 +135,19 @@ class WorkerSupervisor:
             trust_env=False,
         )
         try:
-            for w in self._workers:
-                await self._launch(w)
-            results = await asyncio.gather(
-                *(self._wait_healthy(w, first=True) for w in self._workers),
-                return_exceptions=True,
-            )
-            failed = [r for r in results if isinstance(r, BaseException)]
-            if failed:
-                raise failed[0]
+            for n, wave in enumerate(self.waves):
+                if len(self.waves) > 1:
+                    names = ", ".join(self._workers[i].cmd.label for i in wave)
+                    self._progress(f"start wave {n + 1}/{len(self.waves)}: {names}")
+                for i in wave:
+                    await self._launch(self._workers[i])
+                results = await asyncio.gather(
+                    *(self._wait_healthy(self._workers[i], first=True) for i in wave),
+                    return_exceptions=True,
+                )
+                failed = [r for r in results if isinstance(r, BaseException)]
+                if failed:
+                    raise failed[0]
         except BaseException:
             await self.stop()
             raise

@@ -272,6 +272,17 @@ class VLLMEngine(LaunchedEngine):
                 raise EngineUnavailable(f"model {self.spec.name!r}: quantization: {issue}")
         return paths
 
+    @classmethod
+    def start_waves(cls, spec: ModelSpec, opts: LaunchOptions) -> list[list[int]]:
+        """One wave when the KV cache has a fixed size (`--kv-cache-memory-bytes`): vLLM
+        then skips sizing it from free memory, so replicas sharing a GPU may start
+        together."""
+        if any(
+            k.lstrip("-").replace("_", "-") == "kv-cache-memory-bytes" for k in spec.engine_args
+        ):
+            return [list(range(spec.replicas))]
+        return super().start_waves(spec, opts)
+
     async def apply_start_adapters(self) -> None:
         """Launched workers got `lora.adapters` on their command line (--lora-modules):
         only record them, so a restarted worker's state is known. Attached workers get

@@ -6,7 +6,8 @@ Owns the upstream hop's lifecycle and relay: one keep-alive connection pool per 
 for the cold paths (health, metrics, adapters), the routing request of each call (prefix
 and session keys only when a scorer needs them), relaying non-streamed bodies and streamed
 SSE bytes (after the first byte a failure ends the stream with an error event, counted
-toward ejection), and the runtime LoRA API. Sending with retries, the retry budget and
+toward ejection, unless the model continues streams: `engines.upstream.continuation`), and
+the runtime LoRA API. Sending with retries, the retry budget and
 ejection accounting are `engines.upstream.send`; probes, re-admission and wedge detection
 `engines.upstream.health`. It does not launch workers (subclasses do, through
 `start_workers`), validate client requests, frame SSE for the client, or count anything
@@ -71,6 +72,7 @@ from engines.options import EngineOptions, options_issues, parse_options
 from engines.spec import ModelSpec
 from engines.upstream import http1
 from engines.upstream.adapters import AdapterFanout
+from engines.upstream.continuation import continuable, continuation_issues, continued_stream
 from engines.upstream.endpoints import Endpoint
 from engines.upstream.errors import (
     error_status_of_event,
@@ -97,6 +99,11 @@ class OpenAIEngine(Sender, EngineBase):
 
     metrics_prefix: ClassVar[str] = "vllm:"
     options_model: ClassVar[type[EngineOptions]] = UpstreamOptions
+    # Why `options.continue_streams` cannot apply to this engine's workers (None: it can;
+    # they take vLLM's `continue_final_message`).
+    continuation_unsupported: ClassVar[str | None] = None
+    # Streams continued on another worker after a mid-stream failure.
+    continuations: int = 0
 
     def __init__(self, spec: ModelSpec, context: EngineContext | None = None) -> None:
         super().__init__(spec, context)
@@ -117,6 +124,7 @@ class OpenAIEngine(Sender, EngineBase):
         self._adapters = self.adapter_state.loaded
         self._health_task: asyncio.Task[None] | None = None
         self._forward_id = opts.forward_request_id
+        self._continue_streams = opts.continue_streams
         self.budget = RetryBudget(opts.retry_budget_ratio, opts.retry_budget_min)
         self.outliers = Outliers(opts.eject_after_failures, opts.eject_base_s, opts.eject_max_s)
         self.health = HealthChecks(
@@ -140,9 +148,10 @@ class OpenAIEngine(Sender, EngineBase):
 
     @classmethod
     def check_options(cls, spec: ModelSpec) -> list[SpecIssue]:
-        """`options:` against the engine's options model, and `routing:` against the
-        scorers this engine knows."""
+        """`options:` against the engine's options model, `routing:` against the
+        scorers this engine knows, and where `continue_streams` cannot apply."""
         issues = options_issues(spec, cls.options_model)
+        issues += continuation_issues(spec, cls.continuation_unsupported)
         for name in spec.routing.scorers:
             if name not in SCORERS:
                 issues.append(
@@ -359,6 +368,14 @@ class OpenAIEngine(Sender, EngineBase):
 
     async def stream(self, req: GenerateRequest) -> AsyncGenerator[bytes, None]:
         route = "chat" if req.route == "chat" else "completions"
+        if self._continue_streams and continuable(route == "chat", req.body):
+            continued = continued_stream(self, req, route == "chat")
+            try:
+                async for run in continued:
+                    yield run
+            finally:
+                await continued.aclose()
+            return
         ep, resp, data = await self._send(
             route,
             self._encode(req.body, req.adapter),
@@ -516,6 +533,7 @@ class OpenAIEngine(Sender, EngineBase):
                 "ejections": sum(ep.ejections for ep in self._endpoints),
                 "wedged": self.health.wedged,
                 "fast_fails": self.fast_fails,
+                "continuations": self.continuations,
                 "adapter_loads": self.adapter_state.loads,
                 "adapter_evictions": self.adapter_state.evictions,
                 "adapter_hits": self.adapter_state.hits,

@@ -9,6 +9,10 @@ Timeouts (never a total on a stream): `connect_timeout_s` (TCP connect), `first_
 another worker, since nothing has reached the client yet), `read_timeout_s` (the longest
 silence between two reads after that, and the whole wait for a non-streamed answer, which a
 worker sends only when the generation ends).
+
+`continue_streams` (off by default) turns on mid-stream continuation
+(`engines.upstream.continuation`): a stream whose worker dies after the first byte went out
+is continued on another worker from the text already streamed.
 """
 
 from __future__ import annotations
@@ -53,3 +57,6 @@ class UpstreamOptions(EngineOptions):
     health_path: str = Field(default="/health", pattern=r"^/")
     # Send the gateway's request id as X-Request-Id (vLLM uses it as its request id).
     forward_request_id: bool = True
+    # Mid-stream continuation (`engines.upstream.continuation`): needs ≥ 2 workers that
+    # accept vLLM's `continue_final_message` (chat) — checked at config load.
+    continue_streams: bool = False

@@ -115,15 +115,22 @@ class Sender:
         stream: bool,
         rreq: RoutingRequest | None = None,
         trace: GenerateRequest | None = None,
+        tried: list[Endpoint] | None = None,
     ) -> tuple[Endpoint, Any, bytes]:
         """POST to a picked endpoint; before the first byte reaches the client, retry a
         retriable failure (`_attempt`) on another endpoint, at most `max_retries` times and
         within the retry budget. Returns the endpoint, with its outstanding count raised
         (the caller lowers it), the `http1.Stream` (stream) or whole `http1.Response`, and
-        for a stream its first body bytes."""
+        for a stream its first body bytes. `tried` (a continuation,
+        `engines.upstream.continuation`): the workers this request already used, which
+        count toward `max_retries`; it is not counted as a new request."""
         budget = self.budget
-        budget.requests += 1
-        ep = self._pick(rreq)
+        if tried is None:
+            budget.requests += 1
+            ep = self._pick(rreq)
+            tried = []
+        else:
+            ep = self._pick(rreq, tried)
         if ep is None:
             raise self._no_worker()
         rid = (
@@ -131,7 +138,6 @@ class Sender:
             if self._forward_id and request_id.isascii() and request_id.isprintable()
             else None
         )
-        tried: list[Endpoint] = []
         while True:
             pool = ep.pool
             if pool is None:

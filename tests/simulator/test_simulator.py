@@ -10,11 +10,14 @@ from collections.abc import AsyncIterator
 
 import httpx
 import openai
+import orjson
 import pytest
 
 from engines.upstream.prom_text import sum_samples
 from simulator import SimConfig, SimServer
+from simulator.behaviour import parse_gen
 from simulator.config import config_from_args
+from simulator.state import SimState
 
 MODEL = "sim-m"
 
@@ -313,3 +316,30 @@ def test_command_line_flags() -> None:
     assert cfg.lora_modules == {"a": "/p/a"}
     with pytest.raises(SystemExit):
         config_from_args(["--error-rate", "2"])
+
+
+def test_it_continues_its_own_text_like_a_greedy_model() -> None:
+    s = SimState()
+    w = len(s.config.words)
+    for k in (1, 3, w - 1, w, w + 2, 2 * w, 2 * w + 5):
+        assert s.continued_from("Say:" + s.text(0, k)) == k
+    assert s.continued_from("hello there") == 0
+    assert s.continued_from(s.text(0, 3) + "x") == 0
+    # A fresh answer starts at the beginning; a continued one where the prompt stopped.
+    fresh = parse_gen(s, False, orjson.dumps({"prompt": "hi", "max_tokens": 2}))
+    cont = parse_gen(s, False, orjson.dumps({"prompt": "hi" + s.text(0, 3)}))
+    assert (fresh.start, cont.start, cont.n_out) == (0, 3, s.config.output_tokens - 3)
+    chat = parse_gen(
+        s,
+        True,
+        orjson.dumps(
+            {
+                "messages": [
+                    {"role": "user", "content": "hi"},
+                    {"role": "assistant", "content": s.text(0, 4)},
+                ],
+                "continue_final_message": True,
+            }
+        ),
+    )
+    assert chat.start == 4

@@ -261,3 +261,60 @@ async def test_what_the_pytorch_engine_cannot_serve_is_refused_at_launch(tmp_pat
             await engine.start_workers()
         assert "pytorch backend" in str(err.value)
         assert engine.supervisor is None  # nothing was launched
+
+
+# --------------------------------------------------------------------------- AutoAWQ export
+
+
+def autoawq(group: int = 64, **kw: Any) -> dict[str, Any]:
+    """The quantization_config `gateway awq-export` writes (pipeline/awq_export.py)."""
+    from pipeline.awq_export import ExportPlan, autoawq_config
+
+    cfg = autoawq_config(ExportPlan(Path("/src"), {}, group, False, ["lm_head"]))
+    return {**cfg, **kw}
+
+
+def test_an_exported_autoawq_checkpoint_is_served_by_both_engines(tmp_path: Path) -> None:
+    ckpt = checkpoint(tmp_path, "awq", autoawq())
+    found = read_checkpoint_quant(ckpt)
+    assert found is not None and found.satisfies("awq") and not found.satisfies("gptq")
+    # vLLM: no --quantization, so it picks awq_marlin from the config itself.
+    v = vspec(ckpt, "awq")
+    assert VLLMEngine.check_spec(v) == []
+    assert "--quantization" not in VLLMEngine.launch_commands(v)[0]
+    # LMDeploy's PyTorch engine loads AutoAWQ for a Llama model (its compressed-tensors
+    # path needs module prefixes Llama does not pass); the config says what it is.
+    s = lspec(ckpt, "awq", options={"backend": "pytorch"})
+    assert LMDeployEngine.check_spec(s) == []
+    argv = LMDeployEngine.launch_commands(s)[0]
+    assert flag(argv, "--backend") == "pytorch" and "--model-format" not in argv
+    # Declared as something else: refused, naming what the checkpoint holds.
+    got = {i.path: i.message for i in LMDeployEngine.check_spec(lspec(ckpt, "gptq"))}
+    assert "quantized with 'awq', not 'gptq'" in got["quantization"]
+
+
+def test_lmdeploy_support_matrix_for_autoawq(tmp_path: Path) -> None:
+    pt = {"backend": "pytorch"}
+    # TurboMind takes AWQ in groups of 128 only; the message points at the PyTorch engine.
+    g64 = lspec(checkpoint(tmp_path, "g64", autoawq(64)), "awq")
+    got = {i.path: i.message for i in LMDeployEngine.check_spec(g64)}
+    assert "group size 128 only, not 64; set options.backend: pytorch" in got["quantization"]
+    assert LMDeployEngine.check_spec(lspec(checkpoint(tmp_path, "g128", autoawq(128)), "awq")) == []
+    # The PyTorch engine's Triton kernel tiles K by the group: a power of two >= 16.
+    for name, qcfg, why in (
+        (
+            "g48",
+            autoawq(48),
+            "power-of-two group size of at least 16 (its Triton kernel tiles by the group), not 48",
+        ),
+        ("chan", autoawq(-1), "not -1"),
+        ("gemv", autoawq(64, version="gemv"), "GEMM layout, not 'gemv'"),
+        ("b8", autoawq(64, bits=8), "4-bit AWQ only, not 8-bit"),
+    ):
+        got = {i.path: i.message for i in LMDeployEngine.check_spec(
+            lspec(checkpoint(tmp_path, name, qcfg), "awq", options=pt))}  # fmt: skip
+        assert why in got["options.backend"], got
+    # A compressed-tensors AWQ checkpoint on Llama is pointed at the export.
+    llama = lspec(checkpoint(tmp_path, "ct", ct_config(group=32, sym=True)), "awq", options=pt)
+    got = {i.path: i.message for i in LMDeployEngine.check_spec(llama)}
+    assert "gateway awq-export" in got["options.backend"]

@@ -108,6 +108,31 @@ async def test_waits_for_health_with_progress_lines(tmp_path: Path) -> None:
         await sup.stop()
 
 
+async def test_waves_start_after_the_previous_one_is_healthy(tmp_path: Path) -> None:
+    lines: list[str] = []
+    a, b = sim_worker("sim[0]", startup_s=1.0), sim_worker("sim[1]")
+    sup = WorkerSupervisor([a, b], log_dir=tmp_path, progress=lines.append, waves=[[0], [1]])
+    urls = await sup.start()
+    try:
+        assert [await health(u) for u in urls] == [200, 200]
+
+        def first(prefix: str) -> int:
+            return next(i for i, ln in enumerate(lines) if ln.startswith(prefix))
+
+        assert (
+            first("start wave 1/2")
+            < first("sim[0] healthy at ")
+            < first("start wave 2/2")
+            < first("sim[1] healthy at ")
+        ), lines
+        # sim[1] was launched only after sim[0] answered: its log begins later.
+        assert (tmp_path / "sim_1_.log").stat().st_ctime >= (
+            tmp_path / "sim_0_.log"
+        ).stat().st_ctime
+    finally:
+        await sup.stop()
+
+
 async def test_crash_is_restarted_with_backoff_on_the_same_url(tmp_path: Path) -> None:
     lines: list[str] = []
     exits: list[tuple[int, str]] = []

@@ -543,6 +543,23 @@ def test_two_replicas_share_one_gpu_with_a_memory_share_each() -> None:
     assert "--gpu-memory-utilization" not in argv_of(spec(replicas=2))
 
 
+def test_replicas_sharing_a_gpu_start_one_after_another() -> None:
+    """Each vLLM sizes its KV cache from the memory free while it profiles: two starting
+    together on one GPU made one find none on the H200 (docs/gpu.md), so they start in
+    waves, unless the cache size is fixed."""
+    waves = VLLMEngine.start_waves
+    shared = spec(replicas=2, options={"gpu_ids": [0, 0]})
+    assert waves(shared, VLLMEngine.launch_options(shared)) == [[0], [1]]
+    four = spec(replicas=4, options={"gpu_ids": [0, 1, 0, 1]})
+    assert waves(four, VLLMEngine.launch_options(four)) == [[0, 1], [2, 3]]
+    own = spec(replicas=2, options={"gpu_ids": [0, 1]})
+    assert waves(own, VLLMEngine.launch_options(own)) == [[0, 1]]
+    fixed = spec(
+        replicas=2, options={"gpu_ids": [0, 0]}, engine_args={"kv-cache-memory-bytes": 2**31}
+    )
+    assert waves(fixed, VLLMEngine.launch_options(fixed)) == [[0, 1]]
+
+
 # A stand-in `vllm serve` for the drain: answers /health, records its argv, and on SIGTERM
 # records the signal; mode "drain" then finishes (as vLLM with --shutdown-timeout does),
 # mode "stubborn" ignores it (a wedged worker).

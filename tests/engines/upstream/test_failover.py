@@ -1,11 +1,13 @@
 """Failure handling of the upstream engine against real simulator workers with their fault
 injection: retries before the first byte, the retry budget, outlier ejection (5xx answers
 too) with half-open re-admission, backpressure that never ejects, the fast-fail 503 with
-Retry-After, first-byte timeouts and wedged workers."""
+Retry-After, first-byte timeouts and wedged workers (whose streams a model with
+continue_streams continues elsewhere)."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import pytest
@@ -228,3 +230,49 @@ async def test_stall_mid_stream_is_an_idle_timeout_counted_as_failure() -> None:
         assert engine._endpoints[0].last_error == "stalled mid-stream"
     finally:
         await _close(engine, [server])
+
+
+def _content(stream: bytes) -> tuple[str, set[str]]:
+    """The text of a chat stream's deltas, and the ids of its chunks."""
+    text, ids = [], set()
+    for event in stream.split(b"\n\n"):
+        if event.startswith(b"data: {"):
+            obj = json.loads(event[6:])
+            ids.add(obj["id"])
+            for choice in obj["choices"]:
+                text.append(choice["delta"].get("content") or "")
+    return "".join(text), ids
+
+
+async def test_streams_of_a_wedged_worker_are_continued_when_the_model_opts_in() -> None:
+    servers = await sims(3, itl_ms=5, output_tokens=50)
+    wedged = servers[0]
+    engine = await _engine(
+        servers,
+        read_timeout_s=60,
+        health_timeout_s=0.3,
+        health_interval_s=0.1,
+        continue_streams=True,
+        forward_request_id=False,
+    )
+    try:
+        wedged.reconfigure(stall_ms=60_000, stall_after=2)
+        streams = [engine.stream(chat(stream=True, max_tokens=50)) for _ in range(6)]
+        firsts = await asyncio.gather(*(s.__anext__() for s in streams))  # type: ignore[attr-defined]
+        on_wedged = engine._endpoints[0].outstanding
+        assert on_wedged >= 1
+        wedged.reconfigure(hang_health=True)
+
+        async def rest(first: bytes, it: Any) -> bytes:
+            return first + b"".join([b async for b in it])
+
+        outcomes = await asyncio.gather(*(rest(f, s) for f, s in zip(firsts, streams, strict=True)))
+        # Every stream is whole: the uninterrupted greedy answer, under one id.
+        want = wedged.text(0, 50)
+        for raw in outcomes:
+            text, ids = _content(raw)
+            assert text == want and len(ids) == 1
+        assert engine.status().counters["continuations"] == on_wedged
+        assert engine._endpoints[0].ejected and engine.status().counters["wedged"] >= 1
+    finally:
+        await _close(engine, servers)

@@ -1,0 +1,564 @@
+"""The fleet proof on one H200 (issues 9 and 11; docs/gpu.md, "The fleet on the H200"):
+two launched vLLM replicas sharing GPU 0 (`gpu_ids: [0, 0]`) behind `gateway serve
+--workers 4` with Redis, LoRA affinity and mid-stream continuation on. Runs ON the GPU
+machine after ../shared/gpu/device-setup.sh:
+
+    PYTHONPATH=. python3 bench/gpu_fleet.py --out "$OUT" --deadline EPOCH_S \
+        --redis .carry/r/redis-server
+    .venv/bin/python bench/gpu_fleet.py --dry-run --out /tmp/fleet   # here, no GPU
+
+Steps (each recorded in results.json; a failing step is recorded and the next one runs):
+1. Redis from the carried binary (none on that image); adapters made with peft
+   (make_lora.py → four copies a1..a4) while the replicas start.
+2. `gateway serve --workers 4`: the control process launches both replicas on fixed ports,
+   the four front doors attach to them directly.
+3. Throughput at 256 streams, direct vs through the gateway, interleaved D G D G: four
+   load generators in both cases (direct: two per worker at c=64; gateway: four at c=64),
+   so the client side is the same; front doors' CPU seconds per 1,000 requests.
+4. LoRA affinity: the adapters loaded through one front door (Redis spreads them), then
+   requests over a1..a4; where each landed (the access log's `worker`) and the adapters
+   each worker holds at the end.
+5. Kill: greedy references for 8 prompts, then 24 clients (streams with usage and
+   non-streamed, alternating) for `--kill-load-s`; one replica's process group gets SIGKILL
+   after a third of it. Counted: non-streamed 200s, streams that end with [DONE] and a
+   finish_reason, streams whose text equals the uninterrupted greedy reference, the
+   gateway's continuation counter; then the time until the control restarted the replica.
+
+Writes under --out: results.json, gateway.log, workers.log, bench.json, log.txt (caller).
+Reuses `gpu_proof.Proof` for the gateway's process, health waits, logs and collection.
+
+Why one file of this size: it is copied to the GPU machine and run there as one script;
+every step is a function, in the order it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_proof import ROOT, Proof, _cpu_s, log
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Name three colours of the rainbow.",
+    "Write one sentence about the sea.",
+    "What is two plus two?",
+    "Give a short greeting to a new colleague.",
+    "List three fruits.",
+    "Why is the sky blue? Answer briefly.",
+    "Describe a cat in one sentence.",
+]
+ADAPTERS = ["a1", "a2", "a3", "a4"]
+FLEET_YAML = """
+models:
+  - name: smol
+    engine: vllm
+    model: /root/smol
+    replicas: 2
+    max_model_len: 2048
+    request_defaults:
+      temperature: 0
+    lora:
+      max_adapters: 4
+      max_rank: 16
+      roots: [/root/loras]
+    routing:
+      scorers: {lora_affinity: 2, least_outstanding: 1}
+    # A fixed KV size lets the two replicas on GPU 0 start together (else they start one
+    # after the other: engines.launch.engine.LaunchedEngine.start_waves).
+    engine_args:
+      kv-cache-memory-bytes: 8589934592
+    options:
+      gpu_ids: [0, 0]
+      gpu_memory_share: 0.4
+      continue_streams: true
+      start_timeout_s: 420
+      stop_grace_s: 10
+      health_interval_s: 1
+      env:
+        VLLM_USE_FLASHINFER_SAMPLER: "0"
+"""
+
+
+class Fleet(Proof):
+    def __init__(self, args: argparse.Namespace) -> None:
+        super().__init__(args)
+        self.redis: subprocess.Popen[bytes] | None = None
+        self.redis_url = ""
+        self.workers_urls: list[str] = []
+        self.lora_root = Path("/root/loras")
+        self.key = "unused"
+
+    # ------------------------------------------------------------------ set-up
+
+    def env(self) -> dict[str, str]:
+        env = super().env()
+        env["GATEWAY_REDIS_URL"] = self.redis_url
+        env["GATEWAY_REDIS_PREFIX"] = f"fleet-{os.getpid()}"
+        # A store call that misses its 50 ms (a loaded 2-core dry run does) decides locally
+        # instead of failing the request: this proof is about routing, not the limiter.
+        env["GATEWAY_REDIS_OUTAGE"] = "local"
+        env["GATEWAY_ACCESS_LOG"] = "true"
+        return env
+
+    def start_redis(self) -> None:
+        if self.args.dry_run and not self.args.redis:
+            self.redis_url = os.environ.get("FLEET_REDIS_URL", "redis://127.0.0.1:6379/0")
+            return
+        binary = Path(self.args.redis).resolve()
+        env = dict(os.environ, LD_LIBRARY_PATH=str(binary.parent / "lib"))
+        port = "6390"
+        self.redis = subprocess.Popen(
+            [str(binary), "--port", port, "--save", "", "--appendonly", "no"],
+            stdout=(self.work / "redis.log").open("wb"),
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+        for _ in range(50):
+            time.sleep(0.1)
+            if self.redis.poll() is not None:
+                raise RuntimeError(
+                    f"redis exited {self.redis.returncode}: "
+                    + (self.work / "redis.log").read_text(errors="replace")[-500:]
+                )
+            with contextlib.suppress(OSError):
+                import socket
+
+                with socket.create_connection(("127.0.0.1", int(port)), timeout=1) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(16).startswith(b"+PONG"):
+                        self.redis_url = f"redis://127.0.0.1:{port}/0"
+                        return
+        raise RuntimeError("redis did not answer PING")
+
+    def prepare(self) -> Path:
+        cfg = yaml.safe_load(FLEET_YAML)
+        m = cfg["models"][0]
+        if self.args.dry_run:
+            self.lora_root = self.work / "loras"
+        self.lora_root.mkdir(parents=True, exist_ok=True)
+        m["lora"]["roots"] = [str(self.lora_root)]
+        if self.args.dry_run:
+            m["engine"] = "sim"
+            m.pop("model")
+            m.pop("engine_args")
+            for key in ("gpu_ids", "gpu_memory_share", "start_timeout_s", "stop_grace_s", "env"):
+                m["options"].pop(key, None)
+            m["options"].update({"ttft_ms": 20, "itl_ms": 3})
+        elif shutil.which("vllm") is None:
+            m["options"]["command"] = [sys.executable, "-m", "vllm.entrypoints.cli.main"]
+        self.models = ["smol"]
+        path = self.work / "models.yaml"
+        path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        self.results["models_yaml"] = path.read_text()
+        return path
+
+    def launch(self, cfg: Path) -> None:
+        logf = self.gw_log_path.open("ab")
+        self.t_launch = time.time()
+        self.gw = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "gateway",
+                "serve",
+                "--config",
+                str(cfg),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--workers",
+                "4",
+            ],
+            cwd=ROOT,
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            env=self.env(),
+            start_new_session=True,
+        )
+
+    def adapters_ready(self) -> None:
+        """Four adapters: make_lora.py's one, copied under four names (placement is what is
+        measured here, not the adapters' effect), in dry runs a fake one."""
+        root = self.lora_root
+        src = root / "src"
+        if self.args.dry_run:
+            src.mkdir(parents=True, exist_ok=True)
+            (src / "adapter_config.json").write_text('{"r": 8, "peft_type": "LORA"}')
+            (src / "adapter_model.safetensors").write_bytes(b"\0" * 16)
+        else:
+            self.wait_make_lora()
+            src = Path("/root/lora1")
+        for name in ADAPTERS:
+            dst = root / name
+            if not dst.exists():
+                shutil.copytree(src, dst)
+
+    # ------------------------------------------------------------------ steps
+
+    def client(self) -> Any:
+        from openai import OpenAI
+
+        return OpenAI(base_url=self.base + "/v1", api_key=self.key, timeout=120.0, max_retries=0)
+
+    def create_key(self) -> None:
+        """With Redis the gateway checks hashed keys: one key, no limits, for every client."""
+        status, _, body = self.http("POST", "/admin/keys", {"name": "fleet-proof"}, admin=True)
+        if status != 201:
+            raise RuntimeError(f"create key: {status} {body[:300]!r}")
+        self.key = json.loads(body)["key"]
+
+    def discover(self) -> None:
+        h = json.loads(self.http("GET", "/health", admin=True)[2])
+        self.workers_urls = [w["url"] for w in h["models"]["smol"]["workers"]["list"]]
+        self.results["health_ready"] = h
+        log(f"workers: {self.workers_urls}")
+
+    def front_pids(self) -> list[int]:
+        assert self.gw is not None
+        out, todo = [], [self.gw.pid]
+        while todo:
+            p = todo.pop()
+            for task in Path(f"/proc/{p}/task").glob("*"):
+                with contextlib.suppress(OSError):
+                    for c in (task / "children").read_text().split():
+                        todo.append(int(c))
+                        cmd = Path(f"/proc/{c}/cmdline").read_bytes()
+                        if b"spawn_main" in cmd:
+                            out.append(int(c))
+        return out
+
+    def _bench(self, url: str, conc: int, n: int, label: str) -> subprocess.Popen[bytes]:
+        raw = self.work / "bench"
+        raw.mkdir(exist_ok=True)
+        a = self.args
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "gateway",
+                "bench",
+                "--base-url",
+                url,
+                "--model",
+                "smol",
+                "--stream",
+                "--concurrency",
+                str(conc),
+                "--num-requests",
+                str(n),
+                "--max-tokens",
+                str(a.max_tokens),
+                # (The simulator always generates max_tokens and refuses the field.)
+                *(() if self.args.dry_run else ("--ignore-eos",)),
+                "--prompt-tokens",
+                "64",
+                "--warmup",
+                "4",
+                "--seed",
+                "1",
+                "--no-progress",
+                "--timeout",
+                "120",
+                "--json",
+                str(raw / f"{label}.json"),
+                "--label",
+                label,
+                "--api-key",
+                self.key,
+            ],
+            cwd=ROOT,
+            env=self.env(),
+            stdout=subprocess.DEVNULL,
+            stderr=(raw / f"{label}.err").open("wb"),
+        )
+
+    def throughput(self) -> None:
+        runs: list[dict[str, Any]] = []
+        self.results["throughput"] = {"runs": runs, "max_tokens": self.args.max_tokens}
+        per = self.args.bench_n // 4
+        fronts = self.front_pids()
+        for rnd in range(self.args.rounds):
+            for target in ("direct", "gateway"):
+                if self.left() < self.args.kill_load_s + 150:
+                    log(f"throughput: stopping for the deadline ({self.left():.0f} s left)")
+                    return
+                if target == "direct":
+                    n = len(self.workers_urls)  # two replicas: two load generators each
+                    urls = [self.workers_urls[i * n // 4] for i in range(4)]
+                else:
+                    urls = [self.base] * 4
+                cpu0 = sum(_cpu_s(p) for p in fronts)
+                t0 = time.time()
+                labels = [f"{target}-r{rnd}-{i}" for i in range(4)]
+                procs = [self._bench(u, 64, per, lab) for u, lab in zip(urls, labels, strict=True)]
+                for p in procs:
+                    p.wait(timeout=max(30.0, self.left() - 60))
+                wall = time.time() - t0
+                cpu = sum(_cpu_s(p) for p in fronts) - cpu0
+                summ = [self._summary(lab) for lab in labels]
+                run = {
+                    "target": target,
+                    "round": rnd + 1,
+                    "wall_s": round(wall, 2),
+                    "req_per_s": round(sum(s["req_per_s"] for s in summ), 2),
+                    "out_tok_per_s": round(sum(s["out_tok_per_s"] for s in summ), 1),
+                    "ttft_p50_ms": round(max(s["ttft_p50_ms"] for s in summ), 2),
+                    "ttft_p99_ms": round(max(s["ttft_p99_ms"] for s in summ), 2),
+                    "itl_p99_ms": round(max(s["itl_p99_ms"] for s in summ), 2),
+                    "failed": sum(s["failed"] for s in summ),
+                    "front_door_cpu_s": round(cpu, 2),
+                    "front_door_cpu_s_per_1000": round(cpu / max(1, per * 4) * 1000, 2)
+                    if target == "gateway"
+                    else None,
+                }
+                runs.append(run)
+                log(f"throughput {run}")
+
+    def _summary(self, label: str) -> dict[str, Any]:
+        """One load generator's figures (loadgen's JSON: runs[0].summary)."""
+        s = json.loads((self.work / "bench" / f"{label}.json").read_text())["runs"][0]["summary"]
+        return {
+            "req_per_s": float(s["request_throughput"]),
+            "out_tok_per_s": float(s["output_throughput"]),
+            "ttft_p50_ms": float(s["ttft_ms"]["p50"]),
+            "ttft_p99_ms": float(s["ttft_ms"]["p99"]),
+            "itl_p99_ms": float(s["itl_ms"]["p99"]),
+            "failed": int(s["failed"]),
+        }
+
+    def lora_affinity(self) -> None:
+        root = self.lora_root
+        for name in ADAPTERS:
+            status, _, body = self.http(
+                "POST",
+                "/v1/load_lora_adapter",
+                {"lora_name": name, "lora_path": str(root / name)},
+                admin=True,
+            )
+            if status != 200:
+                raise RuntimeError(f"load {name}: {status} {body[:300]!r}")
+        time.sleep(2)  # the other front doors follow the store (adapter_sync)
+        log_mark = len(self._gw_log_lines())
+        errors: list[str] = []
+        lock = threading.Lock()
+        todo = list(range(self.args.lora_n))
+
+        def client() -> None:
+            c = self.client()
+            while True:
+                with lock:
+                    if not todo:
+                        return
+                    i = todo.pop()
+                try:
+                    c.chat.completions.create(
+                        model=ADAPTERS[i % 4],
+                        messages=[{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
+                        max_tokens=8,
+                    )
+                except Exception as e:
+                    with lock:
+                        errors.append(f"{type(e).__name__}: {e}"[:200])
+
+        threads = [threading.Thread(target=client) for _ in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        landed: dict[str, dict[str, int]] = {}
+        for line in self._gw_log_lines()[log_mark:]:
+            with contextlib.suppress(ValueError):
+                rec = json.loads(line[line.index("{") :])
+                name = rec.get("adapter") or rec.get("model")
+                if name in ADAPTERS and rec.get("status") == 200:
+                    w = str(rec.get("worker"))
+                    landed.setdefault(name, {}).setdefault(w, 0)
+                    landed[name][w] += 1
+        held = {}
+        for url in self.workers_urls:
+            st, _, body = self.http("GET", "/v1/models", base=url)
+            held[url] = sorted(m["id"] for m in json.loads(body)["data"]) if st == 200 else st
+        self.results["lora"] = {
+            "requests": self.args.lora_n,
+            "errors": len(errors),
+            "error_samples": errors[:5],
+            "landed": landed,
+            "held_at_end": held,
+            "gateway_adapter_metrics": [
+                line
+                for line in self.http("GET", "/metrics")[2].decode().splitlines()
+                if "adapter" in line and not line.startswith("#")
+            ],
+        }
+        log(f"lora {self.results['lora']}")
+
+    def kill_test(self) -> None:
+        refs = {}
+        c = self.client()
+        for p in PROMPTS:
+            r = c.chat.completions.create(
+                model="smol", messages=[{"role": "user", "content": p}], max_tokens=96
+            )
+            refs[p] = r.choices[0].message.content or ""
+        stop = time.time() + self.args.kill_load_s
+        kill_at = time.time() + self.args.kill_load_s / 3
+        lock = threading.Lock()
+        counts: dict[str, int] = {}
+        samples: list[str] = []
+
+        def bump(key: str, note: str | None = None) -> None:
+            with lock:
+                counts[key] = counts.get(key, 0) + 1
+                if note and len(samples) < 12:
+                    samples.append(note[:300])
+
+        def client(k: int) -> None:
+            cl = self.client()
+            i = k
+            while time.time() < stop:
+                p = PROMPTS[i % len(PROMPTS)]
+                msgs = [{"role": "user", "content": p}]
+                i += 1
+                if i % 2:
+                    try:
+                        r = cl.chat.completions.create(model="smol", messages=msgs, max_tokens=96)
+                        bump("plain_200")
+                        if (r.choices[0].message.content or "") == refs[p]:
+                            bump("plain_equal_ref")
+                    except Exception as e:
+                        bump("plain_failed", f"plain: {type(e).__name__}: {e}")
+                    continue
+                text, ids, finish, usage = [], set(), None, None
+                try:
+                    for ch in cl.chat.completions.create(
+                        model="smol",
+                        messages=msgs,
+                        max_tokens=96,
+                        stream=True,
+                        stream_options={"include_usage": True},
+                    ):
+                        ids.add(ch.id)
+                        if ch.usage is not None:
+                            usage = ch.usage
+                        for choice in ch.choices:
+                            text.append(choice.delta.content or "")
+                            finish = choice.finish_reason or finish
+                    bump("stream_done" if finish else "stream_no_finish")
+                    if len(ids) != 1:
+                        bump("stream_many_ids", f"ids {ids}")
+                    if usage is None:
+                        bump("stream_no_usage")
+                    if "".join(text) == refs[p]:
+                        bump("stream_equal_ref")
+                    else:
+                        bump("stream_differs", f"{p!r}: {''.join(text)!r} vs {refs[p]!r}")
+                except Exception as e:
+                    bump("stream_failed", f"stream: {type(e).__name__}: {e}")
+
+        threads = [threading.Thread(target=client, args=(k,)) for k in range(24)]
+        for t in threads:
+            t.start()
+        while time.time() < kill_at:
+            time.sleep(0.05)
+        victim_url = self.workers_urls[0]
+        # (A dry run's only "worker" is the control process: nothing is killed.)
+        pid = None if self.args.dry_run else self._worker_pid(victim_url)
+        killed_at = time.time()
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(os.getpgid(pid), signal.SIGKILL)
+        log(f"killed {victim_url} (pid {pid})")
+        for t in threads:
+            t.join()
+        metrics = [
+            line
+            for line in self.http("GET", "/metrics")[2].decode().splitlines()
+            if ("continu" in line or "retr" in line or "eject" in line) and not line.startswith("#")
+        ]
+        self.results["kill"] = {
+            "victim": victim_url,
+            "pid": pid,
+            "load_s": self.args.kill_load_s,
+            "counts": counts,
+            "samples": samples,
+            "metrics_one_front_door": metrics,
+        }
+        log(f"kill counts {counts}")
+        back = None
+        while self.left() > 25:
+            with contextlib.suppress(Exception):
+                h = json.loads(self.http("GET", "/health", admin=True, timeout=3)[2])
+                if h["models"]["smol"]["workers"]["healthy"] == len(self.workers_urls):
+                    back = round(time.time() - killed_at, 1)
+                    break
+            time.sleep(1)
+        self.results["kill"]["restarted_and_healthy_after_s"] = back
+        log(f"victim healthy again after {back} s")
+
+    def run(self) -> int:
+        self.step("redis", self.start_redis)
+        cfg = self.step("prepare config", self.prepare)
+        if cfg is None:
+            self.collect()
+            return 1
+        self.step("gateway check", self.check, cfg)
+        self.step("make_lora (start)", self.start_make_lora)
+        try:
+            self.step("start gateway", self.start_gateway, cfg)
+            if not self.results["steps"]["start gateway"]["ok"]:
+                return 1
+            self.step("key", self.create_key)
+            self.step("discover", self.discover)
+            self.step("adapters", self.adapters_ready)
+            self.step("throughput", self.throughput)
+            self.step("lora affinity", self.lora_affinity)
+            self.step("kill", self.kill_test)
+            return 0
+        finally:
+            self.step("stop", self.stop_gateway)
+            if self.lora_proc is not None and self.lora_proc.poll() is None:
+                self.lora_proc.kill()
+            if self.redis is not None:
+                self.redis.terminate()
+            self.collect()
+            bench = self.results.get("throughput")
+            if bench:
+                (self.out / "bench.json").write_text(json.dumps(bench, indent=2))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/gpu-fleet-out"))
+    ap.add_argument("--work", help="scratch directory (default: a new temp dir)")
+    ap.add_argument("--deadline", type=float, help="epoch seconds by which to be done")
+    ap.add_argument("--budget-s", type=float, default=480.0, help="without --deadline")
+    ap.add_argument("--port", type=int, default=8000)
+    ap.add_argument("--ready-timeout-s", type=float, default=330.0)
+    ap.add_argument("--dry-run", action="store_true", help="simulator instead of vLLM")
+    ap.add_argument("--redis", help="a redis-server binary (its libraries in ./lib next to it)")
+    ap.add_argument("--bench-n", type=int, default=2048, help="requests per throughput run")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--lora-n", type=int, default=400)
+    ap.add_argument("--kill-load-s", type=float, default=30.0)
+    args = ap.parse_args()
+    return Fleet(args).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,406 @@
+"""Mid-stream continuation: a stream whose worker dies after its first byte reached the
+client goes on from another worker, in the same response.
+
+Owns, for a model with `options.continue_streams: true`: which requests may be continued
+(`continuable`: n = 1, a text prompt, no echo, no guided decoding), which failures
+continue (a reset or close before `[DONE]`, a stall past `read_timeout_s`, a wedged worker
+failed by the health loop, a worker's error event with a 5xx status; never a 4xx error
+event, never after a tool-call or reasoning delta), the continuation request (completions:
+the prompt plus the text streamed so far; chat: the messages plus an assistant message
+with that text, with vLLM's `continue_final_message: true, add_generation_prompt: false`;
+`max_tokens` / `max_completion_tokens` / `min_tokens` less the tokens already streamed),
+rewriting the continuation's chunks into the first attempt's (its `id`, `created`,
+`model`, `system_fingerprint`; its role chunk dropped; usage merged) and the check of the
+option at config load (`continuation_issues`). Continuations are attempts like retries:
+each spends one of `max_retries` and of the retry budget, and needs a worker not yet
+tried; without one the stream ends with an error event and no `[DONE]`, as without the
+option.
+
+Usage, with `k` = the text deltas streamed before the last attempt (one per token on
+vLLM; a delta that carries several tokens, as with speculative decoding, counts once) and
+the last attempt's usage `(p, c)`: completion_tokens = k + c; prompt_tokens = the sum of
+every attempt's prompt, where each attempt's prompt is the original prompt P plus the
+partial answer it was given, and P = p − k (exact when the partial answer re-tokenizes to
+its k tokens). One continuation after k tokens: prompt_tokens = 2·P + k.
+
+Does not own sending (`engines.upstream.send`: picking, retries before the first byte,
+ejection accounting) nor the relay of a stream that is not continued
+(`engines.upstream.engine.OpenAIEngine.stream`). The cost when on: each forwarded run is
+appended to a list (no parsing) until a failure; only then is what the client saw parsed;
+a continued attempt's chunks are parsed and re-dumped (the rare path).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from engines.base import (
+    EngineTimeout,
+    GenerateRequest,
+    ServingError,
+    SpecIssue,
+    UpstreamError,
+)
+from engines.upstream import http1
+from engines.upstream.relay import ErrorOf, event_data, process_run
+from engines.upstream.sse import SSEBuffer, split_events
+
+if TYPE_CHECKING:
+    from engines.spec import ModelSpec
+    from engines.upstream.endpoints import Endpoint
+    from engines.upstream.engine import OpenAIEngine
+
+__all__ = ["Continuation", "continuable", "continuation_issues", "continued_stream"]
+
+log = logging.getLogger("engines.upstream")
+
+# Guided decoding restarts its grammar on a continuation: such requests are not continued.
+_GUIDED = ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs")
+# The fields of the first attempt every continued chunk carries.
+_HEAD = ("id", "created", "model", "system_fingerprint")
+
+
+def continuation_issues(spec: ModelSpec, unsupported: str | None) -> list[SpecIssue]:
+    """Where `options.continue_streams: true` cannot apply: an engine whose workers cannot
+    continue a message (`unsupported` says why), or a model with one worker (a
+    continuation goes to another)."""
+    if spec.options.get("continue_streams") is not True:
+        return []
+    path = "options.continue_streams"
+    if unsupported is not None:
+        return [SpecIssue(path=path, message=unsupported)]
+    workers = len(spec.endpoints) if spec.endpoints else spec.replicas
+    if workers < 2:
+        return [
+            SpecIssue(
+                path=path,
+                message="a continuation goes to another worker: list at least two endpoints "
+                "(or replicas: 2 or more)",
+            )
+        ]
+    return []
+
+
+def continuable(chat: bool, body: dict[str, Any]) -> bool:
+    """Whether a stream of this request may be continued on another worker."""
+    if body.get("n") not in (None, 1) or body.get("best_of") not in (None, 1):
+        return False
+    if body.get("echo"):
+        return False
+    fmt = body.get("response_format")
+    if isinstance(fmt, dict) and fmt.get("type") not in (None, "text"):
+        return False
+    if any(body.get(key) is not None for key in _GUIDED):
+        return False
+    if chat:
+        return isinstance(body.get("messages"), list)
+    prompt = body.get("prompt")
+    return isinstance(prompt, str) or (
+        isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str)
+    )
+
+
+@dataclass(slots=True)
+class _Seen:
+    """What the client has received so far (parsed from the forwarded runs)."""
+
+    head: dict[str, Any]
+    text: str
+    tokens: int
+    role: bool
+    # A finish reason, a tool-call or reasoning delta, or a second choice was streamed.
+    final: bool
+
+
+def _is_error(obj: dict[str, Any]) -> bool:
+    return ("error" in obj and "choices" not in obj) or obj.get("object") == "error"
+
+
+class Continuation:
+    """One stream's continuation state: the runs forwarded so far (`runs`, appended by the
+    relay), the next attempt's body (`next_body`) and the rewrite of its chunks
+    (`rewrite`)."""
+
+    __slots__ = (
+        "appended",
+        "attempts",
+        "body",
+        "chat",
+        "extra",
+        "head",
+        "role_sent",
+        "runs",
+        "streamed",
+    )
+
+    def __init__(self, chat: bool, body: dict[str, Any]) -> None:
+        self.chat = chat
+        self.body = body
+        self.runs: list[bytes] = []
+        self.head: dict[str, Any] = {}
+        # The client has its one role chunk (chat): a continuation's is dropped.
+        self.role_sent = False
+        self.attempts = 1
+        # Tokens streamed before the current attempt; whether they were in its prompt; the
+        # sum of the partial answers every continuation was given (usage).
+        self.streamed = 0
+        self.appended = False
+        self.extra = 0
+
+    def _seen(self) -> _Seen:
+        head: dict[str, Any] = {}
+        parts: list[str] = []
+        tokens = 0
+        role = final = False
+        for event in split_events(b"".join(self.runs)):
+            data = event_data(event)
+            if data is None or data == b"[DONE]":
+                continue
+            try:
+                obj = orjson.loads(data)
+            except orjson.JSONDecodeError:
+                continue
+            if not isinstance(obj, dict):
+                continue
+            if not head:
+                head = {k: obj[k] for k in _HEAD if k in obj}
+            for choice in obj.get("choices") or ():
+                if not isinstance(choice, dict):
+                    continue
+                if choice.get("index", 0) != 0 or choice.get("finish_reason") is not None:
+                    final = True
+                if self.chat:
+                    delta = choice.get("delta")
+                    if not isinstance(delta, dict):
+                        continue
+                    role = role or "role" in delta
+                    if delta.get("tool_calls") or delta.get("reasoning_content"):
+                        final = True
+                    if delta.get("reasoning"):
+                        final = True
+                    text = delta.get("content")
+                else:
+                    text = choice.get("text")
+                if isinstance(text, str) and text:
+                    parts.append(text)
+                    tokens += 1
+        return _Seen(head, "".join(parts), tokens, role, final)
+
+    def next_body(self) -> dict[str, Any] | None:
+        """The body of a continuation after a failure, or None when the stream cannot be
+        continued (it had finished, streamed a tool call, reasoning or a second choice, or
+        has no tokens left)."""
+        seen = self._seen()
+        if seen.final:
+            return None
+        body = dict(self.body)
+        if seen.text:
+            if self.chat:
+                messages = list(body["messages"])
+                last = messages[-1] if messages else None
+                if (
+                    body.get("continue_final_message")
+                    and isinstance(last, dict)
+                    and last.get("role") == "assistant"
+                    and isinstance(last.get("content"), str)
+                ):
+                    messages[-1] = {**last, "content": last["content"] + seen.text}
+                else:
+                    messages.append({"role": "assistant", "content": seen.text})
+                body["messages"] = messages
+                body["continue_final_message"] = True
+                body["add_generation_prompt"] = False
+            else:
+                prompt = body["prompt"]
+                body["prompt"] = (
+                    prompt + seen.text if isinstance(prompt, str) else [prompt[0] + seen.text]
+                )
+        for key in ("max_tokens", "max_completion_tokens"):
+            limit = body.get(key)
+            if isinstance(limit, int):
+                if limit - seen.tokens < 1:
+                    return None
+                body[key] = limit - seen.tokens
+        floor = body.get("min_tokens")
+        if isinstance(floor, int):
+            body["min_tokens"] = max(0, floor - seen.tokens)
+        if not self.head:
+            self.head = seen.head
+        self.role_sent = self.role_sent or seen.role
+        self.attempts += 1
+        self.streamed = seen.tokens
+        self.appended = bool(seen.text)
+        if self.appended:
+            self.extra += seen.tokens
+        return body
+
+    def rewrite(self, run: bytes, error_of: ErrorOf) -> tuple[bytes, bool, ServingError | None]:
+        """A continued attempt's run as the client gets it: the first attempt's head on
+        every chunk, its role chunk dropped, usage merged. Also whether `[DONE]` was in it
+        and the error an error event in it stands for."""
+        out: list[bytes] = []
+        done = False
+        head = self.head
+        for event in split_events(run):
+            data = event_data(event)
+            if data is None:
+                continue
+            if data == b"[DONE]":
+                done = True
+                continue
+            try:
+                obj = orjson.loads(data)
+            except orjson.JSONDecodeError:
+                raise UpstreamError("upstream sent a stream event that is not JSON") from None
+            if not isinstance(obj, dict):
+                continue
+            if _is_error(obj):
+                return b"".join(out), done, error_of(obj, data)
+            if not head:  # nothing had reached the client: this attempt's head it is
+                head = self.head = {k: obj[k] for k in _HEAD if k in obj}
+            obj.update(head)
+            if "system_fingerprint" not in head:
+                obj.pop("system_fingerprint", None)
+            choices = obj.get("choices")
+            if self.chat and isinstance(choices, list):
+                if self.role_sent:
+                    kept = [c for c in choices if not _role_only(c)]
+                    if not kept and choices and not obj.get("usage"):
+                        continue
+                    obj["choices"] = kept
+                else:
+                    self.role_sent = True
+            usage = obj.get("usage")
+            if isinstance(usage, dict):
+                obj["usage"] = self._merge(usage)
+            out.append(b"data: " + orjson.dumps(obj) + b"\n\n")
+        return b"".join(out), done, None
+
+    def _merge(self, usage: dict[str, Any]) -> dict[str, Any]:
+        prompt = int(usage.get("prompt_tokens") or 0)
+        completion = int(usage.get("completion_tokens") or 0)
+        original = max(0, prompt - (self.streamed if self.appended else 0))
+        prompt = self.attempts * original + self.extra
+        completion += self.streamed
+        return {
+            **usage,
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+        }
+
+
+def _role_only(choice: Any) -> bool:
+    """A chat choice that only announces the role (a continuation's first chunk): the
+    client already has one. A role next to content loses the role and stays."""
+    if not isinstance(choice, dict):
+        return False
+    delta = choice.get("delta")
+    if not isinstance(delta, dict) or "role" not in delta:
+        return False
+    del delta["role"]
+    return (
+        not any(delta.values())
+        and choice.get("finish_reason") is None
+        and not choice.get("logprobs")
+    )
+
+
+async def continued_stream(
+    engine: OpenAIEngine, req: GenerateRequest, chat: bool
+) -> AsyncGenerator[bytes, None]:
+    """`engine.stream(req)` with continuation on: the relay of each attempt, and after a
+    failure that may continue, the next attempt on a worker not yet tried."""
+    route = "chat" if chat else "completions"
+    cont = Continuation(chat, req.body)
+    rreq = engine._routing_request(req)
+    rename = engine._rename if req.adapter is None else None
+    transform = engine.transform_chunk if engine._custom_chunk else None
+    slow = rename is not None or transform is not None
+    error_of = engine._error_from_event
+    tried: list[Endpoint] = []
+    ep, resp, data = await engine._send(
+        route, engine._encode(req.body, req.adapter), req.request_id, True, rreq, req
+    )
+    first = True
+    runs = cont.runs
+    while True:
+        broke: ServingError | None = None
+        done = False
+        try:
+            buf = SSEBuffer()
+            read = resp.read_chunk
+            while data:
+                run = buf.feed(data)
+                if run:
+                    error: ServingError | None = None
+                    if not first:
+                        run, seen_done, error = cont.rewrite(run, error_of)
+                        done = done or seen_done
+                    elif (
+                        slow
+                        or b"[DONE]" in run
+                        or b'"error"' in run
+                        or b"\n:" in run
+                        or not run.startswith(b"data: ")
+                    ):
+                        run, seen_done, error = process_run(run, rename, transform, error_of)
+                        done = done or seen_done
+                    if run:
+                        runs.append(run)
+                        yield run
+                    if error is not None:
+                        if error.status < 500:
+                            raise error
+                        broke = error
+                        break
+                try:
+                    data = await read()
+                except TimeoutError:
+                    engine._failed(ep, "stalled mid-stream")
+                    broke = EngineTimeout(
+                        f"model {engine.spec.name!r}: a worker stalled mid-stream"
+                    )
+                    break
+                except http1.ProtocolError as e:
+                    engine._failed(ep, f"broke the stream: {e}")
+                    broke = UpstreamError(f"model {engine.spec.name!r}: a worker broke the stream")
+                    break
+            if broke is None and not done:
+                engine._failed(ep, "ended the stream before [DONE]")
+                broke = UpstreamError(
+                    f"model {engine.spec.name!r}: a worker ended the stream before [DONE]"
+                )
+        finally:
+            ep.outstanding -= 1
+            resp.release()
+        if broke is None:
+            return
+        log.warning(
+            "request %s: upstream %s failed mid-stream: %s", req.request_id, ep.url, broke.message
+        )
+        tried.append(ep)
+        body = cont.next_body()
+        if (
+            body is None
+            or len(tried) > engine.opts.max_retries
+            or engine._pick(rreq, tried) is None
+            or not engine.budget.try_retry()
+        ):
+            raise broke
+        req.retries = len(tried)
+        try:
+            ep, resp, data = await engine._send(
+                route, engine._encode(body, req.adapter), req.request_id, True, rreq, req, tried
+            )
+        except ServingError as e:
+            log.warning("request %s: continuation failed: %s", req.request_id, e.message)
+            raise broke from e
+        engine.continuations += 1
+        log.info("request %s: continued on %s", req.request_id, ep.url)
+        first = False
