@@ -148,6 +148,9 @@ class EngineStatus:
     # Monotonic counters the gateway exports as metrics (name → total so far), e.g.
     # "retries", "retry_budget_exhausted", "ejections"; engines fill what they have.
     counters: dict[str, float] = field(default_factory=dict)
+    # Routing decisions so far by reason (engines that pick among workers:
+    # `engines.upstream.routing.router`), e.g. "least_loaded", "prefix_affinity", "retry".
+    decisions: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(slots=True)

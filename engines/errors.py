@@ -26,6 +26,9 @@ class ServingError(Exception):
 
     status: ClassVar[int] = 500
     type: ClassVar[str] = "internal_error"
+    # True when the message was written for the client (it names no worker, path or
+    # upstream text): the gateway passes it on as is, without a leak check or a log line.
+    public: bool = False
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
         super().__init__(message)

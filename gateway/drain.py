@@ -9,7 +9,7 @@ Owns the shutdown sequence of the process:
 2. then uvicorn's own graceful shutdown: the listener closes and in-flight requests
    (streams included) get up to `GATEWAY_DRAIN_SECONDS` to finish;
 3. then the app's lifespan stops the engines: launched workers get SIGTERM and their
-   `stop_grace_s` to drain before SIGKILL (`engines.launch.supervisor`).
+   `stop_grace_s` + `stop_margin_s` to drain before SIGKILL (`engines.launch.supervisor`).
 
 A second signal skips the accept window. Kubernetes' terminationGracePeriodSeconds must
 cover accept + timeout + the workers' grace. Does not own readiness itself

@@ -115,7 +115,16 @@ class _EngineCollector(Collector):
             "Requests re-sent to another worker before their first byte",
             labels=["model"],
         )
+        decisions = CounterMetricFamily(
+            "gateway_routing_decisions",
+            "Workers chosen, by the rule that decided (least_loaded, prefix_affinity, "
+            "session_affinity, lora_held, lora_placed, bounded_load_overflow, tie, retry, "
+            "only_choice)",
+            labels=["model", "reason"],
+        )
         for model, st in self._statuses().items():
+            for reason, picks in st.decisions.items():
+                decisions.add_metric([model, reason], picks)
             for event, value in st.counters.items():
                 events.add_metric([model, event], value)
             retries.add_metric([model], st.counters.get("retries", 0.0))
@@ -141,7 +150,7 @@ class _EngineCollector(Collector):
                         [model, w.url], (w.spec_accepted_tokens or 0.0) / w.spec_draft_tokens
                     )
         yield from (running, waiting, ready, healthy, w_running, w_waiting, kv, restarts, accept)
-        yield from (events, retries, ejected, ejections)
+        yield from (events, retries, ejected, ejections, decisions)
 
 
 class RouteMetrics:

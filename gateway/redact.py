@@ -94,8 +94,11 @@ def scrub(message: str, status: int) -> str:
 def public_error(exc: ServingError, model: str, request_id: str) -> ServingError:
     """An engine's error as the client sees it: a 5xx always becomes a message naming
     the model; a 4xx keeps its text unless it leaks. The original is logged with the
-    request id whenever it is replaced."""
-    if exc.status < 500 and not leaks(exc.message):
+    request id whenever it is replaced. An error whose message was written for the client
+    (`public`, e.g. the fast-fail 503 of a model with no worker left) passes as is: a log
+    line and two regex scans per request were most of that 503's cost during an outage,
+    and an outage would write one warning per request (bench/outage.py)."""
+    if exc.public or (exc.status < 500 and not leaks(exc.message)):
         return exc
     log.warning(
         "request %s: model %s answered %d; client sees a generic message; original: %s",

@@ -89,6 +89,9 @@ class SimConfig:
     lora_load_ms: float = 0.0
     # /health never answers (a wedged process, as under SIGSTOP, for the health probe).
     hang_health: bool = False
+    # The names /metrics uses for load: "vllm" (vllm:num_requests_waiting, …) or
+    # "lmdeploy" (LMDeploy 0.18's lmdeploy:num_requests_waiting, …), for mixed pools.
+    metrics_family: str = "vllm"
 
     def __post_init__(self) -> None:
         problems = config_problems(self)
@@ -124,6 +127,8 @@ def config_problems(c: SimConfig) -> list[tuple[str, str]]:
         out.append(("drop_after", "must be ≥ 0"))
     if not 400 <= c.error_status <= 599:
         out.append(("error_status", "must be an HTTP error status (400-599)"))
+    if c.metrics_family not in ("vllm", "lmdeploy"):
+        out.append(("metrics_family", "must be vllm or lmdeploy"))
     if c.jitter_dist not in ("uniform", "lognormal"):
         out.append(("jitter_dist", "must be uniform or lognormal"))
     if not c.words:
@@ -158,6 +163,7 @@ _FLAGS: dict[str, tuple[Callable[[str], Any], str]] = {
     "prefill_ms_per_token": (float, "TTFT added per uncached prompt token (ms)"),
     "max_loras": (int, "adapters held at once (0 = unlimited)"),
     "lora_load_ms": (float, "time one adapter load takes (ms)"),
+    "metrics_family": (str, "vllm | lmdeploy: the metric names /metrics exposes"),
 }
 
 

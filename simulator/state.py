@@ -206,6 +206,15 @@ class SimState:
             ("vllm:generation_tokens_total", "counter", self.generation_tokens_total),
             ("vllm:request_success_total", "counter", self.requests_total),
         ]
+        if self.config.metrics_family == "lmdeploy":
+            # LMDeploy 0.18's load gauges (lmdeploy/metrics/loggers.py); this simulator has
+            # no API-server queue ahead of its scheduler, so that one stays 0.
+            rows[:3] = [
+                ("lmdeploy:num_requests_running", "gauge", self.running),
+                ("lmdeploy:num_requests_waiting", "gauge", self.waiting),
+                ("lmdeploy:num_api_requests_waiting", "gauge", 0),
+                ("lmdeploy:gpu_cache_usage_perc", "gauge", kv),
+            ]
         if self.prefix_cache is not None:
             rows += [
                 ("vllm:prefix_cache_queries_total", "counter", self.prefix_cache.query_tokens),

@@ -57,8 +57,12 @@ class LaunchOptions(UpstreamOptions):
     # an H200 with torch.compile and CUDA graphs for a small model; big models take longer.
     # (The relay then waits the same time for a first healthy worker.)
     start_timeout_s: float = Field(default=900.0, gt=0)
-    # Seconds between SIGTERM and SIGKILL on stop (vLLM drains running requests on SIGTERM).
+    # Seconds a worker gets on stop to finish its running requests: vLLM is told so with
+    # `--shutdown-timeout` (its default, 0, aborts them at once); the supervisor sends
+    # SIGTERM and waits this plus `stop_margin_s` (the engine's own teardown: engine-core
+    # processes, CUDA) before SIGKILL.
     stop_grace_s: float = Field(default=30.0, ge=0)
+    stop_margin_s: float = Field(default=10.0, ge=0)
     # Restart backoff: first delay, doubled per consecutive crash up to the cap.
     restart_backoff_s: float = Field(default=1.0, gt=0)
     restart_backoff_max_s: float = Field(default=60.0, gt=0)

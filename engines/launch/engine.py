@@ -165,7 +165,7 @@ class LaunchedEngine(OpenAIEngine):
             log_dir=ctx.cache_dir / "logs" / safe_name(spec.name),
             progress=self.progress,
             start_timeout_s=opts.start_timeout_s,
-            stop_grace_s=opts.stop_grace_s,
+            stop_grace_s=opts.stop_grace_s + opts.stop_margin_s,
             backoff_s=opts.restart_backoff_s,
             backoff_max_s=opts.restart_backoff_max_s,
             on_restart=self.worker_restarted,

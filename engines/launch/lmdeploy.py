@@ -5,7 +5,8 @@ Owns: the mapping of a `ModelSpec` to LMDeploy 0.18.0's command line (`worker_co
 the choice between its two backends (TurboMind, PyTorch), the refusals of what 0.18.0
 cannot do (`check_spec`), and what makes its answers look like OpenAI's: its error shapes
 (`normalise_error`), the extra fields of its responses and the `role` it repeats in every
-stream delta (`transform_response`, `transform_chunk`), and its `lmdeploy:*` metrics.
+stream delta (`transform_response`, `transform_chunk`). Its `lmdeploy:*` metrics are read
+by `engines.upstream.worker_metrics` (any upstream engine's pool may hold LMDeploy workers).
 
 Adapter policy (refusal): LMDeploy takes LoRA adapters only at start, on the PyTorch
 backend (`--adapters name=path ...`); it has no runtime load/unload API. So `lora.adapters`
@@ -47,7 +48,6 @@ from engines.base import (
     ServingError,
     SpecIssue,
     UpstreamError,
-    WorkerStatus,
 )
 from engines.launch.checkpoint_quant import CheckpointQuant, read_checkpoint_quant
 from engines.launch.command import (
@@ -504,17 +504,6 @@ class LMDeployEngine(LaunchedEngine):
             if choice.get("finish_reason") is not None:
                 seen.pop(slot, None)
         return obj
-
-    # ------------------------------------------------------------------ metrics
-
-    def read_worker_metrics(self, m: dict[str, float], w: WorkerStatus) -> None:
-        """`lmdeploy:*` (lmdeploy/metrics/loggers.py names): running, waiting in
-        the scheduler plus waiting at the API server before it, `gpu_cache_usage_perc`,
-        `spec_decode_num_{accepted,draft}_tokens_total`."""
-        super().read_worker_metrics(m, w)
-        api_waiting = m.get(self.metrics_prefix + "num_api_requests_waiting")
-        if api_waiting is not None:
-            w.waiting = (w.waiting or 0) + int(api_waiting)
 
 
 def _drop_nulls(obj: dict[str, Any], keys: tuple[str, ...]) -> None:

@@ -304,16 +304,28 @@ class WorkerSupervisor:
             pgid = proc.pid  # leader of its own session: pgid == pid
             if proc.returncode is None or _group_alive(pgid):
                 _killpg(pgid, signal.SIGTERM)
-                deadline = time.monotonic() + self.stop_grace_s
-                # Wait for the leader, then for stragglers in its group, within the grace.
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(proc.wait(), self.stop_grace_s)
+                t0 = time.monotonic()
+                deadline = t0 + self.stop_grace_s
+                next_line = t0 + self.progress_interval_s
+                # Wait for the leader and the stragglers in its group, within the grace.
                 # Children have no exit event we can await (they are not ours): poll.
                 while time.monotonic() < deadline:
-                    if not _group_alive(pgid):
+                    if proc.returncode is not None and not _group_alive(pgid):
                         break
-                    await asyncio.sleep(0.05)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(proc.wait(), 0.05)
+                    now = time.monotonic()
+                    if now >= next_line:
+                        next_line = now + self.progress_interval_s
+                        self._progress(
+                            f"{w.cmd.label}: draining… {now - t0:.0f} s "
+                            f"(SIGKILL at {self.stop_grace_s:g} s)"
+                        )
                 if _group_alive(pgid) or proc.returncode is None:
+                    self._progress(
+                        f"{w.cmd.label}: still running {self.stop_grace_s:g} s after "
+                        "SIGTERM: SIGKILL"
+                    )
                     _killpg(pgid, signal.SIGKILL)
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(proc.wait(), 5.0)

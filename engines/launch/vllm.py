@@ -18,6 +18,7 @@ vllm-0.26.0-cp38-abi3-manylinux_2_28_x86_64.whl from PyPI); the file is named wh
 from __future__ import annotations
 
 import json
+import math
 from typing import Any, ClassVar
 
 from engines.base import EngineContext, EngineUnavailable, ModelSpec, SpecIssue
@@ -186,6 +187,10 @@ class VLLMEngine(LaunchedEngine):
         argv += ["--host", "127.0.0.1", "--port", str(port)]
         port_index = len(argv) - 1
         argv += ["--max-model-len", str(spec.max_model_len)]
+        if "shutdown_timeout" not in spec.engine_args:
+            # On SIGTERM finish running requests for up to the stop grace (vLLM's default,
+            # 0, aborts them at once); whole seconds.
+            argv += ["--shutdown-timeout", str(math.ceil(opts.stop_grace_s))]
         if spec.dtype != "auto":
             argv += ["--dtype", spec.dtype]
         if spec.task == "embed":

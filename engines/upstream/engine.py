@@ -20,7 +20,9 @@ lifecycle, relay, adapters, status); its hot paths were already split out (`http
 Hooks for subclasses:
 - `start_workers()` returns the workers' base URLs (default: `spec.endpoints`);
 - `apply_start_adapters()` loads `spec.lora.adapters` (default: through the runtime API);
-- `metrics_prefix` and `read_worker_metrics()` map the worker's metrics into `WorkerStatus`;
+- `metrics_prefix` (empty: no scrape) and `read_worker_metrics()` map the worker's metrics
+  into `WorkerStatus` (by default every family of `engines.upstream.worker_metrics`, told
+  per worker, so one pool may mix vLLM and LMDeploy workers);
 - `normalise_error(status, body)` turns an upstream error answer into a ServingError;
 - `transform_response(obj)` / `transform_chunk(obj)`: overriding either one switches that
   path from byte relay to parse → transform → dump (the fast path never calls them);
@@ -85,6 +87,7 @@ from engines.upstream.routing.hashring import stable_hash
 from engines.upstream.routing.prefix import prompt_prefix
 from engines.upstream.send import Sender
 from engines.upstream.sse import SSEBuffer
+from engines.upstream.worker_metrics import FAMILIES, read_load
 
 __all__ = ["OpenAIEngine"]
 
@@ -127,7 +130,7 @@ class OpenAIEngine(Sender, EngineBase):
         self.health = HealthChecks(
             spec.name,
             opts,
-            self.metrics_prefix,
+            FAMILIES if self.metrics_prefix else (),
             self.read_worker_metrics,
             self.adapter_state.reapply,
             self.outliers,
@@ -504,19 +507,9 @@ class OpenAIEngine(Sender, EngineBase):
     # ------------------------------------------------------------------ status
 
     def read_worker_metrics(self, m: dict[str, float], w: WorkerStatus) -> None:
-        """Fill `w` from a worker's scraped metric sums (names with `metrics_prefix`)."""
-        p = self.metrics_prefix
-
-        def get(name: str) -> float | None:
-            return m.get(p + name)
-
-        running, waiting = get("num_requests_running"), get("num_requests_waiting")
-        w.running = None if running is None else int(running)
-        w.waiting = None if waiting is None else int(waiting)
-        kv = get("kv_cache_usage_perc")
-        w.kv_cache_usage = kv if kv is not None else get("gpu_cache_usage_perc")
-        w.spec_accepted_tokens = get("spec_decode_num_accepted_tokens_total")
-        w.spec_draft_tokens = get("spec_decode_num_draft_tokens_total")
+        """Fill `w` from a worker's scraped metric sums. The engine family is told per
+        worker (`engines.upstream.worker_metrics`), so a pool may mix vLLM and LMDeploy."""
+        read_load(m, w)
 
     def status(self) -> EngineStatus:
         workers: list[WorkerStatus] = []
@@ -539,6 +532,7 @@ class OpenAIEngine(Sender, EngineBase):
             running=sum(w.running or 0 for w in workers),
             waiting=sum(w.waiting or 0 for w in workers),
             workers=workers,
+            decisions=dict(self.router.decisions),
             counters={
                 "retries": self.budget.retries_total,
                 "retry_budget_exhausted": self.budget.exhausted,

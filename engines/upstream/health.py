@@ -40,7 +40,7 @@ class HealthChecks:
         self,
         model: str,
         opts: UpstreamOptions,
-        metrics_prefix: str,
+        metric_families: tuple[str, ...],
         read_metrics: ReadMetrics,
         on_back: OnBack,
         outliers: Outliers,
@@ -48,7 +48,7 @@ class HealthChecks:
     ) -> None:
         self.model = model
         self.opts = opts
-        self.metrics_prefix = metrics_prefix
+        self.metric_families = metric_families
         self.read_metrics = read_metrics
         self.on_back = on_back
         self.outliers = outliers
@@ -95,11 +95,11 @@ class HealthChecks:
             ok, detail, hung = False, f"health check hung: {e!r}", True
         except (aiohttp.ClientError, OSError) as e:
             ok, detail = False, f"health check failed: {e!r}"
-        if ok and self.metrics_prefix:
+        if ok and self.metric_families:
             try:
                 async with session.get(ep.url + "/metrics", timeout=self.timeout) as r:
                     if r.status == 200:
-                        ep.metrics = sum_samples(await r.text(), self.metrics_prefix)
+                        ep.metrics = sum_samples(await r.text(), self.metric_families)
                         load = WorkerStatus(url=ep.url, healthy=True)
                         self.read_metrics(ep.metrics, load)
                         ep.load = load

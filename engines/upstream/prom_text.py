@@ -16,9 +16,9 @@ from __future__ import annotations
 __all__ = ["sum_samples"]
 
 
-def sum_samples(text: str, prefix: str = "") -> dict[str, float]:
+def sum_samples(text: str, prefix: str | tuple[str, ...] = "") -> dict[str, float]:
     """{metric name: sum of its samples over all label sets} for names starting with
-    `prefix` (all names when empty). Malformed lines are skipped."""
+    `prefix` (or any of several; all names when empty). Malformed lines are skipped."""
     out: dict[str, float] = {}
     for line in text.splitlines():
         if not line or line[0] == "#" or not line.startswith(prefix):

@@ -92,10 +92,13 @@ class Sender:
         for ep in self._endpoints:
             if ep.ejected and ep.healthy:
                 wait = min(wait, max(0.0, ep.ejected_until - now) + self.opts.health_interval_s)
-        return EngineUnavailable(
-            f"model {self.spec.name!r}: no worker can take the request now",
+        err = EngineUnavailable(
+            f"The model `{self.spec.name}` has no worker that can take the request now; "
+            "try again shortly.",
             retry_after=max(1.0, wait),
         )
+        err.public = True  # names only the model; counted in `fast_fails`, not logged
+        return err
 
     def _unreachable(self) -> EngineUnavailable:
         return EngineUnavailable(f"model {self.spec.name!r}: no worker reachable")

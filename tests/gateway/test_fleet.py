@@ -1,10 +1,12 @@
 """The fleet through a real gateway, driven with the official `openai` SDK and httpx:
 failover before the first byte, the retry budget under sustained 503, the total-outage
-fast-fail with Retry-After, and a dead model that leaves the gateway ready and the other
-model serving (then comes back by itself)."""
+fast-fail with Retry-After, a dead model that leaves the gateway ready and the other
+model serving (then comes back by itself), and a pool that mixes vLLM and LMDeploy workers
+routed by their queues."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import time
 from collections.abc import Iterator
@@ -13,6 +15,7 @@ from typing import Any
 
 import httpx
 import openai
+import orjson
 import pytest
 
 from simulator import SimServer
@@ -70,6 +73,13 @@ def test_worker_killed_before_headers_clients_all_get_200(sims: SimThread, tmp_p
         metrics = httpx.get(f"{gw.url}/metrics").text
         assert 'gateway_engine_events_total{event="retries",model="m"} 3.0' in metrics
         assert f'gateway_worker_ejected{{model="m",worker="{dead.url}"}} 1.0' in metrics
+        # One routing decision per attempt: 20 first picks and the 3 retries.
+        decisions = {
+            line.split('reason="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
+            for line in metrics.splitlines()
+            if line.startswith('gateway_routing_decisions_total{model="m"')
+        }
+        assert decisions["retry"] == 3 and sum(decisions.values()) == 23
     finally:
         gw.stop()
         _stop(sims, workers)
@@ -120,6 +130,10 @@ def test_total_outage_is_a_fast_503_with_retry_after(sims: SimThread, tmp_path: 
                 r = http.post("/v1/chat/completions", json=body)
                 times.append(time.perf_counter() - t0)
                 assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1
+            # The engine's own words for the client (no worker named), passed on as is.
+            assert r.json()["error"]["message"] == (
+                "The model `m` has no worker that can take the request now; try again shortly."
+            )
             # No worker was touched: the answer came from the gateway's own state.
             assert [w.received_total for w in workers] == seen
             times.sort()
@@ -251,3 +265,65 @@ def test_admission_queue_bounds_and_answers_503_with_retry_after(
     finally:
         gw.stop()
         sims.call(worker.stop())
+
+
+async def _hold(url: str, count: int) -> list[asyncio.StreamWriter]:
+    """`count` streamed requests sent straight to a worker and left open (its first one
+    runs, the rest queue behind it); closing the writers ends them."""
+    host, port = url.removeprefix("http://").split(":")
+    body = orjson.dumps({"model": "m", "messages": CHAT, "stream": True, "max_tokens": 5})
+    writers = []
+    for _ in range(count):
+        _reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: w\r\nContent-Type: application/json"
+            b"\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        writers.append(writer)
+    return writers
+
+
+async def _release(writers: list[asyncio.StreamWriter]) -> None:
+    for w in writers:
+        w.close()
+
+
+def test_mixed_vllm_and_lmdeploy_pool_routes_by_queue_depth(
+    sims: SimThread, tmp_path: Path
+) -> None:
+    """One model on a vLLM-named and an LMDeploy-named worker: each one's waiting queue,
+    read from its own metric names, steers the `queue_depth` scorer away from it."""
+    kinds = {
+        k: sims.start(model="m", max_running=1, metrics_family=k) for k in ("vllm", "lmdeploy")
+    }
+    urls = {k: w.url for k, w in kinds.items()}
+    gw = start_gateway(
+        [{"name": "m", "engine": "openai", "endpoints": list(urls.values()),
+          "routing": {"scorers": {"queue_depth": 1}}, "options": FAST}],
+        tmp_path,
+    )  # fmt: skip
+    try:
+        with openai.OpenAI(base_url=f"{gw.url}/v1", api_key="x", max_retries=0) as client:
+            for busy, idle in (("vllm", "lmdeploy"), ("lmdeploy", "vllm")):
+                kinds[busy].reconfigure(ttft_ms=60_000)  # the first held request runs on
+                writers = sims.call(_hold(urls[busy], 3))
+                kinds[busy].reconfigure(ttft_ms=0)
+                waiting = f'gateway_worker_waiting_requests{{model="m",worker="{urls[busy]}"}} 2.0'
+                deadline = time.monotonic() + 20
+                while waiting not in httpx.get(f"{gw.url}/metrics").text:
+                    assert time.monotonic() < deadline, f"{busy}: queue never scraped"
+                    time.sleep(0.05)
+                before = {k: w.received_total for k, w in kinds.items()}
+                for _ in range(8):
+                    r = client.chat.completions.create(model="m", messages=CHAT, max_tokens=2)
+                    assert r.choices[0].message.content
+                after = {k: w.received_total for k, w in kinds.items()}
+                assert after[idle] - before[idle] == 8 and after[busy] == before[busy]
+                sims.call(_release(writers))
+                deadline = time.monotonic() + 20
+                while kinds[busy].running or kinds[busy].waiting:
+                    assert time.monotonic() < deadline
+                    time.sleep(0.05)
+    finally:
+        gw.stop()
+        _stop(sims, list(kinds.values()))

@@ -38,6 +38,9 @@ class HashRing:
     def __init__(self, load_factor: float = 1.25) -> None:
         self.load_factor = load_factor
         self._rings: dict[tuple[int, int], tuple[list[int], list[Endpoint]]] = {}
+        # Whether the last `owner` call passed the key on (its owner was full): the
+        # routing decision's reason `bounded_load_overflow`.
+        self.spilled = False
 
     def _ring(self, candidates: Sequence[Endpoint]) -> tuple[list[int], list[Endpoint]]:
         key = (len(candidates), sum(map(id, candidates)))
@@ -62,11 +65,14 @@ class HashRing:
         # The common case first: the key's own endpoint is under any bound it could have
         # (below the mean, a fortiori below load_factor × the mean): no sum needed.
         if e.outstanding == 0:
+            self.spilled = False
             return e
         total = sum([c.outstanding for c in candidates])
         bound = math.ceil(self.load_factor * (total + 1) / len(candidates))
         for step in range(n):
             e = owners[(i + step) % n]
             if e.outstanding < bound:
+                self.spilled = step > 0
                 return e
+        self.spilled = False
         return owners[i]  # unreachable: the mean is below the bound

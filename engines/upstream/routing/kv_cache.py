@@ -1,5 +1,6 @@
 """Scorer `kv_cache`: prefer the endpoint with the most free KV cache, as its engine last
-reported (`vllm:kv_cache_usage_perc`, normalised to 0..1 by `read_worker_metrics`).
+reported (`vllm:kv_cache_usage_perc` or `lmdeploy:gpu_cache_usage_perc`, 0..1, read per
+worker by `engines.upstream.worker_metrics`).
 
     score(e) = 1 − kv_cache_usage(e)          (1 when never scraped)
 
@@ -16,6 +17,7 @@ from engines.upstream.routing.base import RoutingRequest
 
 class KVCacheScorer:
     name = "kv_cache"
+    reason = "least_loaded"  # the routing decision's reason when it decides
 
     def score(self, candidates: Sequence[Endpoint], request: RoutingRequest) -> list[float]:
         out = []

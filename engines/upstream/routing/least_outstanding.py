@@ -17,10 +17,12 @@ from engines.upstream.routing.base import RoutingRequest
 
 class LeastOutstandingScorer:
     name = "least_outstanding"
+    reason = "least_loaded"  # the routing decision's reason when it decides
 
     def score(self, candidates: Sequence[Endpoint], request: RoutingRequest) -> list[float]:
         outs = [e.outstanding for e in candidates]
         top = max(outs)
         if top == 0:
             return [1.0] * len(outs)
-        return [1.0 - o / top for o in outs]
+        scale = 1.0 / top  # one division, not one per endpoint
+        return [1.0 - o * scale for o in outs]

@@ -34,3 +34,8 @@ class LoraAffinityScorer:
                 slots = e.adapter_slots or 1
                 out.append(0.5 * max(0, slots - len(e.adapters)) / slots)
         return out
+
+    def why(self, winner: Endpoint, request: RoutingRequest) -> str:
+        """The routing decision's reason when this scorer decided: the winner holds the
+        adapter, or will load it."""
+        return "lora_held" if request.adapter in winner.adapters else "lora_placed"

@@ -1,7 +1,8 @@
-"""The router: filter → weighted scorers → pick, for one model's endpoints.
+"""The router: filter → weighted scorers → pick, for one model's endpoints, and why.
 
-Owns the filters and the picker; does not own any scorer's formula (one module each in this
-package). The filters, in order, each one attribute read per endpoint:
+Owns the filters, the picker and the count of routing decisions by reason; does not own
+any scorer's formula (one module each in this package). The filters, in order, each one
+attribute read per endpoint:
 
     healthy     the last health probe (or connect attempt) succeeded
     not ejected outlier ejection (`engines.upstream.outliers`) has not taken it out; a
@@ -12,15 +13,34 @@ When nothing passes, the answer is None: the engine fails fast with 503 + Retry-
 rather than sending to a worker it believes down (health is re-probed every
 `health_interval_s`, ejections end on their own).
 
-The picker: the highest weighted sum; ties broken round-robin by a rotating scan start, so
-an idle fleet is served in turn, or at random (`routing.ties: random`, for several gateway
-processes whose round-robin cursors would otherwise move in step).
+The picker: the highest weighted sum; ties broken round-robin (a rotating counter picks
+which of the tied, so an idle fleet is served in turn), or at random (`routing.ties:
+random`, for several gateway processes whose round-robin cursors would otherwise move in
+step).
+
+Reasons (`Router.decisions`, exported as `gateway_routing_decisions{model,reason}`): which
+rule decided each pick.
+
+    only_choice   one endpoint passed the filters
+    retry         a retry: the endpoints already tried were excluded
+    tie           every scorer rated the winner and the runner-up alike; the tie-break chose
+    <scorer's>    the weighted scorer that contributed most to the winner's lead over the
+                  runner-up: `least_loaded` (least_outstanding, queue_depth, kv_cache),
+                  `prefix_affinity` / `session_affinity` (or `bounded_load_overflow` when
+                  the key's owner was full and the ring passed it on), `lora_held` /
+                  `lora_placed` (the winner holds the adapter / will load it)
+
+Measured (bench/routing.py --pick-only, 16 endpoints, docs/benchmarks.md): the reason costs
+one `count` over the totals and, with several scorers, one pass for the runner-up; the
+weighted sum is one comprehension over the scorers' columns with the weights applied once,
+rather than a list per scorer and a `zip(*columns)`; ties rotate by a counter over the tied
+rather than over a rotated copy of the endpoint list.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from engines.spec import RoutingSpec
 from engines.upstream.endpoints import Endpoint
@@ -31,21 +51,41 @@ __all__ = ["Router", "usable"]
 _NO_REQUEST = RoutingRequest()
 _NONE: tuple[Endpoint, ...] = ()
 
+# The reason a scorer gives when it decided, unless it has a `why(winner, request)`.
+_DEFAULT_REASON = "least_loaded"
+
+Why = Callable[[Endpoint, RoutingRequest], str]
+
 
 def usable(e: Endpoint) -> bool:
     """The healthy and not-ejected filters for one endpoint."""
     return e.healthy and not e.ejected and not (e.half_open and e.outstanding)
 
 
+def _reason_of(scorer: Scorer) -> str | Why:
+    """The scorer's `why(winner, request)`, else its constant `reason`."""
+    why: Why | None = getattr(scorer, "why", None)
+    if why is not None:
+        return why
+    reason: str = getattr(scorer, "reason", _DEFAULT_REASON)
+    return reason
+
+
 class Router:
-    """Picks one endpoint per attempt. `scorers` are (scorer, weight) pairs."""
+    """Picks one endpoint per attempt. `scorers` are (scorer, weight) pairs; a zero weight
+    turns a scorer off."""
 
     def __init__(self, scorers: Sequence[tuple[Scorer, float]], ties: str = "round_robin") -> None:
-        self.scorers = list(scorers)
+        self.scorers = [(s, float(w)) for s, w in scorers if w]
+        self._score = [s.score for s, _w in self.scorers]
+        self._weights = [w for _s, w in self.scorers]
+        self._why = [_reason_of(s) for s, _w in self.scorers]
         self._rr = -1
         self.random_ties = ties == "random"
         # The request keys some scorer needs (the engine computes only these).
         self.needs = frozenset(getattr(s, "needs", "") for s, _w in self.scorers) - {""}
+        # Decisions so far by reason (monotonic; read at scrape time).
+        self.decisions: dict[str, int] = {}
 
     @classmethod
     def from_spec(cls, routing: RoutingSpec, table: dict[str, type[Scorer]]) -> Router:
@@ -58,39 +98,96 @@ class Router:
             scorers.append((scorer, weight))
         return cls(scorers, routing.ties)
 
+    def _count(self, reason: str) -> None:
+        d = self.decisions
+        d[reason] = d.get(reason, 0) + 1
+
     def pick(
         self,
         endpoints: Sequence[Endpoint],
         request: RoutingRequest | None = None,
         exclude: Sequence[Endpoint] = _NONE,
     ) -> Endpoint | None:
-        n = len(endpoints)
-        if n == 1:
-            e = endpoints[0]
-            return e if usable(e) and e not in exclude else None
-        if n == 0:
-            return None
-        # Rotate the order so that ties go round-robin.
-        start = self._rr = (self._rr + 1) % n
-        candidates = [
-            e
-            for e in (*endpoints[start:], *endpoints[:start])
-            if e.healthy and not e.ejected and not (e.half_open and e.outstanding)
-        ]
         if exclude:
-            candidates = [e for e in candidates if e not in exclude]
-        if len(candidates) <= 1:
-            return candidates[0] if candidates else None
-        req = request or _NO_REQUEST
-        scorers = self.scorers
-        if len(scorers) == 1:
-            totals = scorers[0][0].score(candidates, req)  # one weight scales nothing
+            candidates = [
+                e
+                for e in endpoints
+                if e.healthy
+                and not e.ejected
+                and not (e.half_open and e.outstanding)
+                and e not in exclude
+            ]
+        elif len(endpoints) == 1:
+            e = endpoints[0]
+            if not usable(e):
+                return None
+            self._count("only_choice")
+            return e
         else:
-            columns = [[w * x for x in scorer.score(candidates, req)] for scorer, w in scorers if w]
-            totals = [sum(t) for t in zip(*columns, strict=True)]
-        # The first highest: the scan start rotates, so exact ties go round-robin.
+            candidates = [
+                e
+                for e in endpoints
+                if e.healthy and not e.ejected and not (e.half_open and e.outstanding)
+            ]
+        n = len(candidates)
+        if n <= 1:
+            if not n:
+                return None
+            self._count("retry" if exclude else "only_choice")
+            return candidates[0]
+        req = request or _NO_REQUEST
+        score = self._score
+        if len(score) == 1:
+            totals = score[0](candidates, req)  # one weight scales nothing
+            columns = [totals]
+        else:
+            columns = [f(candidates, req) for f in score]
+            w = self._weights
+            if len(columns) == 2:
+                a, b = columns
+                wa, wb = w
+                totals = [wa * x + wb * y for x, y in zip(a, b, strict=True)]
+            else:
+                totals = [w[0] * x for x in columns[0]]
+                for wk, ck in zip(w[1:], columns[1:], strict=True):
+                    totals = [t + wk * x for t, x in zip(totals, ck, strict=True)]
         top = max(totals)
-        if self.random_ties:
-            tied = [i for i, t in enumerate(totals) if t >= top - 1e-12]
-            return candidates[random.choice(tied)]
-        return candidates[totals.index(top)]
+        ties = totals.count(top)
+        if ties == 1:
+            i = totals.index(top)
+        elif self.random_ties:
+            i = random.choice([k for k, t in enumerate(totals) if t == top])
+        else:
+            # Round-robin among the tied: the m-th of them, m from a rotating counter (a
+            # few `index` calls in C; no exception, no list of the tied).
+            self._rr += 1
+            i = totals.index(top)
+            for _ in range(self._rr % ties):
+                i = totals.index(top, i + 1)
+        winner = candidates[i]
+        if exclude:
+            reason = "retry"
+        elif ties > 1:
+            reason = "tie"
+        else:
+            decider = self._why[0] if len(score) == 1 else self._decider(columns, totals, i)
+            reason = decider if isinstance(decider, str) else decider(winner, req)
+        d = self.decisions
+        d[reason] = d.get(reason, 0) + 1
+        return winner
+
+    def _decider(self, columns: list[list[float]], totals: list[float], i: int) -> str | Why:
+        """The reason (or its `why`) of the scorer that contributed most to the winner's
+        lead over the runner-up (the winner is the only highest: no ties here)."""
+        why = self._why
+        top = totals[i]
+        totals[i] = -1.0  # scores are ≥ 0: the runner-up is the next highest
+        j = totals.index(max(totals))
+        totals[i] = top
+        w = self._weights
+        best, lead = 0, -1.0
+        for k, col in enumerate(columns):
+            d = w[k] * (col[i] - col[j])
+            if d > lead:
+                best, lead = k, d
+        return why[best]

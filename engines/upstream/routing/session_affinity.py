@@ -37,3 +37,7 @@ class SessionAffinityScorer:
         out = [0.0] * len(candidates)
         out[candidates.index(owner)] = 1.0
         return out
+
+    def why(self, winner: Endpoint, request: RoutingRequest) -> str:
+        """The routing decision's reason when this scorer decided."""
+        return "bounded_load_overflow" if self.ring.spilled else "session_affinity"

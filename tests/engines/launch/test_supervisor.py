@@ -191,11 +191,13 @@ http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
 
 
 async def test_stop_drains_the_whole_process_group(tmp_path: Path) -> None:
+    lines: list[str] = []
     sup = WorkerSupervisor(
         [sim_worker("sim[0]"), script_worker("stubborn[0]", STUBBORN)],
         log_dir=tmp_path,
-        progress=lambda _line: None,
+        progress=lines.append,
         stop_grace_s=1.0,
+        progress_interval_s=0.3,
     )
     await sup.start()
     pids = [s.pid for s in sup.states()]
@@ -214,6 +216,10 @@ async def test_stop_drains_the_whole_process_group(tmp_path: Path) -> None:
     # The simulator left on SIGTERM; the stubborn one took the grace period, then SIGKILL
     # (both dead above).
     assert took >= 1.0
+    # Progress while it drains, and the kill said out loud; the simulator needed neither.
+    assert any(ln.startswith("stubborn[0]: draining… ") for ln in lines)
+    assert "stubborn[0]: still running 1 s after SIGTERM: SIGKILL" in lines
+    assert not any(ln.startswith("sim[0]:") and "SIGKILL" in ln for ln in lines)
     assert all(s.pid is None and not s.healthy for s in sup.states())
     await sup.stop()  # idempotent
 

@@ -50,6 +50,7 @@ HEAD = [
     "--served-model-name", "smol",            # the name clients send as `model`
     "--host", "127.0.0.1", "--port", "8100",  # loopback only; options.base_port (8100) + i
     "--max-model-len", "2048",                # context length (prompt + output)
+    "--shutdown-timeout", "30",               # on SIGTERM, finish requests (options.stop_grace_s)
 ]  # fmt: skip
 
 
@@ -466,6 +467,7 @@ async def test_launch_mode_with_a_stand_in_vllm(tmp_path: Path) -> None:
             assert rec["argv"] == [
                 "serve", str(ckpt), "--served-model-name", "smol",
                 "--host", "127.0.0.1", "--port", port, "--max-model-len", "2048",
+                "--shutdown-timeout", "30",
                 "--enable-lora", "--max-loras", "4", "--max-lora-rank", "8",
                 "--lora-modules", f"start={tmp_path / 'adapters/start'}",
             ]  # fmt: skip
@@ -556,3 +558,73 @@ def test_replicas_sharing_a_gpu_start_one_after_another() -> None:
         replicas=2, options={"gpu_ids": [0, 0]}, engine_args={"kv-cache-memory-bytes": 2**31}
     )
     assert waves(fixed, VLLMEngine.launch_options(fixed)) == [[0, 1]]
+
+
+# A stand-in `vllm serve` for the drain: answers /health, records its argv, and on SIGTERM
+# records the signal; mode "drain" then finishes (as vLLM with --shutdown-timeout does),
+# mode "stubborn" ignores it (a wedged worker).
+DRAIN_VLLM = r"""
+import http.server, json, os, signal, sys, time
+from pathlib import Path
+args = sys.argv[1:]
+port = int(args[args.index("--port") + 1])
+record = Path(os.environ["FAKE_VLLM_RECORD"])
+record.joinpath("argv.json").write_text(json.dumps(args))
+def on_term(signum, frame):
+    record.joinpath("signals").open("a").write("SIGTERM\n")
+    if os.environ["FAKE_MODE"] == "drain":
+        time.sleep(0.3)  # the running requests finish
+        record.joinpath("signals").open("a").write("drained\n")
+        os._exit(0)
+signal.signal(signal.SIGTERM, on_term)
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200 if self.path == "/health" else 404)
+        self.send_header("Content-Length", "0"); self.end_headers()
+    def log_message(self, *a):
+        pass
+http.server.HTTPServer(("127.0.0.1", port), H).serve_forever()
+"""
+
+
+@pytest.mark.parametrize("mode", ["drain", "stubborn"])
+async def test_stop_gives_vllm_its_shutdown_timeout_then_kills(tmp_path: Path, mode: str) -> None:
+    program = tmp_path / "drain_vllm.py"
+    program.write_text(DRAIN_VLLM)
+    s = ModelSpec.model_validate(
+        {
+            "name": "smol",
+            "engine": "vllm",
+            "model": "hub/smol",
+            "options": {
+                "command": [sys.executable, str(program)],
+                "env": {"FAKE_VLLM_RECORD": str(tmp_path), "FAKE_MODE": mode},
+                "stop_grace_s": 1.5,
+                "stop_margin_s": 0.5,
+            },
+        }
+    )
+    lines: list[str] = []
+    ctx = EngineContext(cache_dir=tmp_path / "cache", config_dir=tmp_path, progress=lines.append)
+    engine = VLLMEngine(s, ctx)
+    await engine.start()
+    sup = engine.supervisor
+    assert sup is not None
+    pid = sup.states()[0].pid
+    assert pid is not None
+    argv = json.loads((tmp_path / "argv.json").read_text())
+    # The stop grace, rounded up to vLLM's whole seconds.
+    assert argv[argv.index("--shutdown-timeout") + 1] == "2"
+    t0 = time.monotonic()
+    await engine.stop()
+    took = time.monotonic() - t0
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    signals = (tmp_path / "signals").read_text().split()
+    killed = [ln for ln in lines if "SIGKILL" in ln]
+    if mode == "drain":
+        assert signals == ["SIGTERM", "drained"] and killed == []
+    else:
+        # SIGTERM, then the grace plus the margin, then SIGKILL, with a line saying so.
+        assert signals == ["SIGTERM"] and took >= 2.0
+        assert killed == ["vllm[0]: still running 2 s after SIGTERM: SIGKILL"]

@@ -186,3 +186,42 @@ async def test_prefix_and_session_keys_route_live_requests() -> None:
             await engine.stop()
     for s in servers:
         await s.stop()
+
+
+def test_decisions_are_counted_by_the_rule_that_decided() -> None:
+    eps = fleet(4)
+    r = router(scorers={"prefix_affinity": 2, "least_outstanding": 1})
+    key = RoutingRequest(prefix=stable_hash("a system prompt"))
+    owner = r.pick(eps, key)  # idle fleet: the key's owner wins on affinity
+    assert owner is not None and r.decisions == {"prefix_affinity": 1}
+    assert r.pick(eps) is not None  # no key, all idle: every scorer ties
+    assert r.decisions["tie"] == 1
+    eps[0].outstanding = 3
+    assert r.pick(eps) is not eps[0]  # three idle workers still tie on load
+    assert r.decisions["tie"] == 2
+    eps[1].outstanding = eps[2].outstanding = 3
+    assert r.pick(eps) is eps[3]
+    assert r.decisions["least_loaded"] == 1
+    # The owner full beyond the bound: the ring passes the key on.
+    for e in eps:
+        e.outstanding = 0
+    owner.outstanding = 8
+    assert r.pick(eps, key) is not owner
+    assert r.decisions["bounded_load_overflow"] == 1
+    assert r.pick(eps, key, exclude=[eps[0]]) is not None
+    assert r.decisions["retry"] == 1
+    for e in eps[1:]:
+        e.healthy = False
+    assert r.pick(eps) is eps[0] and r.decisions["only_choice"] == 1
+    assert sum(r.decisions.values()) == 7
+
+
+def test_lora_decisions_say_held_or_placed() -> None:
+    eps = fleet(2)
+    for e in eps:
+        e.adapter_slots = 2
+    eps[0].adapters = {"a": None, "b": None}  # full, holds "a"
+    r = router(scorers={"lora_affinity": 2, "least_outstanding": 1})
+    assert r.pick(eps, RoutingRequest(adapter="a")) is eps[0]
+    assert r.pick(eps, RoutingRequest(adapter="c")) is eps[1]  # a free slot, no eviction
+    assert r.decisions == {"lora_held": 1, "lora_placed": 1}
