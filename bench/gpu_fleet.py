@@ -502,7 +502,8 @@ class Fleet(Proof):
         }
         log(f"kill counts {counts}")
         back = None
-        while self.left() > 25:
+        until = min(self.deadline - 25, killed_at + self.args.restart_wait_s)
+        while time.time() < until:
             with contextlib.suppress(Exception):
                 h = json.loads(self.http("GET", "/health", admin=True, timeout=3)[2])
                 if h["models"]["smol"]["workers"]["healthy"] == len(self.workers_urls):
@@ -558,6 +559,12 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--lora-n", type=int, default=400)
     ap.add_argument("--kill-load-s", type=float, default=30.0)
+    ap.add_argument(
+        "--restart-wait-s",
+        type=float,
+        default=300.0,
+        help="how long to wait for the killed replica to serve again (0: do not wait)",
+    )
     args = ap.parse_args()
     return Fleet(args).run()
 

@@ -205,6 +205,9 @@ def serve_workers(settings: Settings) -> int:
                 "GATEWAY_API_KEYS": token,
                 "GATEWAY_ADMIN_KEY": token,
                 "GATEWAY_REDIS_URL": "",
+                # Every front door's relay connections come from 127.0.0.1: the
+                # per-address cap meant for clients would refuse them under load.
+                "GATEWAY_MAX_CONNECTIONS_PER_CLIENT": "1000000",
             }
             print(
                 f"starting the control process for {len(control_models)} model(s) on {control_url}",
