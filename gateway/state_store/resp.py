@@ -87,10 +87,10 @@ class _Protocol(asyncio.Protocol):
     def __init__(self, client: RespClient):
         self.client = client
         self.buf = bytearray()
-        self.transport: asyncio.Transport | None = None
+        # asyncio's or uvloop's (which does not subclass asyncio.Transport).
+        self.transport: Any = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
         self.transport = transport
 
     def data_received(self, data: bytes) -> None:
