@@ -25,8 +25,9 @@ The control process is watched by a thread of the parent: when it dies it is sta
 on the same port with the same token, after a backoff (`RESTART_FIRST_S` doubling to
 `RESTART_MAX_S`, reset once it has run `STABLE_S`), with one progress line per step on
 stderr; meanwhile front doors answer its models with 503 + Retry-After (their relay finds
-no healthy endpoint). Once it is healthy again the parent re-applies the adapter desired
-state from the store (Redis: every adapter loaded through any front door) to it.
+no healthy endpoint). It is started again with the adapter desired state of the store
+(Redis: every adapter loaded through any front door) written into its catalog's
+`lora.adapters`, so it holds them before it reports healthy.
 
 The admin port (`GATEWAY_ADMIN_PORT`) is bound once by the parent, like the public socket,
 and inherited by every front door: an admin request is served by whichever front door
@@ -53,6 +54,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -138,9 +140,17 @@ def _wait_healthy(
 class Control:
     """The control process: started, watched and restarted by a thread of the parent."""
 
-    def __init__(self, argv: list[str], env: dict[str, str], url: str, settings: Settings):
+    def __init__(
+        self,
+        argv: list[str],
+        env: dict[str, str],
+        url: str,
+        settings: Settings,
+        catalog: Path,
+        doc: dict[str, Any],
+    ):
         self.argv, self.env, self.url, self.settings = argv, env, url, settings
-        self.token = env["GATEWAY_ADMIN_KEY"]
+        self.catalog, self.doc = catalog, doc
         self.proc: subprocess.Popen[bytes] | None = None
         self.stopping = threading.Event()
         self.restarts = 0
@@ -173,6 +183,7 @@ class Control:
             if self.stopping.wait(delay):
                 return
             delay = min(delay * 2, RESTART_MAX_S)
+            self._write_catalog()
             with self._lock:
                 if self.stopping.is_set():
                     return
@@ -185,12 +196,11 @@ class Control:
                     self.proc.kill()
                 continue
             _say(f"the control process is back on {self.url} (restart {self.restarts})")
-            self._reapply()
 
-    def _reapply(self) -> None:
-        """Load the adapter desired state of the store into the new control process."""
+    def _desired(self) -> dict[str, dict[str, str]]:
+        """The adapter desired state in the store: name → {"base", "path"}."""
         if not self.settings.redis_url:
-            return  # no shared state: the front door that loaded one re-applies it
+            return {}  # no shared state: the front door that loaded one re-applies it
         import redis
 
         from gateway.adapter_sync import MAP
@@ -200,27 +210,36 @@ class Control:
                 self.settings.redis_url, socket_timeout=5, decode_responses=True
             )
             try:
-                desired = r.hgetall(f"{self.settings.redis_prefix}:map:{MAP}")
+                raw = r.hgetall(f"{self.settings.redis_prefix}:map:{MAP}")
             finally:
                 r.close()
         except redis.RedisError as e:
             _say(f"adapters not re-applied to the control process: {e}")
-            return
-        for raw_name, raw in desired.items():
-            name, entry = str(raw_name), yaml.safe_load(raw)
-            body = {"lora_name": name, "lora_path": entry["path"], "base_model": entry["base"]}
-            try:
-                resp = httpx.post(
-                    f"{self.url}/v1/load_lora_adapter",
-                    json=body,
-                    headers={"authorization": f"Bearer {self.token}"},
-                    timeout=600,
-                )
-                ok = resp.status_code == 200
-                why = "" if ok else resp.text[:200]
-            except httpx.HTTPError as e:
-                ok, why = False, str(e)
-            _say(f"adapter {name!r} re-applied to the control process: {'ok' if ok else why}")
+            return {}
+        return {str(name): dict(yaml.safe_load(v)) for name, v in raw.items()}
+
+    def _write_catalog(self) -> None:
+        """The control's catalog with the desired adapters listed under their base models'
+        `lora.adapters`, so it serves them before it reports healthy (no window in which
+        a front door reaches it for an adapter it does not hold yet)."""
+        desired = self._desired()
+        models = []
+        for entry in self.doc.get("models") or []:
+            entry = dict(entry)
+            lora = dict(entry.get("lora") or {})
+            listed = list(lora.get("adapters") or [])
+            names = {a["name"] for a in listed}
+            room = int(lora.get("max_adapters", 4)) - len(listed)
+            for name, d in desired.items():
+                if d.get("base") == entry.get("name") and name not in names and room > 0:
+                    listed.append({"name": name, "path": d["path"]})
+                    room -= 1
+                    _say(f"adapter {name!r} re-applied to the control process at its start")
+            if lora:
+                lora["adapters"] = listed
+                entry["lora"] = lora
+            models.append(entry)
+        self.catalog.write_text(yaml.safe_dump({**self.doc, "models": models}))
 
     def stop(self) -> None:
         with self._lock:
@@ -334,7 +353,8 @@ def serve_workers(settings: Settings) -> int:
                 *(sys.executable, "-m", "gateway", "serve", "--workers", "1"),
                 *("--host", "127.0.0.1", "--port", str(control_port)),
             ]
-            control = Control(argv, env, control_url, settings)
+            doc = {**raw, "models": control_models}
+            control = Control(argv, env, control_url, settings, control_cfg, doc)
             control.start()
         front_cfg.write_text(yaml.safe_dump({**raw, "models": front_models}))
         os.environ.update(

@@ -2,8 +2,9 @@
 owned by the control process, the real Redis under an own prefix, an admin port): admin
 routes only on the admin port; the control process killed with SIGKILL is restarted by the
 parent while front doors answer 503 + Retry-After, and serves again with its adapter
-re-applied; SIGTERM drains every front door (streams in flight finish, new requests in the
-accept window are answered), then stops the control process."""
+re-applied; a revocation is seen by every front door at the next request; SIGTERM drains
+every front door (streams in flight finish, new requests in the accept window are
+answered), then stops the control process."""
 
 from __future__ import annotations
 
@@ -120,7 +121,21 @@ def test_admin_port_restart_and_drain(fleet: dict[str, Any]) -> None:
     assert _control(gw) != old
     log = gw.log.read_text()
     assert "restarting it in 1 s (restart 1)" in log and "is back on" in log
-    assert "adapter 'a1' re-applied to the control process: ok" in log
+    assert "adapter 'a1' re-applied to the control process at its start" in log
+
+    # A revocation through the admin port takes effect at the very next request on every
+    # front door, though each had the key's record cached (the admission script's version).
+    other = httpx.post(f"{admin}/admin/keys", json={}, headers=ADMIN).json()
+    bearer = {"authorization": f"Bearer {other['key']}"}
+    body = {"model": "m", "messages": CHAT, "max_tokens": 1}
+    for _ in range(10):  # new connections: both front doors cache the record
+        r = httpx.post(f"{gw.url}/v1/chat/completions", json=body, headers=bearer)
+        assert r.status_code == 200, r.text
+    assert httpx.delete(f"{admin}/admin/keys/{other['id']}", headers=ADMIN).status_code == 200
+    for _ in range(10):
+        r = httpx.post(f"{gw.url}/v1/chat/completions", json=body, headers=bearer)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        assert r.json()["error"]["message"] == "This API key has been revoked."
 
     # 3. SIGTERM: streams in flight finish on every front door, requests in the accept
     # window are answered (200 or 503 + Retry-After), never refused.
