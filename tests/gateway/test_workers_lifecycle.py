@@ -182,3 +182,25 @@ def test_admin_port_restart_and_drain(fleet: dict[str, Any]) -> None:
     while [p for p in procs if _alive(p)] and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not [p for p in procs if _alive(p)]
+
+
+def test_admin_port_in_one_process(tmp_path: Path) -> None:
+    """One process (no --workers), keys file mode: the admin socket is a second listener
+    of the same process; the public port answers the admin routes with 404."""
+    admin_port = free_port()
+    env = {"GATEWAY_ADMIN_PORT": str(admin_port), "GATEWAY_KEYS_FILE": str(tmp_path / "k.json")}
+    gw = GatewayProcess([{"name": "m", "engine": "sim"}], tmp_path, **env).wait_ready()
+    admin = f"http://127.0.0.1:{admin_port}"
+    try:
+        assert httpx.get(f"{gw.url}/admin/keys", headers=ADMIN).status_code == 404
+        assert httpx.get(f"{admin}/admin/keys").status_code == 401
+        made = httpx.post(f"{admin}/admin/keys", json={"rpm": 100}, headers=ADMIN)
+        assert made.status_code == 201, made.text
+        key = {"authorization": f"Bearer {made.json()['key']}"}
+        body = {"model": "m", "messages": CHAT, "max_tokens": 1}
+        r = httpx.post(f"{gw.url}/v1/chat/completions", json=body, headers=key)
+        assert r.status_code == 200 and r.headers["x-ratelimit-limit-requests"] == "100"
+        r = httpx.post(f"{admin}/v1/chat/completions", json=body, headers=key)
+        assert r.status_code == 404
+    finally:
+        gw.stop()  # one process: uvicorn re-raises SIGTERM after its shutdown (status -15)
