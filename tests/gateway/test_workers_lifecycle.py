@@ -94,9 +94,13 @@ def test_admin_port_restart_and_drain(fleet: dict[str, Any]) -> None:
     r = httpx.post(f"{admin}/v1/load_lora_adapter", json=load, headers=ADMIN, timeout=60)
     assert r.status_code == 200, r.text
     deadline = time.monotonic() + 30
-    while (r := _chat(gw.url, "a1")).status_code != 200:  # the other front door follows
-        assert time.monotonic() < deadline, r.text
-        time.sleep(0.2)
+    ok = 0
+    while ok < 10:  # ten in a row on new connections: both front doors serve a1
+        r = _chat(gw.url, "a1")
+        ok = ok + 1 if r.status_code == 200 else 0
+        if not ok:  # the other front door follows the store each second
+            assert time.monotonic() < deadline, r.text
+            time.sleep(0.2)
 
     # 2. The control process dies: 503 + Retry-After meanwhile, then served again.
     old = _control(gw)
