@@ -23,7 +23,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from engines.base import ServingError
-from gateway.api import COLD, HOT
+from gateway.api import ADMIN_PATHS, COLD, HOT
 from gateway.api.requests import error_response
 from gateway.catalog import Catalog, load_catalog
 from gateway.cors import Cors
@@ -119,15 +119,24 @@ class FrontDoor:
         self.app = app
         self.state = app.state
         self.gateway = gateway
+        self.admin_port = gateway.settings.admin_port
+        dispatch = self._dispatch if self.admin_port is None else self._split_ports
         self._entry: Any = (
-            Cors(self._dispatch, gateway.settings) if cors_enabled(gateway.settings) else None
+            Cors(dispatch, gateway.settings) if cors_enabled(gateway.settings) else dispatch
         )
 
     async def __call__(self, scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
-        if self._entry is not None:
-            await self._entry(scope, receive, send)
-        else:
-            await self._dispatch(scope, receive, send)
+        await self._entry(scope, receive, send)
+
+    async def _split_ports(self, scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
+        """`GATEWAY_ADMIN_PORT` set: admin routes only on that port, the rest only off it."""
+        if scope["type"] == "http":
+            server = scope.get("server") or (None, None)
+            if is_admin_path(scope["path"]) != (server[1] == self.admin_port):
+                err = NotFound(f"Unknown path {scope['path']}.")
+                await error_response(err, "-")(scope, receive, send)
+                return
+        await self._dispatch(scope, receive, send)
 
     async def _dispatch(self, scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "http":
@@ -145,6 +154,10 @@ class FrontDoor:
                         await error_response(err, "-")(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+def is_admin_path(path: str) -> bool:
+    return path.startswith("/admin/") or path == "/admin" or path in ADMIN_PATHS
 
 
 async def _method_not_allowed(scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:

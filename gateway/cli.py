@@ -65,11 +65,13 @@ def _serve(args: argparse.Namespace) -> int:
         print(e, file=sys.stderr)
         return 2
     from gateway.drain import DrainingServer
+    from gateway.server_limits import listen_sockets
 
     # On SIGTERM: readiness 503, GATEWAY_DRAIN_ACCEPT_S of accepting, then requests in
     # flight get GATEWAY_DRAIN_SECONDS to finish (gateway/drain.py).
     config = uvicorn_config(app, settings, timeout_graceful_shutdown=settings.drain_seconds)
-    DrainingServer(config, app.state.gateway.served, settings.drain_accept_s).run()
+    server = DrainingServer(config, app.state.gateway.served, settings.drain_accept_s)
+    server.run(sockets=listen_sockets(config, settings) if settings.admin_port else None)
     return 0
 
 

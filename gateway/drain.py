@@ -36,7 +36,9 @@ class DrainingServer(uvicorn.Server):
 
     def __init__(self, config: uvicorn.Config, served: Any, accept_s: float) -> None:
         super().__init__(config)
-        self.served = served
+        # None: the app is built in this process by uvicorn (a front door of
+        # `serve --workers N`), its served models are found on it at the signal.
+        self._served = served
         self.accept_s = accept_s
         self._timer: threading.Timer | None = None
 
@@ -46,7 +48,7 @@ class DrainingServer(uvicorn.Server):
                 self._timer.cancel()
             super().handle_exit(sig, frame)
             return
-        self.served.draining = True
+        self.served().draining = True
         log.warning(
             "%s: draining — readiness 503 now, accepting for %g s more, then closing",
             signal.Signals(sig).name,
@@ -55,3 +57,11 @@ class DrainingServer(uvicorn.Server):
         self._timer = threading.Timer(self.accept_s, super().handle_exit, (sig, frame))
         self._timer.daemon = True
         self._timer.start()
+
+    def served(self) -> Any:
+        if self._served is not None:
+            return self._served
+        app = self.config.loaded_app
+        while not hasattr(app, "gateway") and hasattr(app, "app"):  # uvicorn's wrappers
+            app = app.app
+        return app.gateway.served

@@ -23,9 +23,14 @@ Outage policy (`GATEWAY_REDIS_OUTAGE`): "closed" answers 503 while Redis does no
 default the number of front doors), so N processes together stay near the limit; the
 token budget is not enforced then (its running total lives in Redis). Several front doors
 with the in-memory store (a keys file, no Redis) likewise each decide at limit ÷ N, and
-each counts usage and budget for itself. A key is
-looked up in Redis at most once a second per process (revocation is seen within that
-second); during an outage the last record seen is used, and an unknown key gets 503. The
+each counts usage and budget for itself.
+
+One Redis round trip per request: a verified key record is kept in this process for
+`KEY_CACHE_S` with the version it was read at, and the admission script compares that
+version with the key's current one (`KeyAdmin` bumps it on every change), answering
+"stale" instead of deciding when they differ — then the record is read again and the
+request decided on it (a revoked key gets its 401 at its next request, in every process).
+During an outage the last record seen is used, and an unknown key gets 503. The
 change of state is one log line and the `gateway_state_store_degraded` gauge; after a
 failure Redis is tried again after `RETRY_S`, not on every request (no 50 ms wait each).
 """
@@ -59,7 +64,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("gateway.limits")
 
+# The keys file is checked for changes at most this often (its mtime).
 KEY_TTL_S = 1.0
+# A record read from Redis is reused this long; the admission script's version check
+# catches every change before that, so this only bounds memory for keys no longer used.
+KEY_CACHE_S = 60.0
 RETRY_S = 1.0
 # Prompt tokens per JSON byte of the prompt before any real usage is seen (then learnt).
 BYTES_RATIO = 0.25
@@ -123,6 +132,8 @@ def ratelimit_headers(limits: Limits, d: Decision) -> list[tuple[bytes, bytes]]:
 @dataclass(slots=True)
 class Tenant:
     record: KeyRecord
+    # The record's version in the store ("" where there is none: the keys file).
+    version: str = ""
 
     @property
     def key_id(self) -> str:
@@ -184,7 +195,8 @@ class Tenancy:
         self.degraded = False
         self._retry_at = 0.0
         self.metrics = metrics
-        self._keys: dict[str, tuple[KeyRecord, float]] = {}
+        # key id → (record, its version, when read)
+        self._keys: dict[str, tuple[KeyRecord, str, float]] = {}
         self._file_mtime = -1.0
         self._file_checked = -math.inf
         self._file_keys: dict[str, KeyRecord] = {}
@@ -251,16 +263,13 @@ class Tenancy:
             if token is not None and self.plain and sum(_eq(token, k) for k in self.plain):
                 return None  # the plaintext list keeps working beside hashed keys
             raise AuthenticationError()
-        record = await self._record(parts[0])
-        if record is None or not matches(record, parts[1]):
+        found = await self._record(parts[0])
+        if found is None or not matches(found[0], parts[1]):
             raise AuthenticationError()
-        if record.revoked:
-            raise AuthenticationError("This API key has been revoked.")
-        if record.expired(time.time()):
-            raise AuthenticationError("This API key has expired.")
-        return Tenant(record)
+        return _usable(Tenant(*found))
 
-    async def _record(self, key_id: str) -> KeyRecord | None:
+    async def _record(self, key_id: str) -> tuple[KeyRecord, str] | None:
+        """(record, version) of a key id, from this process's cache when it has one."""
         now = time.monotonic()
         if self.keys_file is not None and self.store.name == "memory":
             if now - self._file_checked >= KEY_TTL_S:
@@ -269,57 +278,77 @@ class Tenancy:
                 if mtime != self._file_mtime:
                     self._file_mtime = mtime
                     self._file_keys = self.keys_file.load()
-            return self._file_keys.get(key_id)
+            record = self._file_keys.get(key_id)
+            return None if record is None else (record, "")
         cached = self._keys.get(key_id)
-        if cached is not None and now - cached[1] < KEY_TTL_S:
-            return cached[0]
+        if cached is not None and now - cached[2] < KEY_CACHE_S:
+            return cached[0], cached[1]
         if self._skip_store():
             if cached is not None:
-                return cached[0]
+                return cached[0], cached[1]
             raise self._unavailable()
         try:
             raw = await self.store.get_key(key_id)
         except StoreUnavailable as e:
             self._mark(True, str(e))
             if cached is not None:
-                return cached[0]
+                return cached[0], cached[1]
             raise self._unavailable() from None
         self._mark(False)
         if raw is None:
             self._keys.pop(key_id, None)
             return None
-        record = KeyRecord.model_validate_json(raw)
-        self._keys[key_id] = (record, now)
-        return record
+        record = KeyRecord.model_validate_json(raw[0])
+        self._keys[key_id] = (record, raw[1], now)
+        return record, raw[1]
+
+    async def _reread(self, tenant: Tenant) -> Tenant:
+        """The tenant on its key's current record (the admission script said "stale")."""
+        self._keys.pop(tenant.key_id, None)
+        found = await self._record(tenant.key_id)
+        if found is None or found[0].hash != tenant.record.hash:
+            raise AuthenticationError()
+        return _usable(Tenant(*found))
 
     # -- may they --------------------------------------------------------------------
 
     async def admit(self, tenant: Tenant, model: str, body: dict[str, Any]) -> Ticket:
-        record = tenant.record
-        if record.models is not None and model not in record.models:
-            raise PermissionDenied(f"This API key may not use the model `{model}`.", param="model")
         size, completion = estimate(body)
         prompt = int(size * self._ratio.get(model, BYTES_RATIO)) + 1
         cost = prompt + completion
-        limits = record.limits
-        if self.store.name == "memory" and self.share > 1:
-            # Several front doors without Redis: each holds its share of the limits.
-            limits = _share(limits, self.share, keep_budget=True)
-        now_ms = time.time() * 1000
         local = self._skip_store()
         decision: Decision | None = None
-        if not local:
+        for _ in range(2):  # a second time only on a record that changed ("stale")
+            record = tenant.record
+            if record.models is not None and model not in record.models:
+                raise PermissionDenied(
+                    f"This API key may not use the model `{model}`.", param="model"
+                )
+            limits = record.limits
+            if self.store.name == "memory" and self.share > 1:
+                # Several front doors without Redis: each holds its share of the limits.
+                limits = _share(limits, self.share, keep_budget=True)
+            if local:
+                break
+            now_ms = time.time() * 1000
             try:
-                decision = await self.store.admit(record.id, limits, cost, now_ms)
+                decision = await self.store.admit(record.id, limits, cost, now_ms, tenant.version)
                 self._mark(False)
             except StoreUnavailable as e:
                 self._mark(True, str(e))
                 local = True
+                break
+            if decision.reason != "stale":
+                break
+            tenant = await self._reread(tenant)
+            decision = None
+        if decision is None and not local:  # changed twice in a row: decide next time
+            raise self._unavailable()
         if decision is None:
             if self.settings.redis_outage == "closed":
                 raise self._unavailable()
             limits = _share(limits, self.share)
-            decision = self.local.admit_now(record.id, limits, cost, now_ms)
+            decision = self.local.admit_now(record.id, limits, cost, time.time() * 1000)
         headers = ratelimit_headers(record.limits, decision)
         if not decision.admitted:
             if decision.reason == "budget":
@@ -405,6 +434,15 @@ class Tenancy:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
         with contextlib.suppress(StoreUnavailable):
             await self.flush()
+
+
+def _usable(tenant: Tenant) -> Tenant:
+    """The tenant, unless its key is revoked or expired (OpenAI's 401 invalid_api_key)."""
+    if tenant.record.revoked:
+        raise AuthenticationError("This API key has been revoked.")
+    if tenant.record.expired(time.time()):
+        raise AuthenticationError("This API key has expired.")
+    return tenant
 
 
 def _eq(a: str, b: str) -> bool:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import resource
+import socket
 from typing import Any, ClassVar
 
 import httptools
@@ -289,6 +290,26 @@ def _check_fd_limit(settings: Settings) -> None:
             settings.max_connections,
             soft,
         )
+
+
+def listen_sockets(config: uvicorn.Config, settings: Settings) -> list[socket.socket]:
+    """The public socket, and the admin socket when `GATEWAY_ADMIN_PORT` is set (both
+    bound here, once, and inherited by every front door under `serve --workers N`)."""
+    sockets = [config.bind_socket()]
+    if settings.admin_port is not None:
+        host = settings.admin_host
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        admin = socket.socket(family, socket.SOCK_STREAM)
+        admin.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            admin.bind((host, settings.admin_port))
+        except OSError as e:
+            admin.close()
+            where = f"{host}:{settings.admin_port}"
+            raise SystemExit(f"error: cannot bind the admin port {where}: {e}") from None
+        admin.set_inheritable(True)
+        sockets.append(admin)
+    return sockets
 
 
 def uvicorn_config(app: Any, settings: Settings, **overrides: Any) -> uvicorn.Config:

@@ -34,6 +34,11 @@ class Settings(BaseSettings):
     api_keys: str = ""
     # Key for the admin routes (adapter load/unload); empty means they are disabled.
     admin_key: str = ""
+    # When set, the admin routes (/admin/*, /v1/load_lora_adapter, /v1/unload_lora_adapter)
+    # are served only on this port, bound to admin_host, and answer 404 on the public port
+    # (the admin key is still required). Unset: they share the public port.
+    admin_port: int | None = Field(default=None, ge=1, le=65535)
+    admin_host: str = "127.0.0.1"
     # /health/ready: "any" model ready, "all" of them, or a comma-separated list of names.
     ready_when: str = "any"
     # A model that fails to start is retried after this many seconds, doubling to 300.

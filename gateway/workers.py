@@ -29,9 +29,24 @@ through itself: use Redis with N > 1 when adapters are loaded at run time. The c
 process trusts only a random per-run token (its only client and admin key), passed to
 front doors in the environment.
 
-Stopping: Ctrl-C or SIGTERM to the parent stops the front doors (uvicorn's supervisor,
-graceful), then the control process (SIGTERM, then SIGKILL after `STOP_TIMEOUT_S`). uvicorn's
-supervisor also restarts a front door that dies.
+The control process is watched by a thread of the parent: when it dies it is started again
+on the same port with the same token, after a backoff (`RESTART_FIRST_S` doubling to
+`RESTART_MAX_S`, reset once it has run `STABLE_S`), with one progress line per step on
+stderr; meanwhile front doors answer its models with 503 + Retry-After (their relay finds
+no healthy endpoint). It is started again with the adapter desired state of the store
+(Redis: every adapter loaded through any front door) written into its catalog's
+`lora.adapters`, so it holds them before it reports healthy.
+
+The admin port (`GATEWAY_ADMIN_PORT`) is bound once by the parent, like the public socket,
+and inherited by every front door: an admin request is served by whichever front door
+accepts it (keys and adapter state are shared through the store, so any one will do); the
+control process never binds it.
+
+Stopping: Ctrl-C or SIGTERM to the parent makes every front door do what one process does
+(`gateway.drain`: readiness 503 at once, `GATEWAY_DRAIN_ACCEPT_S` of accepting, then
+in-flight requests get `GATEWAY_DRAIN_SECONDS`), all at the same time; once all have exited,
+the control process is stopped (SIGTERM, its engines stopped, then SIGKILL after
+`STOP_TIMEOUT_S`). uvicorn's supervisor also restarts a front door that dies.
 
 Not here: what a front door does with a request (`gateway.app`), engines' supervision of
 their own workers (`engines.launch`).
@@ -45,11 +60,15 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
 import yaml
+from uvicorn.config import STARTUP_FAILURE
+from uvicorn.supervisors.multiprocess import Multiprocess, Process
 
 from gateway.settings import Settings
 
@@ -57,6 +76,11 @@ CONTROL_KEY_ENV = "GATEWAY_CONTROL_KEY"
 STOP_TIMEOUT_S = 60.0
 # How long the control process may take to start its engines (vLLM loads take minutes).
 START_TIMEOUT_S = 3600.0
+# A dead control process is started again after this, doubling up to RESTART_MAX_S; the
+# delay starts over once it has served STABLE_S.
+RESTART_FIRST_S = 1.0
+RESTART_MAX_S = 30.0
+STABLE_S = 60.0
 # Spec fields a front door keeps for a control-owned model (the rest is the control's).
 _FRONT_FIELDS = (
     "name",
@@ -144,12 +168,20 @@ def _free_port(host: str) -> int:
         return int(s.getsockname()[1])
 
 
-def _wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float) -> None:
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _wait_healthy(
+    url: str, proc: subprocess.Popen[bytes], timeout: float, stop: threading.Event | None = None
+) -> None:
     deadline = time.monotonic() + timeout
-    last = 0.0
+    last = time.monotonic()
     while True:
         if proc.poll() is not None:
             raise RuntimeError(f"the control process exited with status {proc.returncode}")
+        if stop is not None and stop.is_set():
+            raise RuntimeError("stopping")
         try:
             if httpx.get(f"{url}/health", timeout=2).status_code == 200:
                 return
@@ -159,9 +191,119 @@ def _wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float) -> No
         if now > deadline:
             raise TimeoutError(f"the control process was not healthy after {timeout:.0f} s")
         if now - last > 15:
-            print(f"waiting for the control process at {url} ...", file=sys.stderr, flush=True)
+            _say(f"waiting for the control process at {url} ...")
             last = now
         time.sleep(0.25)
+
+
+class Control:
+    """The control process: started, watched and restarted by a thread of the parent."""
+
+    def __init__(
+        self,
+        argv: list[str],
+        env: dict[str, str],
+        url: str,
+        settings: Settings,
+        catalog: Path,
+        doc: dict[str, Any],
+    ):
+        self.argv, self.env, self.url, self.settings = argv, env, url, settings
+        self.catalog, self.doc = catalog, doc
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.stopping = threading.Event()
+        self.restarts = 0
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Start it and wait until it serves (the first start: failures are fatal)."""
+        self.proc = subprocess.Popen(self.argv, env=self.env)
+        _wait_healthy(self.url, self.proc, START_TIMEOUT_S)
+        self._thread = threading.Thread(target=self._watch, name="control-watch", daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        delay = RESTART_FIRST_S
+        while not self.stopping.is_set():
+            proc = self.proc
+            assert proc is not None
+            began = time.monotonic()
+            code = proc.wait()
+            if self.stopping.is_set():
+                return
+            if time.monotonic() - began > STABLE_S:
+                delay = RESTART_FIRST_S
+            self.restarts += 1
+            _say(
+                f"the control process exited with status {code}; its models answer 503 "
+                f"until it is back; restarting it in {delay:g} s (restart {self.restarts})"
+            )
+            if self.stopping.wait(delay):
+                return
+            delay = min(delay * 2, RESTART_MAX_S)
+            self._write_catalog()
+            with self._lock:
+                if self.stopping.is_set():
+                    return
+                self.proc = subprocess.Popen(self.argv, env=self.env)
+            try:
+                _wait_healthy(self.url, self.proc, START_TIMEOUT_S, self.stopping)
+            except (RuntimeError, TimeoutError) as e:
+                _say(f"the control process did not come back: {e}")
+                if self.proc.poll() is None and not self.stopping.is_set():
+                    self.proc.kill()
+                continue
+            _say(f"the control process is back on {self.url} (restart {self.restarts})")
+
+    def _desired(self) -> dict[str, dict[str, str]]:
+        """The adapter desired state in the store: name → {"base", "path"}."""
+        if not self.settings.redis_url:
+            return {}  # no shared state: the front door that loaded one re-applies it
+        import redis
+
+        from gateway.adapter_sync import MAP
+
+        try:
+            r = redis.Redis.from_url(
+                self.settings.redis_url, socket_timeout=5, decode_responses=True
+            )
+            try:
+                raw = r.hgetall(f"{self.settings.redis_prefix}:map:{MAP}")
+            finally:
+                r.close()
+        except redis.RedisError as e:
+            _say(f"adapters not re-applied to the control process: {e}")
+            return {}
+        return {str(name): dict(yaml.safe_load(v)) for name, v in raw.items()}
+
+    def _write_catalog(self) -> None:
+        """The control's catalog with the desired adapters listed under their base models'
+        `lora.adapters`, so it serves them before it reports healthy (no window in which
+        a front door reaches it for an adapter it does not hold yet)."""
+        desired = self._desired()
+        models = []
+        for entry in self.doc.get("models") or []:
+            entry = dict(entry)
+            lora = dict(entry.get("lora") or {})
+            listed = list(lora.get("adapters") or [])
+            names = {a["name"] for a in listed}
+            room = int(lora.get("max_adapters", 4)) - len(listed)
+            for name, d in desired.items():
+                if d.get("base") == entry.get("name") and name not in names and room > 0:
+                    listed.append({"name": name, "path": d["path"]})
+                    room -= 1
+                    _say(f"adapter {name!r} re-applied to the control process at its start")
+            if lora:
+                lora["adapters"] = listed
+                entry["lora"] = lora
+            models.append(entry)
+        self.catalog.write_text(yaml.safe_dump({**self.doc, "models": models}))
+
+    def stop(self) -> None:
+        with self._lock:
+            self.stopping.set()
+        _stop(self.proc)
 
 
 def _stop(proc: subprocess.Popen[bytes] | None) -> None:
@@ -179,9 +321,64 @@ def _on_term(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
+class _FrontDoor(Process):
+    """uvicorn's worker process, serving with the draining server (`gateway.drain`)."""
+
+    accept_s = 5.0
+
+    @property
+    def server(self) -> Any:
+        if self._server is None:
+            from gateway.drain import DrainingServer
+
+            self._server = DrainingServer(self.config, None, self.accept_s)
+        return self._server
+
+
+class _FrontDoors(Multiprocess):
+    """uvicorn's supervisor of N front doors, each a `_FrontDoor`."""
+
+    def __init__(self, config: Any, sockets: list[socket.socket], accept_s: float):
+        super().__init__(config, sockets)
+        self.accept_s = accept_s
+
+    def _new(self) -> Process:
+        p = _FrontDoor(self.config, self.sockets)
+        p.accept_s = self.accept_s
+        return p
+
+    def init_processes(self) -> None:
+        for _ in range(self.processes_num):
+            process = self._new()
+            process.start()
+            self.processes.append(process)
+
+    def keep_subprocess_alive(self) -> None:
+        # uvicorn's, with our process class.
+        if self.should_exit.is_set():
+            return
+        for idx, process in enumerate(self.processes):
+            if process.is_alive(timeout=self.config.timeout_worker_healthcheck):
+                continue
+            process.kill()
+            process.join()
+            if process.exitcode == STARTUP_FAILURE:  # it would fail the same way again
+                _say(f"front door [{process.pid}] failed to start; stopping")
+                self.should_exit.set()
+                return
+            if self.should_exit.is_set():
+                return
+            _say(f"front door [{process.pid}] died; starting another")
+            process = self._new()
+            process.start()
+            self.processes[idx] = process
+
+
 def serve_workers(settings: Settings) -> int:
     """Run the control process (if any model needs one) and N front doors until stopped."""
     import uvicorn
+
+    from gateway.server_limits import listen_sockets
 
     config = settings.config.resolve()
     raw = yaml.safe_load(config.read_text()) or {}
@@ -193,12 +390,13 @@ def serve_workers(settings: Settings) -> int:
     tag = f"{os.getpid()}"
     control_cfg = config.with_name(f".{config.stem}.control-{tag}.yaml")
     front_cfg = config.with_name(f".{config.stem}.front-{tag}.yaml")
-    control: subprocess.Popen[bytes] | None = None
+    control: Control | None = None
     previous = signal.signal(signal.SIGTERM, _on_term)
     try:
         if control_models:
             control_cfg.write_text(yaml.safe_dump({**raw, "models": control_models}))
-            env = {k: v for k, v in os.environ.items() if k != "GATEWAY_KEYS_FILE"}
+            drop = ("GATEWAY_KEYS_FILE", "GATEWAY_ADMIN_PORT", "GATEWAY_ADMIN_HOST")
+            env = {k: v for k, v in os.environ.items() if k not in drop}
             env |= {
                 "GATEWAY_CONFIG": str(control_cfg),
                 "GATEWAY_WORKERS": "1",
@@ -208,20 +406,18 @@ def serve_workers(settings: Settings) -> int:
                 # Every front door's relay connections come from 127.0.0.1: the
                 # per-address cap meant for clients would refuse them under load.
                 "GATEWAY_MAX_CONNECTIONS_PER_CLIENT": "1000000",
+                # The front doors hold the accept window; the control stops when they are gone.
+                "GATEWAY_DRAIN_ACCEPT_S": "0",
             }
-            print(
-                f"starting the control process for {len(control_models)} model(s) on {control_url}",
-                file=sys.stderr,
-                flush=True,
-            )
-            control = subprocess.Popen(
-                [
-                    *(sys.executable, "-m", "gateway", "serve", "--workers", "1"),
-                    *("--host", "127.0.0.1", "--port", str(control_port)),
-                ],
-                env=env,
-            )
-            _wait_healthy(control_url, control, START_TIMEOUT_S)
+            n = len(control_models)
+            _say(f"starting the control process for {n} model(s) on {control_url}")
+            argv = [
+                *(sys.executable, "-m", "gateway", "serve", "--workers", "1"),
+                *("--host", "127.0.0.1", "--port", str(control_port)),
+            ]
+            doc = {**raw, "models": control_models}
+            control = Control(argv, env, control_url, settings, control_cfg, doc)
+            control.start()
         front_cfg.write_text(yaml.safe_dump({**raw, "models": front_models}))
         os.environ.update(
             {
@@ -231,12 +427,11 @@ def serve_workers(settings: Settings) -> int:
             }
         )
         signal.signal(signal.SIGTERM, previous)
-        print(
-            f"starting {settings.workers} front doors on {settings.host}:{settings.port}",
-            file=sys.stderr,
-            flush=True,
-        )
-        uvicorn.run(
+        admin = ""
+        if settings.admin_port:
+            admin = f", admin on {settings.admin_host}:{settings.admin_port}"
+        _say(f"starting {settings.workers} front doors on {settings.host}:{settings.port}{admin}")
+        uv = uvicorn.Config(
             "gateway.app:app_from_env",
             factory=True,
             workers=settings.workers,
@@ -247,8 +442,9 @@ def serve_workers(settings: Settings) -> int:
             log_level=settings.log_level.lower(),
             access_log=False,
             proxy_headers=False,
-            timeout_graceful_shutdown=30,
+            timeout_graceful_shutdown=settings.drain_seconds,
         )
+        _FrontDoors(uv, listen_sockets(uv, settings), settings.drain_accept_s).run()
         return 0
     except KeyboardInterrupt:
         return 0
@@ -257,6 +453,7 @@ def serve_workers(settings: Settings) -> int:
         return 1
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        _stop(control)
+        if control is not None:
+            control.stop()
         for path in (control_cfg, front_cfg):
             path.unlink(missing_ok=True)

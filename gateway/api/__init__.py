@@ -50,4 +50,7 @@ COLD: list[BaseRoute] = [
     Route("/admin/keys/{key_id}/usage", admin.key_usage, methods=["GET"]),
 ]
 
-__all__ = ["COLD", "HOT", "HotHandler"]
+# Beside /admin/*: the routes that move to GATEWAY_ADMIN_PORT when it is set.
+ADMIN_PATHS = frozenset({"/v1/load_lora_adapter", "/v1/unload_lora_adapter"})
+
+__all__ = ["ADMIN_PATHS", "COLD", "HOT", "HotHandler"]

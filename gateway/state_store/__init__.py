@@ -45,7 +45,8 @@ class Limits:
 @dataclass(frozen=True, slots=True)
 class Decision:
     """The limiter's answer. `reason` is "" when admitted, else "budget", "parallel",
-    "requests" or "tokens"; times are milliseconds from now."""
+    "requests", "tokens", or "stale" (the key's record changed since the caller read it:
+    read it again, decide again); times are milliseconds from now."""
 
     reason: str
     retry_after_ms: int
@@ -80,13 +81,17 @@ class StateStore(Protocol):
     async def start(self) -> None: ...
     async def close(self) -> None: ...
 
-    # API keys: id → the record's JSON (hashes only; `gateway.keys` owns the format).
-    async def get_key(self, key_id: str) -> str | None: ...
+    # API keys: id → the record's JSON (hashes only; `gateway.keys` owns the format) and
+    # its version, which every `put_key` changes.
+    async def get_key(self, key_id: str) -> tuple[str, str] | None: ...
     async def put_key(self, key_id: str, record: str) -> None: ...
     async def list_keys(self) -> dict[str, str]: ...
 
-    # Limits: one atomic decision at admission, one atomic settlement at the end.
-    async def admit(self, key_id: str, limits: Limits, cost: int, now_ms: float) -> Decision: ...
+    # Limits: one atomic decision at admission, one atomic settlement at the end. A
+    # non-empty `version` that is not the record's current one answers "stale".
+    async def admit(
+        self, key_id: str, limits: Limits, cost: int, now_ms: float, version: str = ""
+    ) -> Decision: ...
     async def settle(self, key_id: str, limits: Limits, usage: Usage, day: str) -> None: ...
     async def outstanding(self, key_id: str) -> tuple[int, int]:
         """(requests in flight, tokens reserved and not yet settled) for one key."""

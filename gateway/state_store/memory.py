@@ -58,6 +58,7 @@ class MemoryStore:
 
     def __init__(self) -> None:
         self._keys: dict[str, str] = {}
+        self._versions: dict[str, int] = defaultdict(int)
         self._buckets: dict[str, _Bucket] = defaultdict(_Bucket)
         self._usage: dict[str, dict[str, dict[str, int]]] = defaultdict(
             lambda: defaultdict(lambda: defaultdict(int))
@@ -70,11 +71,13 @@ class MemoryStore:
     async def close(self) -> None:
         return None
 
-    async def get_key(self, key_id: str) -> str | None:
-        return self._keys.get(key_id)
+    async def get_key(self, key_id: str) -> tuple[str, str] | None:
+        raw = self._keys.get(key_id)
+        return None if raw is None else (raw, str(self._versions[key_id]))
 
     async def put_key(self, key_id: str, record: str) -> None:
         self._keys[key_id] = record
+        self._versions[key_id] += 1
 
     async def list_keys(self) -> dict[str, str]:
         return dict(self._keys)
@@ -88,7 +91,11 @@ class MemoryStore:
             b.reserved += cost
         return d
 
-    async def admit(self, key_id: str, limits: Limits, cost: int, now_ms: float) -> Decision:
+    async def admit(
+        self, key_id: str, limits: Limits, cost: int, now_ms: float, version: str = ""
+    ) -> Decision:
+        if version and version != str(self._versions[key_id]):
+            return Decision("stale", 0, 0, 0, 0, 0)
         return self.admit_now(key_id, limits, cost, now_ms)
 
     def settle_now(self, key_id: str, limits: Limits, usage: Usage, day: str) -> None:

@@ -2,7 +2,9 @@
 
 Each limiter decision and each settlement is ONE Lua script (atomic on the server, one
 round trip): admission reads the key's bucket, decides by GCRA against the server's own
-clock (`TIME`, so hosts with skewed clocks agree) and writes the new state; settlement
+clock (`TIME`, so hosts with skewed clocks agree) and writes the new state — or answers
+"stale" when the key's record changed since the caller read it (a version counter bumped
+by every `put_key`, so a revocation is seen at the key's next request); settlement
 releases the parallel slot, returns the unused part of the token reservation, adds the
 spent tokens and writes the usage ledger, all at once. The arithmetic is the same as
 `gateway.state_store.memory.gcra_admit`.
@@ -14,12 +16,13 @@ may take `CONNECT_TIMEOUT_S`, and waiting for a free one (this process queueing)
 a 50 ms budget 969 times out of 1,000 on connects alone.
 
 Layout under the prefix P: `P:keys` (hash id → record JSON), `P:lim:<id>` (hash rtat, ttat,
-par, res, spent), `P:use:<id>:<day>` (hash model\x1ffield → count), `P:days:<id>` (set of
+par, res, spent, ver), `P:use:<id>:<day>` (hash model\x1ffield → count), `P:days:<id>` (set of
 days), `P:map:<name>` (hash).
 """
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -28,6 +31,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from gateway.state_store import WINDOW_MS, Decision, Limits, StoreUnavailable, Usage
+from gateway.state_store.resp import ReplyError, RespClient, encode
 
 POOL_SIZE = 32
 # Waiting for a pooled connection is this process queueing (CPU-bound under a burst), not
@@ -44,7 +48,10 @@ local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
 local rpm, tpm = tonumber(ARGV[1]), tonumber(ARGV[2])
 local maxpar, budget, cost = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local W = tonumber(ARGV[6])
-local h = redis.call('HMGET', KEYS[1], 'rtat', 'ttat', 'par', 'res', 'spent')
+local h = redis.call('HMGET', KEYS[1], 'rtat', 'ttat', 'par', 'res', 'spent', 'ver')
+if ARGV[7] ~= '' and (h[6] or '0') ~= ARGV[7] then
+  return {'stale', 0, 0, 0, 0, 0}
+end
 local rtat = math.max(tonumber(h[1]) or 0, now)
 local ttat = math.max(tonumber(h[2]) or 0, now)
 local par, res, spent = tonumber(h[3]) or 0, tonumber(h[4]) or 0, tonumber(h[5]) or 0
@@ -121,6 +128,12 @@ class RedisStore:
         self._redis: Any = aioredis.Redis(connection_pool=pool, retry=Retry(NoBackoff(), 0))
         self._admit = self._redis.register_script(_ADMIT)
         self._settle = self._redis.register_script(_SETTLE)
+        # The two hot-path scripts go over a pipelined connection of our own
+        # (gateway.state_store.resp: its docstring has the measured reason).
+        self._fast: RespClient | None = None
+        if url.startswith("redis://"):
+            self._fast = RespClient(url, timeout_s)
+        self._sha = {s: hashlib.sha1(s.encode()).hexdigest() for s in (_ADMIT, _SETTLE)}
 
     def _k(self, *parts: str) -> str:
         return ":".join((self.prefix, *parts))
@@ -135,21 +148,56 @@ class RedisStore:
         await self._call(self._redis.ping())
 
     async def close(self) -> None:
+        if self._fast is not None:
+            await self._fast.close()
         await self._redis.aclose(close_connection_pool=True)
 
-    async def get_key(self, key_id: str) -> str | None:
-        value = await self._call(self._redis.hget(self._k("keys"), key_id))
-        return value if isinstance(value, str) else None
+    async def _script(self, script: str, keys: list[str], args: list[Any]) -> Any:
+        """EVALSHA (EVAL once when Redis does not hold the script yet)."""
+        if self._fast is None:
+            sha_script = self._admit if script is _ADMIT else self._settle
+            return await self._call(sha_script(keys=keys, args=args))
+        tail = (len(keys), *keys, *args)
+        reply = await self._fast.call(encode("EVALSHA", self._sha[script], *tail))
+        if isinstance(reply, ReplyError) and str(reply).startswith("NOSCRIPT"):
+            reply = await self._fast.call(encode("EVAL", script, *tail))
+        if isinstance(reply, ReplyError):
+            raise StoreUnavailable(f"script: {reply}")
+        return reply
+
+    async def get_key(self, key_id: str) -> tuple[str, str] | None:
+        async def both() -> Any:
+            async with self._redis.pipeline(transaction=True) as p:
+                p.hget(self._k("keys"), key_id)
+                p.hget(self._k("lim", key_id), "ver")
+                return await p.execute()
+
+        value, version = await self._call(both())
+        return (value, version or "0") if isinstance(value, str) else None
 
     async def put_key(self, key_id: str, record: str) -> None:
-        await self._call(self._redis.hset(self._k("keys"), key_id, record))
+        """Write the record and bump its version: every process's admission script sees
+        the change at that key's next request (`admit`'s `version`)."""
+
+        async def both() -> Any:
+            async with self._redis.pipeline(transaction=True) as p:
+                p.hset(self._k("keys"), key_id, record)
+                p.hincrby(self._k("lim", key_id), "ver", 1)
+                return await p.execute()
+
+        await self._call(both())
 
     async def list_keys(self) -> dict[str, str]:
         return dict(await self._call(self._redis.hgetall(self._k("keys"))))
 
-    async def admit(self, key_id: str, limits: Limits, cost: int, now_ms: float) -> Decision:
-        args = [limits.rpm, limits.tpm, limits.max_parallel, limits.budget_tokens, cost, WINDOW_MS]
-        r = await self._call(self._admit(keys=[self._k("lim", key_id)], args=args))
+    async def admit(
+        self, key_id: str, limits: Limits, cost: int, now_ms: float, version: str = ""
+    ) -> Decision:
+        args = [
+            *(limits.rpm, limits.tpm, limits.max_parallel, limits.budget_tokens, cost),
+            *(WINDOW_MS, version),
+        ]
+        r = await self._script(_ADMIT, [self._k("lim", key_id)], args)
         return Decision(str(r[0]), int(r[1]), int(r[2]), int(r[3]), int(r[4]), int(r[5]))
 
     async def settle(self, key_id: str, limits: Limits, usage: Usage, day: str) -> None:
@@ -165,7 +213,7 @@ class RedisStore:
             WINDOW_MS,
             "1" if usage.release else "0",
         ]
-        await self._call(self._settle(keys=keys, args=args))
+        await self._script(_SETTLE, keys, args)
 
     async def outstanding(self, key_id: str) -> tuple[int, int]:
         par, res = await self._call(self._redis.hmget(self._k("lim", key_id), "par", "res"))

@@ -141,6 +141,32 @@ def test_hashed_key_admin_api_headers_and_ledger(gw: ServerThread) -> None:
         client.chat.completions.create(model="m", messages=CHAT, max_tokens=1)  # type: ignore[arg-type]
 
 
+def test_expired_key_gets_openai_401(gw: ServerThread) -> None:
+    """A key created through the admin API with an expiry a moment ahead serves until
+    then, and afterwards gets OpenAI's 401 `invalid_api_key` saying it expired."""
+    expires_at = time.time() + 1.0
+    made = create_key(gw.url, expires_at=expires_at)
+    assert made["expires_at"] == expires_at
+    with openai.OpenAI(base_url=f"{gw.url}/v1", api_key=made["key"], max_retries=0) as client:
+        r = client.chat.completions.create(model="m", messages=CHAT, max_tokens=1)  # type: ignore[arg-type]
+        assert r.usage is not None and r.usage.completion_tokens == 1
+        while time.time() < expires_at + 0.5:  # past the expiry, with a margin
+            time.sleep(0.1)
+        with pytest.raises(openai.AuthenticationError) as caught:
+            client.chat.completions.create(model="m", messages=CHAT, max_tokens=1)  # type: ignore[arg-type]
+    err = caught.value
+    assert err.status_code == 401 and err.code == "invalid_api_key"
+    assert err.body == {
+        "message": "This API key has expired.",
+        "type": "invalid_request_error",
+        "param": None,
+        "code": "invalid_api_key",
+    }
+    # The admin API still lists it, with its expiry, for the operator.
+    listed = httpx.get(f"{gw.url}/admin/keys/{made['id']}", headers=ADMIN).json()
+    assert listed["expires_at"] == expires_at and not listed["revoked"]
+
+
 class _Attempts:
     def __init__(self) -> None:
         self.count = 0

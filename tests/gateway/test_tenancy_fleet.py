@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import random
 import time
 from collections import Counter
@@ -21,6 +22,13 @@ from tests.gateway.test_api_sim import SimThread
 from tests.gateway.test_tenancy import ADMIN, settled
 
 RPM = 10  # the GCRA bucket holds one minute: a burst of 10, then one every 6 s
+# The issue asks for 10,000 requests; on the shared 2-core box the whole fleet (three
+# gateways, the simulator and this client) relays about 115 requests/s, so 10,000 cost
+# 86 s of test call (measured, passing): the default, 5,000 (measured 35 s call + 23 s
+# start and stop), is what fits the ~60 s CI budget; GATEWAY_TEST_USAGE_REQUESTS=10000 is
+# the full run.
+USAGE_REQUESTS = int(os.environ.get("GATEWAY_TEST_USAGE_REQUESTS", "5000"))
+USAGE_CONCURRENCY = 256
 
 
 # Per test: the usage check must not inherit the prompt-size estimate the limiter test
@@ -118,13 +126,13 @@ def test_usage_matches_engine_counters_with_aborts(fleet: dict[str, Any]) -> Non
     keys = [_create(gws[0].url) for _ in range(5)]
     rng = random.Random(11)
     words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa"]
-    total = 600  # 10,000 would take minutes on this shared 2-core box: scaled down
+    total = USAGE_REQUESTS
     before = _sim_tokens(sim)
 
     async def run() -> Counter[str]:
         seen: Counter[str] = Counter()
-        sem = asyncio.Semaphore(64)
-        limits = httpx.Limits(max_connections=200, max_keepalive_connections=0)
+        sem = asyncio.Semaphore(USAGE_CONCURRENCY)
+        limits = httpx.Limits(max_connections=USAGE_CONCURRENCY, max_keepalive_connections=0)
         async with httpx.AsyncClient(limits=limits, timeout=120) as client:
 
             async def one(i: int) -> None:
@@ -132,7 +140,7 @@ def test_usage_matches_engine_counters_with_aborts(fleet: dict[str, Any]) -> Non
                 gw = gws[i % 3]
                 text = " ".join(rng.choice(words) for _ in range(rng.randint(5, 60)))
                 chat = i % 2 == 0
-                body: dict[str, Any] = {"model": "m", "max_tokens": rng.randint(8, 64)}
+                body: dict[str, Any] = {"model": "m", "max_tokens": rng.randint(4, 24)}
                 if chat:
                     body["messages"] = [{"role": "user", "content": text}]
                 else:
