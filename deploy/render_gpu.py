@@ -44,9 +44,18 @@ def service_name(model: str) -> str:
 
 def _argv(spec: ModelSpec) -> list[str]:
     argv = list(engine_class(spec.engine).launch_commands(spec)[0])
-    for flag, value in (("--host", "0.0.0.0"), ("--port", str(PORT))):
-        argv[argv.index(flag) + 1] = value
-    return [*argv, "--shutdown-timeout", str(SHUTDOWN_TIMEOUT_S)]
+    # The gateway's launch line carries --shutdown-timeout (its stop grace); in a pod the
+    # pod's grace decides it instead.
+    for flag, value in (
+        ("--host", "0.0.0.0"),
+        ("--port", str(PORT)),
+        ("--shutdown-timeout", str(SHUTDOWN_TIMEOUT_S)),
+    ):
+        if flag in argv:
+            argv[argv.index(flag) + 1] = value
+        else:
+            argv += [flag, value]
+    return argv
 
 
 def _restricted() -> dict[str, Any]:
