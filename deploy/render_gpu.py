@@ -206,6 +206,9 @@ def render() -> dict[Path, str]:
 
 
 def main(argv: list[str]) -> int:
+    if any(a not in ("--check",) for a in argv):
+        print(__doc__, file=sys.stderr)  # --help, or a typo: nothing is written
+        return 2
     rendered = render()
     if "--check" in argv:
         stale = [p for p, text in rendered.items() if not p.exists() or p.read_text() != text]
