@@ -138,6 +138,7 @@ class Sender:
             if self._forward_id and request_id.isascii() and request_id.isprintable()
             else None
         )
+        relearned: list[Endpoint] = []
         while True:
             pool = ep.pool
             if pool is None:
@@ -152,10 +153,23 @@ class Sender:
                     len(data),
                     data,
                 )
-            if self._on_demand and rreq is not None and rreq.adapter is not None:
+            placed = self._on_demand and rreq is not None and rreq.adapter is not None
+            if placed:
+                assert rreq is not None and rreq.adapter is not None
                 await self.adapter_state.ensure(self._session, ep, rreq.adapter)
             try:
                 resp, first = await self._attempt(ep, pool, req, stream, request_id)
+            except ServingError as e:
+                # On-demand placement with several front doors: another one may have
+                # evicted the adapter from this worker since this one placed it. The
+                # worker's 404 means this view is stale: forget it and place it again,
+                # once per worker (nothing reached the client).
+                if not (placed and e.status == 404) or ep in relearned:
+                    raise
+                assert rreq is not None and rreq.adapter is not None
+                relearned.append(ep)
+                ep.adapters.pop(rreq.adapter, None)
+                continue
             except _Retriable as r:
                 tried.append(ep)
                 if trace is not None:

@@ -216,6 +216,42 @@ def test_decisions_are_counted_by_the_rule_that_decided() -> None:
     assert sum(r.decisions.values()) == 7
 
 
+async def test_an_adapter_evicted_behind_our_back_is_placed_again() -> None:
+    """Several front doors place adapters each on its own view: one may evict an adapter
+    from a worker another believes holds it. The worker's 404 makes the engine forget
+    that view and place the adapter again, and the client never sees it."""
+    from engines.spec import ModelSpec
+    from engines.upstream.engine import OpenAIEngine
+    from simulator import SimConfig, SimServer
+    from tests.engines.upstream.test_engine import chat
+
+    server = SimServer(SimConfig(model="sim-m", max_loras=2))
+    await server.start()
+    sp = ModelSpec(
+        name="sim-m",
+        engine="openai",
+        endpoints=[server.url],
+        lora={"max_adapters": 2},
+        routing={"scorers": {"lora_affinity": 2, "least_outstanding": 1}},
+        options={"health_interval_s": 0.1},
+    )
+    engine = OpenAIEngine(sp)
+    await engine.start()
+    try:
+        await engine.load_adapter("a1", "/adapters/a1")
+        assert (await engine.complete(chat(adapter="a1"))).usage is not None
+        (ep,) = engine._endpoints
+        assert "a1" in ep.adapters and "a1" in server.adapters
+        del server.adapters["a1"]  # another front door evicted it
+        loads = engine.status().counters["adapter_loads"]
+        assert (await engine.complete(chat(adapter="a1"))).usage is not None
+        assert "a1" in server.adapters
+        assert engine.status().counters["adapter_loads"] == loads + 1
+    finally:
+        await engine.stop()
+        await server.stop()
+
+
 def test_lora_decisions_say_held_or_placed() -> None:
     eps = fleet(2)
     for e in eps:
