@@ -6,6 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.gateway.test_api_sim import SimThread
 from tests.recording_upstream import RecordingUpstream
 
 
@@ -15,3 +16,11 @@ def upstream() -> Iterator[RecordingUpstream]:
     up = RecordingUpstream().start()
     yield up
     up.stop()
+
+
+@pytest.fixture(scope="module")
+def sims() -> Iterator[SimThread]:
+    """A thread with its own event loop running simulator servers (one per test module)."""
+    t = SimThread()
+    yield t
+    t.close()

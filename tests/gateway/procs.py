@@ -138,3 +138,13 @@ class GatewayProcess:
                 self.proc.wait()
         self._log.close()
         return self.proc.returncode
+
+
+def fake_adapter(root: Path, name: str = "a1") -> Path:
+    """A directory the gateway accepts as a LoRA adapter (config + weights file); the
+    simulator workers never read it."""
+    d = root / name
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "adapter_config.json").write_text('{"r": 8, "peft_type": "LORA"}')
+    (d / "adapter_model.safetensors").write_bytes(b"\0" * 16)
+    return d

@@ -46,13 +46,6 @@ class SimThread:
 
 
 @pytest.fixture(scope="module")
-def sims() -> Iterator[SimThread]:
-    t = SimThread()
-    yield t
-    t.close()
-
-
-@pytest.fixture(scope="module")
 def fleet(sims: SimThread, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """Two healthy workers behind model "m", plus one-worker models with faults."""
     root = tmp_path_factory.mktemp("lora-root")

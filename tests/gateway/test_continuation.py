@@ -34,13 +34,6 @@ OPTIONS = {
 
 
 @pytest.fixture(scope="module")
-def sims() -> Iterator[SimThread]:
-    t = SimThread()
-    yield t
-    t.close()
-
-
-@pytest.fixture(scope="module")
 def reference(sims: SimThread) -> Iterator[SimServer]:
     """A healthy worker: the uninterrupted answers."""
     server = sims.start(model="m", output_tokens=5)

@@ -27,13 +27,6 @@ CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_toke
 
 
 @pytest.fixture(scope="module")
-def sims() -> Iterator[SimThread]:
-    t = SimThread()
-    yield t
-    t.close()
-
-
-@pytest.fixture(scope="module")
 def fleet(sims: SimThread, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     worker = sims.start(model="m")
     doomed = sims.start(model="doomed")

@@ -30,13 +30,6 @@ ADMIN = {"authorization": f"Bearer {ADMIN_KEY}"}
 
 
 @pytest.fixture(scope="module")
-def sims() -> Iterator[SimThread]:
-    t = SimThread()
-    yield t
-    t.close()
-
-
-@pytest.fixture(scope="module")
 def models(sims: SimThread) -> Iterator[list[dict[str, Any]]]:
     fast = sims.start(model="m", itl_ms=1)
     slow = sims.start(model="slow", ttft_ms=5, itl_ms=50, output_tokens=60)

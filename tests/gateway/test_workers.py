@@ -16,7 +16,7 @@ import openai
 import pytest
 
 from tests.conftest import ADMIN_KEY
-from tests.gateway.procs import SHARED_REDIS, GatewayProcess, clean_prefix, new_prefix
+from tests.gateway.procs import SHARED_REDIS, GatewayProcess, clean_prefix, fake_adapter, new_prefix
 from tests.gateway.test_tenancy import CHAT, create_key
 
 
@@ -53,9 +53,7 @@ def _alive(pid: int) -> bool:
 def workers(tmp_path: Path) -> Iterator[dict[str, Any]]:
     prefix = new_prefix()
     root = tmp_path / "loras"
-    (root / "a1").mkdir(parents=True)
-    (root / "a1" / "adapter_config.json").write_text('{"r": 8, "peft_type": "LORA"}')
-    (root / "a1" / "adapter_model.safetensors").write_bytes(b"\0" * 16)
+    fake_adapter(root)
     models = [
         {
             "name": "m",

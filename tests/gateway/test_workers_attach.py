@@ -22,7 +22,7 @@ import pytest
 
 from tests.conftest import ADMIN_KEY
 from tests.engines.launch.test_vllm import FAKE_VLLM
-from tests.gateway.procs import REPO, GatewayProcess
+from tests.gateway.procs import REPO, GatewayProcess, fake_adapter
 
 CHAT = [{"role": "user", "content": "hello there"}]
 
@@ -151,9 +151,7 @@ def test_adapter_loaded_through_one_front_door_is_placed_by_all(tmp_path: Path) 
     from tests.gateway.test_tenancy import create_key
 
     root = tmp_path / "loras"
-    (root / "a1").mkdir(parents=True)
-    (root / "a1" / "adapter_config.json").write_text('{"r": 8, "peft_type": "LORA"}')
-    (root / "a1" / "adapter_model.safetensors").write_bytes(b"\0" * 16)
+    fake_adapter(root)
     sims, urls = [], []
     for _ in range(2):
         port = _free()

@@ -21,7 +21,7 @@ import httpx
 import pytest
 
 from tests.conftest import ADMIN_KEY, free_port
-from tests.gateway.procs import SHARED_REDIS, GatewayProcess, clean_prefix, new_prefix
+from tests.gateway.procs import SHARED_REDIS, GatewayProcess, clean_prefix, fake_adapter, new_prefix
 from tests.gateway.test_tenancy import CHAT
 from tests.gateway.test_workers import _alive, _cmdline, _descendants
 
@@ -33,9 +33,7 @@ STREAMS = 8
 def fleet(tmp_path: Path) -> Iterator[dict[str, Any]]:
     prefix = new_prefix()
     root = tmp_path / "loras"
-    (root / "a1").mkdir(parents=True)
-    (root / "a1" / "adapter_config.json").write_text('{"r": 8, "peft_type": "LORA"}')
-    (root / "a1" / "adapter_model.safetensors").write_bytes(b"\0" * 16)
+    fake_adapter(root)
     models = [
         {
             "name": "m",
