@@ -605,7 +605,8 @@ def main(argv: list[str] | None = None) -> int:
             TARGETS["gateway"], name="gateway-baseline", title=f"this gateway at {rev}",
             repo=args.baseline.resolve(),
         )  # fmt: skip
-        wanted.append("gateway-baseline")
+        if "gateway-baseline" not in wanted:  # named in --targets too: measured once
+            wanted.append("gateway-baseline")
     unknown = [t for t in wanted if t not in TARGETS]
     if unknown:
         log(f"unknown targets: {unknown}; known: {list(TARGETS)}")
