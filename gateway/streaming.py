@@ -161,8 +161,9 @@ class RelayResponse:
         observer = self._observer
         tail, prev = self._first, None  # raw: the finish reason is in the last two
         events = 0
-        # Gaps are noted here and handed over once at the end: observing a histogram per
-        # chunk was about 3 µs of a chunk's CPU (measured, docs/benchmarks.md).
+        # Gaps are noted here and handed over once at the end (`observe_many`):
+        # prometheus-client's `observe` per chunk measured 3.2 µs, a list append and the
+        # bulk observation 0.4 µs per gap (docs/benchmarks.md).
         gaps: list[float] = []
         note_gap = gaps.append
         write = body_writer(send)
@@ -178,15 +179,11 @@ class RelayResponse:
                 note_gap(now - last)
                 last = now
                 events += raw.count(b"\n\n")
-                # Only a block that mentions usage is looked into (`take_usage` scans it).
-                if b'"usage"' in raw:
-                    block, found = take_usage(raw, want_usage)
-                    if found is not None:
-                        usage = found
-                        if not block:
-                            continue
-                else:
-                    block = raw
+                block, found = take_usage(raw, want_usage)
+                if found is not None:
+                    usage = found
+                    if not block:
+                        continue
                 if write is None or not write(block):
                     await send({"type": "http.response.body", "body": block, "more_body": True})
             await send({"type": "http.response.body", "body": DONE, "more_body": False})
