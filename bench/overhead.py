@@ -256,10 +256,11 @@ def sim_command(port: int, stream: bool, plan: Plan) -> list[str]:
 
 
 async def run_all(targets: list[Target], plan: Plan, cpus: tuple[int, int] | None,
-                  workdir: Path, status: dict[str, dict[str, Any]]) -> dict[str, Any]:  # fmt: skip
+                  workdir: Path, status: dict[str, dict[str, Any]],
+                  modes: tuple[str, ...] = MODES) -> dict[str, Any]:  # fmt: skip
     results: dict[str, Any] = {mode: {} for mode in MODES}
     load_cpu, proxy_cpu = cpus if cpus else (None, None)
-    for mode in MODES:
+    for mode in modes:
         stream = mode == "stream"
         sim_port = free_port()
         sim = Proc("simulator", sim_command(sim_port, stream, plan), workdir / f"sim-{mode}.log",
@@ -548,6 +549,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--run-seconds", type=float, default=None, help="length of one short run")
     p.add_argument("--targets", default="gateway,litellm,vllm-router,sglang-router",
                    help="comma list of: " + ", ".join(TARGETS))  # fmt: skip
+    p.add_argument("--modes", default=",".join(MODES),
+                   help="comma list of: " + ", ".join(MODES) + " (e.g. only stream, for the "
+                        "relay's CPU per 1,000 streamed requests)")  # fmt: skip
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--stream-ttft-ms", type=float, default=10.0)
     p.add_argument("--stream-itl-ms", type=float, default=20.0)
@@ -601,7 +605,8 @@ def main(argv: list[str] | None = None) -> int:
             TARGETS["gateway"], name="gateway-baseline", title=f"this gateway at {rev}",
             repo=args.baseline.resolve(),
         )  # fmt: skip
-        wanted.append("gateway-baseline")
+        if "gateway-baseline" not in wanted:  # named in --targets too: measured once
+            wanted.append("gateway-baseline")
     unknown = [t for t in wanted if t not in TARGETS]
     if unknown:
         log(f"unknown targets: {unknown}; known: {list(TARGETS)}")
@@ -630,13 +635,17 @@ def main(argv: list[str] | None = None) -> int:
             log(f"[install] {name} FAILED: {exc}")
 
     targets = [TARGETS[t] for t in wanted]
+    modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
+    if unknown := [m for m in modes if m not in MODES]:
+        log(f"unknown mode(s): {', '.join(unknown)} (known: {', '.join(MODES)})")
+        return 2
     given = sys.argv[1:] if argv is None else argv
     command = shlex.join([".venv/bin/python", "bench/overhead.py", *given])
     log(f"plan: {plan}\nresults: {workdir.relative_to(REPO)}")
     try:
         import uvloop
 
-        results = uvloop.run(run_all(targets, plan, cpus, workdir, status))
+        results = uvloop.run(run_all(targets, plan, cpus, workdir, status, modes))
     except KeyboardInterrupt:
         log("interrupted")
         return 130

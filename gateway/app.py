@@ -10,6 +10,7 @@ what it renders.
 from __future__ import annotations
 
 import contextlib
+import gc
 import importlib.metadata
 import logging
 import sys
@@ -81,6 +82,12 @@ def create_app(settings: Settings | None = None, catalog: Catalog | None = None)
         await gateway.tenancy.start()
         await gateway.served.start()
         gateway.adapter_sync.start()
+        # What start-up built lives as long as the process: out of the collector's sight, a
+        # full collection walks only what serving allocates. Relaying 64 streams, the
+        # collector's CPU time (gc callbacks) went from 0.30 s to 0.21 s per ~2,600
+        # requests, about 3 % of the process's CPU (docs/benchmarks.md).
+        gc.collect()
+        gc.freeze()
         try:
             yield
         finally:

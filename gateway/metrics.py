@@ -8,6 +8,7 @@ to measure when; the request path calls the small helpers here.
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Callable, Iterator
 
 from prometheus_client import (
@@ -151,6 +152,26 @@ class _EngineCollector(Collector):
                     )
         yield from (running, waiting, ready, healthy, w_running, w_waiting, kv, restarts, accept)
         yield from (events, retries, ejected, ejections, decisions)
+
+
+def observe_many(hist: Histogram, values: list[float]) -> None:
+    """`hist.observe(v)` for every v in `values` (one labelled child, no exemplars), with
+    one increment per bucket touched instead of two locked increments per value.
+
+    Why: the stream relay hands over a stream's inter-chunk gaps once at its end;
+    prometheus-client's `observe` per chunk (a lock, a walk over the bounds) measured
+    3.2 µs per value, this 0.4 µs (33 gaps, the ITL buckets; docs/benchmarks.md).
+    Relies on prometheus-client's histogram internals (`_upper_bounds`, `_buckets`,
+    `_sum`, as in 0.26); tests/gateway/test_observe_many.py checks the samples equal `observe`'s."""
+    bounds = hist._upper_bounds
+    counts = [0] * len(bounds)
+    for v in values:
+        counts[bisect_left(bounds, v)] += 1
+    buckets = hist._buckets
+    for i, n in enumerate(counts):
+        if n:
+            buckets[i].inc(n)
+    hist._sum.inc(sum(values))
 
 
 class RouteMetrics:

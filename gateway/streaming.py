@@ -24,6 +24,7 @@ from typing import Any
 import orjson
 
 from engines.base import EngineStream, ServingError, Usage
+from gateway.direct_body import body_writer
 from gateway.errors import error_event
 
 log = logging.getLogger("gateway.streaming")
@@ -117,7 +118,9 @@ class StreamObserver:
     """What the relay reports back: first chunk, gaps between chunks, usage, outcome."""
 
     def first_chunk(self, at: float) -> None: ...
-    def chunk(self, gap: float) -> None: ...
+    def gaps(self, gaps: list[float]) -> None:
+        """The gaps between the stream's chunks, in seconds, once at the end."""
+
     def relayed(self, events: int) -> None:
         """SSE events relayed (a stream cut before its usage chunk is billed by them)."""
 
@@ -158,15 +161,22 @@ class RelayResponse:
         observer = self._observer
         tail, prev = self._first, None  # raw: the finish reason is in the last two
         events = 0
+        # Gaps are noted here and handed over once at the end (`observe_many`):
+        # prometheus-client's `observe` per chunk measured 3.2 µs, a list append and the
+        # bulk observation 0.4 µs per gap (docs/benchmarks.md).
+        gaps: list[float] = []
+        note_gap = gaps.append
+        write = body_writer(send)
         try:
             block, usage = take_usage(tail, want_usage)
             events = block.count(b"\n\n")
-            await send({"type": "http.response.body", "body": block, "more_body": True})
+            if write is None or not write(block):
+                await send({"type": "http.response.body", "body": block, "more_body": True})
             last = time.perf_counter()
             async for raw in self._stream:
                 prev, tail = tail, raw
                 now = time.perf_counter()
-                observer.chunk(now - last)
+                note_gap(now - last)
                 last = now
                 events += raw.count(b"\n\n")
                 block, found = take_usage(raw, want_usage)
@@ -174,7 +184,8 @@ class RelayResponse:
                     usage = found
                     if not block:
                         continue
-                await send({"type": "http.response.body", "body": block, "more_body": True})
+                if write is None or not write(block):
+                    await send({"type": "http.response.body", "body": block, "more_body": True})
             await send({"type": "http.response.body", "body": DONE, "more_body": False})
         except asyncio.CancelledError:
             if not watch.absorb():
@@ -189,6 +200,8 @@ class RelayResponse:
         finally:
             watch.close()
             await self._stream.aclose()
+            if gaps:
+                observer.gaps(gaps)
             if usage is None:
                 observer.relayed(events)
             observer.tail((tail, prev))

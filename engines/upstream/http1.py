@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl as ssl_mod
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any, cast
 from urllib.parse import urlsplit
 
@@ -365,21 +365,21 @@ class Stream:
     `read_chunk()`. Call `release()` when done with it, whatever happened: a body read to
     its end returns the connection to the pool, anything else closes it."""
 
-    __slots__ = ("_conn", "_seq", "headers", "status")
+    __slots__ = ("_conn", "_seq", "headers", "read_chunk", "status")
 
     def __init__(self, conn: _Conn) -> None:
         self._conn = conn
         self._seq = conn.seq
         self.status = conn.status
         self.headers = conn.headers
+        # `read_chunk()`, awaitable: the body bytes received since the last call (waiting
+        # for some if none), b"" at the end of the body. Raises ProtocolError or
+        # ReadTimeout. The connection's own method, not a wrapper: it is called once per
+        # streamed chunk.
+        self.read_chunk: Callable[[], Awaitable[bytes]] = conn.read_chunk
 
     def header(self, name: bytes) -> bytes | None:
         return header(self.headers, name)
-
-    def read_chunk(self) -> Awaitable[bytes]:
-        """Awaitable: the body bytes received since the last call (waiting for some if
-        none), b"" at the end of the body. Raises ProtocolError or ReadTimeout."""
-        return self._conn.read_chunk()
 
     async def read(self) -> bytes:
         """The rest of the body, whole."""

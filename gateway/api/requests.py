@@ -18,7 +18,7 @@ import orjson
 from engines.base import GenerateRequest, ServingError, Usage
 from gateway.access_log import AccessEntry
 from gateway.errors import InvalidRequest, PayloadTooLarge, error_body, error_headers
-from gateway.metrics import RouteMetrics
+from gateway.metrics import RouteMetrics, observe_many
 from gateway.streaming import StreamObserver
 
 if TYPE_CHECKING:
@@ -147,9 +147,9 @@ class RequestRecord(StreamObserver):
         if self._m is not None:
             self._m.ttft.observe(self.ttft)
 
-    def chunk(self, gap: float) -> None:
+    def gaps(self, gaps: list[float]) -> None:
         if self._m is not None:
-            self._m.itl.observe(gap)
+            observe_many(self._m.itl, gaps)
 
     def tail(self, blocks: tuple[bytes | None, ...]) -> None:
         self.tails = blocks

@@ -1,0 +1,173 @@
+"""`gateway.direct_body`: body blocks written straight onto uvicorn's connection arrive as
+a valid chunked body, in order, also when the client stops reading (the writer declines
+and uvicorn's `send` waits for the drain); and a gateway served without any wrapper around
+`send` (so the relay takes the direct path, unlike the audited test servers) relays
+streams the SDK reads whole."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+import uvicorn
+
+from gateway.app import create_app
+from gateway.catalog import parse_catalog
+from gateway.direct_body import body_writer
+from gateway.server_limits import uvicorn_config
+from gateway.settings import Settings
+from simulator import SimServer
+from tests.conftest import free_port
+
+BLOCK = b"data: " + b"x" * 4000 + b"\n\n"
+BLOCKS = 2000  # ~8 MB: far past the socket buffers, so a client that waits pauses writing
+
+
+class Served:
+    """An ASGI app under uvicorn with the gateway's protocol, nothing wrapping `send`."""
+
+    def __init__(self, app: Any, settings: Settings):
+        self.port = free_port()
+        config = uvicorn_config(
+            app, settings, host="127.0.0.1", port=self.port, log_level="warning"
+        )
+        self.server = uvicorn.Server(config)
+        self._thread = threading.Thread(
+            target=lambda: asyncio.run(self.server.serve()), daemon=True
+        )
+
+    def __enter__(self) -> Served:
+        self._thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            assert time.monotonic() < deadline and self._thread.is_alive(), "server did not start"
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self._thread.join(timeout=30)
+
+
+class BlocksApp:
+    """Streams BLOCKS numbered blocks through `body_writer` where it accepts them."""
+
+    def __init__(self) -> None:
+        self.had_writer: bool | None = None
+        self.direct = 0
+        self.declined = 0
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        write = body_writer(send)
+        self.had_writer = write is not None
+        for i in range(BLOCKS):
+            block = b"%06d" % i + BLOCK
+            if write is not None and write(block):
+                self.direct += 1
+            else:
+                self.declined += 1
+                await send({"type": "http.response.body", "body": block, "more_body": True})
+        await send({"type": "http.response.body", "body": b"end", "more_body": False})
+
+
+def _read_response(port: int, method: str, wait_s: float) -> bytes:
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.sendall(f"{method} / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n".encode())
+        time.sleep(wait_s)  # not reading: the server's writes back up
+        parts = []
+        s.settimeout(30)
+        while data := s.recv(1 << 20):
+            parts.append(data)
+            joined = b"".join(parts)
+            if joined.endswith(b"0\r\n\r\n") or (method == "HEAD" and b"\r\n\r\n" in joined):
+                return joined
+        return b"".join(parts)
+
+
+def _dechunk(body: bytes) -> bytes:
+    out, pos = [], 0
+    while True:
+        eol = body.index(b"\r\n", pos)
+        size = int(body[pos:eol], 16)
+        if size == 0:
+            return b"".join(out)
+        out.append(body[eol + 2 : eol + 2 + size])
+        assert body[eol + 2 + size : eol + 4 + size] == b"\r\n"
+        pos = eol + 4 + size
+
+
+def test_direct_writes_stay_ordered_and_chunked_when_the_client_lags() -> None:
+    app = BlocksApp()
+    with Served(app, Settings()) as served:
+        raw = _read_response(served.port, "POST", wait_s=1.0)
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert b"transfer-encoding: chunked" in head.lower()
+    assert app.had_writer is True
+    assert app.direct > 0, "the direct path was never taken"
+    assert app.declined > 0, "the client's lag never paused writing: the fallback untested"
+    assert _dechunk(body) == b"".join(b"%06d" % i + BLOCK for i in range(BLOCKS)) + b"end"
+
+
+def test_no_direct_writer_for_head_or_a_wrapped_send() -> None:
+    app = BlocksApp()
+    with Served(app, Settings()) as served:
+        _read_response(served.port, "HEAD", wait_s=0.0)
+    assert app.had_writer is False
+
+    async def wrapped(message: Any) -> None: ...
+
+    assert body_writer(wrapped) is None
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    sim = SimServer(model="m", itl_ms=1, output_tokens=40)
+    asyncio.run_coroutine_threadsafe(sim.start("127.0.0.1", 0), loop).result(30)
+    tmp: Path = tmp_path_factory.mktemp("direct")
+    catalog = parse_catalog(
+        {"models": [{"name": "m", "engine": "openai", "endpoints": [sim.url]}]}, base_dir=tmp
+    )
+    settings = Settings(cache_dir=tmp)
+    try:
+        with Served(create_app(settings, catalog), settings) as served:
+            yield f"http://127.0.0.1:{served.port}/v1"
+    finally:
+        asyncio.run_coroutine_threadsafe(sim.stop(), loop).result(30)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
+
+
+def test_unwrapped_gateway_relays_whole_streams(gateway: str) -> None:
+    with openai.OpenAI(base_url=gateway, api_key="x", max_retries=0) as client:
+        for include_usage in (False, True):
+            chunks = list(
+                client.chat.completions.create(
+                    model="m",
+                    messages=[{"role": "user", "content": "hello"}],
+                    max_tokens=40,
+                    stream=True,
+                    stream_options={"include_usage": include_usage},
+                )
+            )
+            text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            assert len(text.split()) == 40
+            finish = [c.choices[0].finish_reason for c in chunks if c.choices]
+            assert finish[-1] == "length"
+            usage = [c.usage for c in chunks if c.usage is not None]
+            if include_usage:
+                assert len(usage) == 1 and usage[0].completion_tokens == 40
+            else:
+                assert usage == []
