@@ -39,6 +39,13 @@ class PrefixAffinityScorer:
         out[candidates.index(owner)] = 1.0
         return out
 
+    def owner(self, candidates: Sequence[Endpoint], request: RoutingRequest) -> Endpoint | None:
+        """The one endpoint scored 1 (None when the request has no prefix): the router's
+        short cut when this scorer outweighs all others together."""
+        if request.prefix is None:
+            return None
+        return self.ring.owner(request.prefix, candidates)
+
     def why(self, winner: Endpoint, request: RoutingRequest) -> str:
         """The routing decision's reason when this scorer decided."""
         return "bounded_load_overflow" if self.ring.spilled else "prefix_affinity"

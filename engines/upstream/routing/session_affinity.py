@@ -38,6 +38,13 @@ class SessionAffinityScorer:
         out[candidates.index(owner)] = 1.0
         return out
 
+    def owner(self, candidates: Sequence[Endpoint], request: RoutingRequest) -> Endpoint | None:
+        """The one endpoint scored 1 (None without a session): the router's short cut when
+        this scorer outweighs all others together."""
+        if request.session is None:
+            return None
+        return self.ring.owner(request.session, candidates)
+
     def why(self, winner: Endpoint, request: RoutingRequest) -> str:
         """The routing decision's reason when this scorer decided."""
         return "bounded_load_overflow" if self.ring.spilled else "session_affinity"

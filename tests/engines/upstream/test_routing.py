@@ -261,3 +261,37 @@ def test_lora_decisions_say_held_or_placed() -> None:
     assert r.pick(eps, RoutingRequest(adapter="a")) is eps[0]
     assert r.pick(eps, RoutingRequest(adapter="c")) is eps[1]  # a free slot, no eviction
     assert r.decisions == {"lora_held": 1, "lora_placed": 1}
+
+
+def test_a_dominant_one_hot_scorer_picks_what_the_weighted_sum_picks() -> None:
+    """The router's short cut (an affinity scorer weighing more than all others together
+    decides alone) must pick exactly what the full weighted sum picks, and count the same
+    reasons; checked against a router that cannot take it (the same scorers, its owner()
+    hidden) over random loads and keys."""
+    import random
+
+    from engines.upstream.routing.prefix_affinity import PrefixAffinityScorer
+
+    class NoShortCut(PrefixAffinityScorer):
+        owner = None  # type: ignore[assignment]
+
+    rng = random.Random(7)
+    eps = fleet(16)
+    fast = router(scorers={"prefix_affinity": 2, "least_outstanding": 1})
+    assert fast._dominant is not None
+    slow = Router.from_spec(
+        RoutingSpec.model_validate({"scorers": {"prefix_affinity": 2, "least_outstanding": 1}}),
+        {**SCORERS, "prefix_affinity": NoShortCut},
+    )
+    assert slow._dominant is None
+    keys = [stable_hash(f"k{i}") for i in range(32)]
+    for _ in range(2000):
+        for e in eps:
+            e.outstanding = rng.randrange(8)
+        req = RoutingRequest(prefix=rng.choice([*keys, None]))
+        assert fast.pick(eps, req) is slow.pick(eps, req)
+    # Equal weights: not dominant, no short cut.
+    assert router(scorers={"prefix_affinity": 1, "least_outstanding": 1})._dominant is None
+    # The same reasons, apart from ties among key-less requests (round-robin cursors
+    # advance alike on both routers, so even those agree).
+    assert fast.decisions == slow.decisions
