@@ -23,8 +23,8 @@ from gateway.catalog import parse_catalog
 from gateway.direct_body import body_writer
 from gateway.server_limits import uvicorn_config
 from gateway.settings import Settings
-from simulator import SimServer
 from tests.conftest import free_port
+from tests.gateway.test_api_sim import SimThread
 
 BLOCK = b"data: " + b"x" * 4000 + b"\n\n"
 BLOCKS = 2000  # ~8 MB: far past the socket buffers, so a client that waits pauses writing
@@ -130,12 +130,8 @@ def test_no_direct_writer_for_head_or_a_wrapped_send() -> None:
 
 
 @pytest.fixture(scope="module")
-def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    sim = SimServer(model="m", itl_ms=1, output_tokens=40)
-    asyncio.run_coroutine_threadsafe(sim.start("127.0.0.1", 0), loop).result(30)
+def gateway(sims: SimThread, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    sim = sims.start(model="m", itl_ms=1, output_tokens=40)
     tmp: Path = tmp_path_factory.mktemp("direct")
     catalog = parse_catalog(
         {"models": [{"name": "m", "engine": "openai", "endpoints": [sim.url]}]}, base_dir=tmp
@@ -145,9 +141,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         with Served(create_app(settings, catalog), settings) as served:
             yield f"http://127.0.0.1:{served.port}/v1"
     finally:
-        asyncio.run_coroutine_threadsafe(sim.stop(), loop).result(30)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(timeout=10)
+        sims.call(sim.stop())
 
 
 def test_unwrapped_gateway_relays_whole_streams(gateway: str) -> None:
