@@ -20,7 +20,8 @@ launches and supervises them on ports the parent fixes in advance (`options.base
 and every front door attaches to those URLs with the model's own engine (its response
 rewrites, routing, retries and continuation), so streams cost one relay hop and the
 control process is off the data path. A worker the control restarts comes back on the
-same port, which the front doors' health probes notice.
+same port, which the front doors' health probes notice. The two catalogs are written by
+`gateway.front_catalog`.
 
 Front doors share keys, limits, usage and adapter desired state through the state store
 when `GATEWAY_REDIS_URL` is set. Without Redis each front door has its own in-memory
@@ -70,9 +71,9 @@ import yaml
 from uvicorn.config import STARTUP_FAILURE
 from uvicorn.supervisors.multiprocess import Multiprocess, Process
 
+from gateway.front_catalog import CONTROL_KEY_ENV, free_port, split_catalog
 from gateway.settings import Settings
 
-CONTROL_KEY_ENV = "GATEWAY_CONTROL_KEY"
 STOP_TIMEOUT_S = 60.0
 # How long the control process may take to start its engines (vLLM loads take minutes).
 START_TIMEOUT_S = 3600.0
@@ -81,91 +82,6 @@ START_TIMEOUT_S = 3600.0
 RESTART_FIRST_S = 1.0
 RESTART_MAX_S = 30.0
 STABLE_S = 60.0
-# Spec fields a front door keeps for a control-owned model (the rest is the control's).
-_FRONT_FIELDS = (
-    "name",
-    "task",
-    "max_model_len",
-    "max_tokens_default",
-    "request_defaults",
-    "lora",
-)
-
-
-# Engines whose workers the control launches and the front doors attach to by URL.
-_LAUNCHED = ("vllm", "lmdeploy")
-
-
-def _free_ports(host: str, n: int) -> int:
-    """The first of `n` consecutive ports nothing listens on now."""
-    for _ in range(100):
-        base = _free_port(host)
-        if base + n - 1 > 65535:
-            continue
-        try:
-            for p in range(base + 1, base + n):
-                with socket.socket() as s:
-                    s.bind((host, p))
-        except OSError:
-            continue
-        return base
-    raise RuntimeError(f"no {n} consecutive free ports on {host}")
-
-
-def _attach_entry(entry: dict[str, Any], host: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(the control's entry with fixed worker ports, the front doors' attach-mode entry)
-    for a launched model: the front entry keeps everything but the launch-only keys."""
-    from engines import engine_class
-    from engines.launch.command import LaunchOptions
-    from engines.upstream.options import UpstreamOptions
-
-    options = dict(entry.get("options") or {})
-    replicas = int(entry.get("replicas") or 1)
-    if options.get("base_port") is None:
-        options["base_port"] = _free_ports(host, replicas)
-    base = int(options["base_port"])
-    cls = engine_class(str(entry["engine"]))
-    opts_model = getattr(cls, "options_model", LaunchOptions)
-    launch_only = set(LaunchOptions.model_fields) - set(UpstreamOptions.model_fields)
-    launch_only |= set(getattr(opts_model, "launch_only", ()))
-    front = {
-        k: v
-        for k, v in entry.items()
-        if k not in ("model", "replicas", "gpus_per_replica", "engine_args", "options")
-    }
-    front["endpoints"] = [f"http://{host}:{base + i}" for i in range(replicas)]
-    front["options"] = {k: v for k, v in options.items() if k not in launch_only}
-    return {**entry, "options": options}, front
-
-
-def split_catalog(raw: dict[str, Any], control_url: str | None) -> tuple[list[Any], list[Any]]:
-    """(the control's models, the front doors' models) of a models.yaml document."""
-    control, front = [], []
-    for entry in raw.get("models") or []:
-        if entry.get("engine") == "openai" or entry.get("endpoints"):
-            front.append(entry)
-            continue
-        if entry.get("engine") in _LAUNCHED:
-            owned, attached = _attach_entry(entry, "127.0.0.1")
-            control.append(owned)
-            front.append(attached)
-            continue
-        control.append(entry)
-        relay = {k: entry[k] for k in _FRONT_FIELDS if k in entry}
-        relay.update(
-            engine="openai",
-            endpoints=[control_url or "http://127.0.0.1:1"],
-            api_key_env=CONTROL_KEY_ENV,
-            options={"start_timeout_s": 60.0},
-        )
-        front.append(relay)
-    return control, front
-
-
-def _free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 def _say(line: str) -> None:
@@ -383,7 +299,7 @@ def serve_workers(settings: Settings) -> int:
     config = settings.config.resolve()
     raw = yaml.safe_load(config.read_text()) or {}
     token = secrets.token_urlsafe(24)
-    control_port = _free_port("127.0.0.1")
+    control_port = free_port("127.0.0.1")
     control_url = f"http://127.0.0.1:{control_port}"
     control_models, front_models = split_catalog(raw, control_url)
     # Next to the original, so relative paths inside (models, adapter roots) still resolve.
