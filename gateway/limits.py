@@ -33,6 +33,10 @@ request decided on it (a revoked key gets its 401 at its next request, in every 
 During an outage the last record seen is used, and an unknown key gets 503. The
 change of state is one log line and the `gateway_state_store_degraded` gauge; after a
 failure Redis is tried again after `RETRY_S`, not on every request (no 50 ms wait each).
+
+One module of this size because authentication, admission and settlement share the key
+cache, the outage state and the learnt prompt-size ratio; the store calls themselves are
+`gateway.state_store`'s and the key records `gateway.keys`'.
 """
 
 from __future__ import annotations
