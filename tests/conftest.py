@@ -141,6 +141,15 @@ def start_gateway(models: list[dict[str, Any]], tmp: Path, **settings: Any) -> S
     return ServerThread(app).start()
 
 
+def start_pool(workers: list[Any], options: dict[str, Any], tmp: Path) -> ServerThread:
+    """A gateway serving model "m" as one `openai` pool over `workers` (simulator servers)."""
+    return start_gateway(
+        [{"name": "m", "engine": "openai", "endpoints": [w.url for w in workers],
+          "options": options}],
+        tmp,
+    )  # fmt: skip
+
+
 @pytest.fixture(scope="session")
 def adapter_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("adapters")

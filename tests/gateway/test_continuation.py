@@ -19,7 +19,7 @@ import pytest
 
 from gateway.catalog import CatalogError, parse_catalog
 from simulator import SimServer
-from tests.conftest import start_gateway
+from tests.conftest import start_pool
 from tests.gateway.test_api_sim import CHAT, SimThread
 
 # Failures here are the point: never eject, never run out of retry budget.
@@ -46,11 +46,7 @@ def _gateway(
 ) -> tuple[Any, list[SimServer]]:
     workers = [sims.start(model="m", output_tokens=5, **fault) for _ in range(n_workers)]
     options = {**OPTIONS, "continue_streams": continue_streams}
-    gw = start_gateway(
-        [{"name": "m", "engine": "openai", "endpoints": [w.url for w in workers],
-          "options": options}],
-        tmp,
-    )  # fmt: skip
+    gw = start_pool(workers, options, tmp)
     return gw, workers
 
 
@@ -174,11 +170,7 @@ def test_stall_mid_stream_is_continued(
         sims.start(model="m", output_tokens=5, stall_ms=30_000, stall_after=2) for _ in range(3)
     ]
     options = {**OPTIONS, "continue_streams": True, "read_timeout_s": 0.5}
-    gw = start_gateway(
-        [{"name": "m", "engine": "openai", "endpoints": [w.url for w in workers],
-          "options": options}],
-        tmp_path,
-    )  # fmt: skip
+    gw = start_pool(workers, options, tmp_path)
     try:
         want = _chat(reference.url + "/v1", max_tokens=5)
         got = _chat(f"{gw.url}/v1", max_tokens=5)  # 2 + 2 + 1 tokens
@@ -231,11 +223,7 @@ def test_n_2_and_no_worker_left_end_with_an_error_event(sims: SimThread, tmp_pat
 def test_continuations_count_toward_max_retries(sims: SimThread, tmp_path: Path) -> None:
     workers = [sims.start(model="m", output_tokens=5, drop_after=3) for _ in range(3)]
     options = {**OPTIONS, "continue_streams": True, "max_retries": 1}
-    gw = start_gateway(
-        [{"name": "m", "engine": "openai", "endpoints": [w.url for w in workers],
-          "options": options}],
-        tmp_path,
-    )  # fmt: skip
+    gw = start_pool(workers, options, tmp_path)
     try:
         with pytest.raises(openai.APIError):  # 7 tokens need 2 continuations; 1 allowed
             _chat(f"{gw.url}/v1", max_tokens=7)

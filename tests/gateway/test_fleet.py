@@ -19,7 +19,7 @@ import orjson
 import pytest
 
 from simulator import SimServer
-from tests.conftest import ADMIN_KEY, start_gateway
+from tests.conftest import ADMIN_KEY, start_gateway, start_pool
 from tests.gateway.test_api_sim import CHAT, SimThread
 
 FAST = {"health_interval_s": 0.1, "start_timeout_s": 3.0}
@@ -43,11 +43,7 @@ def test_worker_killed_before_headers_clients_all_get_200(sims: SimThread, tmp_p
     dead = workers[0]
     dead.reconfigure(drop_after=0)
     options = {**FAST, "eject_after_failures": 3, "health_interval_s": 60}
-    gw = start_gateway(
-        [{"name": "m", "engine": "openai", "endpoints": [w.url for w in workers],
-          "options": options}],
-        tmp_path,
-    )  # fmt: skip
+    gw = start_pool(workers, options, tmp_path)
     try:
         with openai.OpenAI(base_url=f"{gw.url}/v1", api_key="x", max_retries=0) as client:
             for i in range(20):
@@ -90,11 +86,7 @@ def test_sustained_503_costs_at_most_1_2_attempts_per_request(
 ) -> None:
     workers = [sims.start(model="m", error_rate=1.0, error_status=503) for _ in range(3)]
     options = {**FAST, "eject_after_failures": 100_000}
-    gw = start_gateway(
-        [{"name": "m", "engine": "openai", "endpoints": [w.url for w in workers],
-          "options": options}],
-        tmp_path,
-    )  # fmt: skip
+    gw = start_pool(workers, options, tmp_path)
     try:
         n = 150
         with httpx.Client(base_url=gw.url) as http:
@@ -113,11 +105,7 @@ def test_sustained_503_costs_at_most_1_2_attempts_per_request(
 def test_total_outage_is_a_fast_503_with_retry_after(sims: SimThread, tmp_path: Path) -> None:
     workers = [sims.start(model="m", error_rate=1.0, error_status=500) for _ in range(2)]
     options = {**FAST, "eject_after_failures": 1, "eject_base_s": 60}
-    gw = start_gateway(
-        [{"name": "m", "engine": "openai", "endpoints": [w.url for w in workers],
-          "options": options}],
-        tmp_path,
-    )  # fmt: skip
+    gw = start_pool(workers, options, tmp_path)
     try:
         with httpx.Client(base_url=gw.url) as http:
             body = {"model": "m", "messages": CHAT}
