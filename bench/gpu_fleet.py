@@ -14,7 +14,11 @@ Steps (each recorded in results.json; a failing step is recorded and the next on
    the four front doors attach to them directly.
 3. Throughput at 256 streams, direct vs through the gateway, interleaved D G D G: four
    load generators in both cases (direct: two per worker at c=64; gateway: four at c=64),
-   so the client side is the same; front doors' CPU seconds per 1,000 requests.
+   so the client side is the same; front doors' CPU seconds per 1,000 requests, and each
+   front door's. `--shared-socket` adds a third target, D G S D G S: a second gateway
+   attached to the same replicas whose four front doors share one listening socket
+   (`GATEWAY_REUSE_PORT=false`), against the first one's SO_REUSEPORT sockets.
+   `--steps throughput` runs only this step (with `lora`, `kill`: those).
 4. LoRA affinity: the adapters loaded through one front door (Redis spreads them), then
    requests over a1..a4; where each landed (the access log's `worker`) and the adapters
    each worker holds at the end.
@@ -103,6 +107,8 @@ class Fleet(Proof):
         self.workers_urls: list[str] = []
         self.lora_root = Path("/root/loras")
         self.key = "unused"
+        # The comparison gateway: the same front doors on one shared socket (step 3).
+        self.shared: subprocess.Popen[bytes] | None = None
 
     # ------------------------------------------------------------------ set-up
 
@@ -193,6 +199,47 @@ class Fleet(Proof):
             start_new_session=True,
         )
 
+    def start_shared(self) -> None:
+        """A second `gateway serve --workers 4` on port + 1, attached to the same replicas
+        (what each front door of the first one is), with `GATEWAY_REUSE_PORT=false`: one
+        listening socket shared by its front doors, as before SO_REUSEPORT."""
+        cfg = yaml.safe_load(self.results["models_yaml"])
+        m = cfg["models"][0]
+        entry = {
+            "name": "smol",
+            # (A dry run's "worker" is the control process, reached as a plain OpenAI
+            # server; it wants the control's token, so only the start is proven there.)
+            "engine": "openai" if self.args.dry_run else m["engine"],
+            "endpoints": self.workers_urls,
+            "request_defaults": m["request_defaults"],
+            "request_fields": m["request_fields"],
+        }
+        path = self.work / "shared.yaml"
+        path.write_text(yaml.safe_dump({"models": [entry]}, sort_keys=False))
+        env = dict(self.env(), GATEWAY_REUSE_PORT="false")
+        port = self.port + 1
+        self.shared = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "gateway", "serve", "--config", str(path)),
+                *("--host", "127.0.0.1", "--port", str(port), "--workers", "4"),
+            ],
+            cwd=ROOT,
+            stdout=(self.work / "shared.log").open("wb"),
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
+        until = time.time() + 90
+        while time.time() < until:
+            with contextlib.suppress(Exception):
+                base = f"http://127.0.0.1:{port}"
+                if self.http("GET", "/health/ready", base=base, timeout=2)[0] == 200:
+                    time.sleep(3)  # every front door up (each takes its own start)
+                    log(f"shared-socket gateway ready on {port}")
+                    return
+            time.sleep(0.5)
+        raise RuntimeError("the shared-socket gateway did not become ready in 90 s")
+
     def adapters_ready(self) -> None:
         """Four adapters: make_lora.py's one, copied under four names (placement is what is
         measured here, not the adapters' effect), in dry runs a fake one."""
@@ -232,7 +279,12 @@ class Fleet(Proof):
 
     def front_pids(self) -> list[int]:
         assert self.gw is not None
-        out, todo = [], [self.gw.pid]
+        return self._doors_of(self.gw.pid)
+
+    @staticmethod
+    def _doors_of(root: int) -> list[int]:
+        """The front doors (uvicorn's spawned children) below process `root`."""
+        out, todo = [], [root]
         while todo:
             p = todo.pop()
             for task in Path(f"/proc/{p}/task").glob("*"):
@@ -293,25 +345,35 @@ class Fleet(Proof):
         runs: list[dict[str, Any]] = []
         self.results["throughput"] = {"runs": runs, "max_tokens": self.args.max_tokens}
         per = self.args.bench_n // 4
-        fronts = self.front_pids()
+        doors = {"gateway": self.front_pids()}
+        targets = ["direct", "gateway"]
+        if self.shared is not None:
+            doors["gateway-shared-socket"] = self._doors_of(self.shared.pid)
+            targets.append("gateway-shared-socket")
+        # Leave the later steps their time unless throughput is all this run does.
+        reserve = 20 if self.args.steps == "throughput" else self.args.kill_load_s + 150
         for rnd in range(self.args.rounds):
-            for target in ("direct", "gateway"):
-                if self.left() < self.args.kill_load_s + 150:
+            for target in targets:
+                if self.left() < reserve:
                     log(f"throughput: stopping for the deadline ({self.left():.0f} s left)")
                     return
                 if target == "direct":
                     n = len(self.workers_urls)  # two replicas: two load generators each
                     urls = [self.workers_urls[i * n // 4] for i in range(4)]
-                else:
+                elif target == "gateway":
                     urls = [self.base] * 4
-                cpu0 = sum(_cpu_s(p) for p in fronts)
+                else:
+                    urls = [f"http://127.0.0.1:{self.port + 1}"] * 4
+                fronts = doors.get(target, [])
+                cpu0 = [_cpu_s(p) for p in fronts]
                 t0 = time.time()
                 labels = [f"{target}-r{rnd}-{i}" for i in range(4)]
                 procs = [self._bench(u, 64, per, lab) for u, lab in zip(urls, labels, strict=True)]
                 for p in procs:
-                    p.wait(timeout=max(30.0, self.left() - 60))
+                    p.wait(timeout=max(30.0, self.left() - 20))
                 wall = time.time() - t0
-                cpu = sum(_cpu_s(p) for p in fronts) - cpu0
+                per_door = [round(_cpu_s(p) - c, 2) for p, c in zip(fronts, cpu0, strict=True)]
+                cpu = sum(per_door)
                 summ = [self._summary(lab) for lab in labels]
                 run = {
                     "target": target,
@@ -323,9 +385,11 @@ class Fleet(Proof):
                     "ttft_p99_ms": round(max(s["ttft_p99_ms"] for s in summ), 2),
                     "itl_p99_ms": round(max(s["itl_p99_ms"] for s in summ), 2),
                     "failed": sum(s["failed"] for s in summ),
+                    "e2e_p50_ms": round(max(s["e2e_p50_ms"] for s in summ), 2),
                     "front_door_cpu_s": round(cpu, 2),
+                    "front_door_cpu_s_each": sorted(per_door),
                     "front_door_cpu_s_per_1000": round(cpu / max(1, per * 4) * 1000, 2)
-                    if target == "gateway"
+                    if fronts
                     else None,
                 }
                 runs.append(run)
@@ -340,6 +404,7 @@ class Fleet(Proof):
             "ttft_p50_ms": float(s["ttft_ms"]["p50"]),
             "ttft_p99_ms": float(s["ttft_ms"]["p99"]),
             "itl_p99_ms": float(s["itl_ms"]["p99"]),
+            "e2e_p50_ms": float(s["e2el_ms"]["p50"]),
             "failed": int(s["failed"]),
         }
 
@@ -527,12 +592,23 @@ class Fleet(Proof):
                 return 1
             self.step("key", self.create_key)
             self.step("discover", self.discover)
+            steps = set(self.args.steps.split(","))
             self.step("adapters", self.adapters_ready)
-            self.step("throughput", self.throughput)
-            self.step("lora affinity", self.lora_affinity)
-            self.step("kill", self.kill_test)
+            if self.args.shared_socket:
+                self.step("shared-socket gateway", self.start_shared)
+            if steps & {"all", "throughput"}:
+                self.step("throughput", self.throughput)
+            if steps & {"all", "lora"}:
+                self.step("lora affinity", self.lora_affinity)
+            if steps & {"all", "kill"}:
+                self.step("kill", self.kill_test)
             return 0
         finally:
+            if self.shared is not None and self.shared.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.shared.pid, signal.SIGINT)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.shared.wait(timeout=20)
             self.step("stop", self.stop_gateway)
             if self.lora_proc is not None and self.lora_proc.poll() is None:
                 self.lora_proc.kill()
@@ -564,6 +640,14 @@ def main() -> int:
         type=float,
         default=300.0,
         help="how long to wait for the killed replica to serve again (0: do not wait)",
+    )
+    ap.add_argument(
+        "--steps", default="all", help="comma-separated: throughput, lora, kill (default: all)"
+    )
+    ap.add_argument(
+        "--shared-socket",
+        action="store_true",
+        help="also measure front doors on one shared socket (GATEWAY_REUSE_PORT=false)",
     )
     args = ap.parse_args()
     return Fleet(args).run()

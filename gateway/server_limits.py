@@ -292,10 +292,16 @@ def _check_fd_limit(settings: Settings) -> None:
         )
 
 
-def listen_sockets(config: uvicorn.Config, settings: Settings) -> list[socket.socket]:
+def listen_sockets(
+    config: uvicorn.Config, settings: Settings, reuse_port: bool = False
+) -> list[socket.socket]:
     """The public socket, and the admin socket when `GATEWAY_ADMIN_PORT` is set (both
-    bound here, once, and inherited by every front door under `serve --workers N`)."""
-    sockets = [config.bind_socket()]
+    bound here, once, and inherited by every front door under `serve --workers N`).
+
+    `reuse_port` (front doors on Linux): the public socket is bound with SO_REUSEPORT so
+    that each front door can bind its own beside it (`reuse_port_socket`); this one then
+    only holds the port and never listens."""
+    sockets = [_reuse_port_bind(config) if reuse_port else config.bind_socket()]
     if settings.admin_port is not None:
         host = settings.admin_host
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -310,6 +316,35 @@ def listen_sockets(config: uvicorn.Config, settings: Settings) -> list[socket.so
         admin.set_inheritable(True)
         sockets.append(admin)
     return sockets
+
+
+def _reuse_port_bind(config: uvicorn.Config) -> socket.socket:
+    host = config.host
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        sock.bind((host, config.port))
+    except OSError as e:
+        sock.close()
+        raise SystemExit(f"error: cannot bind {host}:{config.port}: {e}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def reuse_port_socket(held: socket.socket) -> socket.socket:
+    """A front door's own listening socket on the address `held` (bound by the parent with
+    SO_REUSEPORT) holds: the kernel then spreads new connections over the front doors by
+    a hash of each connection's addresses. With one shared socket, whichever front door
+    woke first accepted every pending connection (libuv accepts until EAGAIN): 64
+    keep-alive connections split 25/10/29/0 over four front doors, 256 split
+    27/77/50/102 (bench/accept_spread.py measures it)."""
+    sock = socket.socket(held.family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind(held.getsockname()[:2])
+    return sock
 
 
 def uvicorn_config(app: Any, settings: Settings, **overrides: Any) -> uvicorn.Config:

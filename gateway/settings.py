@@ -60,6 +60,10 @@ class Settings(BaseSettings):
     redis_local_share: int = Field(default=0, ge=0)
     # Front-door processes of `gateway serve` (gateway.workers).
     workers: int = Field(default=1, ge=1, le=64)
+    # Each front door listens on its own SO_REUSEPORT socket, so the kernel spreads
+    # connections evenly (gateway.server_limits.reuse_port_socket); false: one shared
+    # socket, whose pending connections survive a front door's death.
+    reuse_port: bool = True
 
     # Request bounds, checked before anything reaches an engine.
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)

@@ -7,8 +7,10 @@ Layout of one multi-process gateway (the process that runs `gateway serve` is th
        │                     every model whose engine launches or loads something
        │                     (transformers, vllm, lmdeploy, sim); it starts, supervises and
        │                     stops them exactly as a one-process gateway does
-       └─ uvicorn's supervisor ── N front doors, one socket bound once by the supervisor and
-                                  inherited by every worker (the kernel spreads accepts);
+       └─ uvicorn's supervisor ── N front doors, each listening on its own SO_REUSEPORT
+                                  socket beside the one the supervisor bound to hold the
+                                  port (the kernel spreads connections by a hash; see
+                                  `gateway.server_limits.reuse_port_socket`);
                                   each front door serves the same catalog, rewritten so that
                                   in-process models (transformers, sim) are `engine: openai`
                                   endpoints on the control's loopback port, launched workers
@@ -241,6 +243,18 @@ class _FrontDoor(Process):
     """uvicorn's worker process, serving with the draining server (`gateway.drain`)."""
 
     accept_s = 5.0
+    reuse_port = False
+
+    def target(self, sockets: list[socket.socket] | None = None) -> None:
+        # In the child: with reuse_port, listen on a socket of our own beside the parent's
+        # (which only holds the port) instead of on the inherited one.
+        if self.reuse_port and sockets:
+            from gateway.server_limits import reuse_port_socket
+
+            held = sockets[0]
+            sockets = [reuse_port_socket(held), *sockets[1:]]
+            held.close()
+        super().target(sockets)
 
     @property
     def server(self) -> Any:
@@ -254,13 +268,17 @@ class _FrontDoor(Process):
 class _FrontDoors(Multiprocess):
     """uvicorn's supervisor of N front doors, each a `_FrontDoor`."""
 
-    def __init__(self, config: Any, sockets: list[socket.socket], accept_s: float):
+    def __init__(
+        self, config: Any, sockets: list[socket.socket], accept_s: float, reuse_port: bool
+    ):
         super().__init__(config, sockets)
         self.accept_s = accept_s
+        self.reuse_port = reuse_port
 
     def _new(self) -> Process:
         p = _FrontDoor(self.config, self.sockets)
         p.accept_s = self.accept_s
+        p.reuse_port = self.reuse_port
         return p
 
     def init_processes(self) -> None:
@@ -360,7 +378,9 @@ def serve_workers(settings: Settings) -> int:
             proxy_headers=False,
             timeout_graceful_shutdown=settings.drain_seconds,
         )
-        _FrontDoors(uv, listen_sockets(uv, settings), settings.drain_accept_s).run()
+        reuse = settings.reuse_port and hasattr(socket, "SO_REUSEPORT")
+        sockets = listen_sockets(uv, settings, reuse_port=reuse)
+        _FrontDoors(uv, sockets, settings.drain_accept_s, reuse).run()
         return 0
     except KeyboardInterrupt:
         return 0

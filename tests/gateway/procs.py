@@ -148,3 +148,46 @@ def fake_adapter(root: Path, name: str = "a1") -> Path:
     (d / "adapter_config.json").write_text('{"r": 8, "peft_type": "LORA"}')
     (d / "adapter_model.safetensors").write_bytes(b"\0" * 16)
     return d
+
+
+def descendants(pid: int) -> set[int]:
+    """Every process below `pid` (from /proc's children lists)."""
+    out: set[int] = set()
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            children = task / "children"
+            if children.exists():
+                for c in children.read_text().split():
+                    out.add(int(c))
+                    todo.append(int(c))
+    return out
+
+
+LISTEN, ESTABLISHED = "0A", "01"
+
+
+def tcp_sockets(port: int, state: str) -> set[int]:
+    """Inodes of the IPv4 TCP sockets in `state` whose local port is `port`."""
+    out = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        f = line.split()
+        if int(f[1].split(":")[1], 16) == port and f[3] == state:
+            out.add(int(f[9]))
+    return out
+
+
+def socket_holders(pids: set[int]) -> dict[int, set[int]]:
+    """socket inode → the pids holding it."""
+    out: dict[int, set[int]] = {}
+    for pid in pids:
+        with os.scandir(f"/proc/{pid}/fd") as fds:
+            for fd in fds:
+                try:
+                    target = os.readlink(fd.path)
+                except OSError:
+                    continue
+                if target.startswith("socket:["):
+                    out.setdefault(int(target[8:-1]), set()).add(pid)
+    return out

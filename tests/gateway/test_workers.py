@@ -16,22 +16,15 @@ import openai
 import pytest
 
 from tests.conftest import ADMIN_KEY
-from tests.gateway.procs import SHARED_REDIS, GatewayProcess, clean_prefix, fake_adapter, new_prefix
+from tests.gateway.procs import (
+    SHARED_REDIS,
+    GatewayProcess,
+    clean_prefix,
+    descendants,
+    fake_adapter,
+    new_prefix,
+)
 from tests.gateway.test_tenancy import CHAT, create_key
-
-
-def _descendants(pid: int) -> set[int]:
-    out: set[int] = set()
-    todo = [pid]
-    while todo:
-        p = todo.pop()
-        for task in Path(f"/proc/{p}/task").glob("*"):
-            children = task / "children"
-            if children.exists():
-                for c in children.read_text().split():
-                    out.add(int(c))
-                    todo.append(int(c))
-    return out
 
 
 def _cmdline(pid: int) -> bytes:
@@ -73,7 +66,7 @@ def workers(tmp_path: Path) -> Iterator[dict[str, Any]]:
 
 def test_three_front_doors_share_limits_and_stop_on_sigterm(workers: dict[str, Any]) -> None:
     gw: GatewayProcess = workers["gw"]
-    procs = _descendants(gw.proc.pid)
+    procs = descendants(gw.proc.pid)
     # The control process and uvicorn's three front doors (plus its resource tracker).
     assert len(procs) >= 4, procs
     free = create_key(gw.url)
@@ -99,12 +92,12 @@ def test_three_front_doors_share_limits_and_stop_on_sigterm(workers: dict[str, A
         headers={"authorization": f"Bearer {ADMIN_KEY}"},
     )
     assert r.status_code == 200, r.text
-    fronts = [p for p in _descendants(gw.proc.pid) if b"spawn_main" in _cmdline(p)]
+    fronts = [p for p in descendants(gw.proc.pid) if b"spawn_main" in _cmdline(p)]
     assert len(fronts) == 3
     os.kill(fronts[0], signal.SIGKILL)  # uvicorn's supervisor starts a new front door
     deadline = time.monotonic() + 60
-    while len([p for p in _descendants(gw.proc.pid) if b"spawn_main" in _cmdline(p)]) < 3 or {
-        p for p in _descendants(gw.proc.pid) if b"spawn_main" in _cmdline(p)
+    while len([p for p in descendants(gw.proc.pid) if b"spawn_main" in _cmdline(p)]) < 3 or {
+        p for p in descendants(gw.proc.pid) if b"spawn_main" in _cmdline(p)
     } == set(fronts):
         assert time.monotonic() < deadline, "no front door was restarted"
         time.sleep(0.2)
@@ -119,7 +112,7 @@ def test_three_front_doors_share_limits_and_stop_on_sigterm(workers: dict[str, A
                 served.clear()  # a front door not yet in step (or still starting)
                 assert time.monotonic() < deadline, "a1 not served by every front door"
                 time.sleep(0.2)
-    procs |= _descendants(gw.proc.pid)
+    procs |= descendants(gw.proc.pid)
     assert gw.stop(signal.SIGTERM) == 0
     # uvicorn's resource tracker leaves when its pipe from the parent closes: wait for it.
     deadline = time.monotonic() + 15

@@ -21,9 +21,16 @@ import httpx
 import pytest
 
 from tests.conftest import ADMIN_KEY, free_port
-from tests.gateway.procs import SHARED_REDIS, GatewayProcess, clean_prefix, fake_adapter, new_prefix
+from tests.gateway.procs import (
+    SHARED_REDIS,
+    GatewayProcess,
+    clean_prefix,
+    descendants,
+    fake_adapter,
+    new_prefix,
+)
 from tests.gateway.test_tenancy import CHAT
-from tests.gateway.test_workers import _alive, _cmdline, _descendants
+from tests.gateway.test_workers import _alive, _cmdline
 
 ADMIN = {"authorization": f"Bearer {ADMIN_KEY}"}
 STREAMS = 8
@@ -71,7 +78,7 @@ def _chat(url: str, model: str = "m", max_tokens: int = 2) -> httpx.Response:
 
 
 def _control(gw: GatewayProcess) -> int:
-    (pid,) = [p for p in _descendants(gw.proc.pid) if b"--workers\x001\x00" in _cmdline(p)]
+    (pid,) = [p for p in descendants(gw.proc.pid) if b"--workers\x001\x00" in _cmdline(p)]
     return pid
 
 
@@ -163,7 +170,7 @@ def test_admin_port_restart_and_drain(fleet: dict[str, Any]) -> None:
     for t in threads:
         t.start()
     started.wait(timeout=60)
-    procs = _descendants(gw.proc.pid)
+    procs = descendants(gw.proc.pid)
     gw.proc.send_signal(signal.SIGTERM)
     deadline = time.monotonic() + 10
     while httpx.get(f"{gw.url}/health/ready").status_code == 200:  # readiness goes 503
