@@ -192,6 +192,7 @@ class Connection(asyncio.Protocol):
                 else:
                     self.write_simple(404, JSON, b'{"detail":"Not Found"}', keep_alive)
             elif path == b"/health":
+                s.probes_total += 1
                 if s.config.hang_health:
                     self.task = asyncio.get_running_loop().create_task(asyncio.sleep(3600))
                     self.task.add_done_callback(lambda _t: self.next_pending())
@@ -200,6 +201,7 @@ class Connection(asyncio.Protocol):
                 else:
                     self.write_simple(200, TEXT, b"", keep_alive)
             elif path == b"/metrics":
+                s.scrapes_total += 1
                 self.write_simple(200, b"text/plain; version=0.0.4", s.metrics_text(), keep_alive)
             elif path == b"/version":
                 self.write_simple(200, JSON, b'{"version":"gateway-sim"}', keep_alive)

@@ -110,6 +110,9 @@ class SimState:
         self.requests_total = 0
         # Generation requests received (answered, failed by a fault, or cut): attempts.
         self.received_total = 0
+        # GET /health and GET /metrics received (how often the gateway probes and scrapes).
+        self.probes_total = 0
+        self.scrapes_total = 0
         self._kv_tokens = 0
 
     def reconfigure(self, **changes: Any) -> None:

@@ -97,6 +97,12 @@ __all__ = ["OpenAIEngine"]
 
 log = logging.getLogger("engines.upstream")
 
+# How often a worker's /metrics is scraped when no scorer routes on it. On the H200 fleet
+# test (docs/gpu.md, run 5) four front doors and the control process probing every second
+# meant ten GETs a second at each vLLM API server, the process that limits throughput
+# there; nothing read the load figures more often than an operator's dashboard would.
+METRICS_IDLE_S = 15.0
+
 
 class OpenAIEngine(Sender, EngineBase):
     """Engine "openai": relays to OpenAI-compatible servers listed in `spec.endpoints`."""
@@ -139,6 +145,7 @@ class OpenAIEngine(Sender, EngineBase):
             self.adapter_state.reapply,
             self.outliers,
             self.budget,
+            self._metrics_every(opts),
         )
         # The name to write into responses when the upstream serves under another one.
         self._rename: str | None = (
@@ -195,6 +202,15 @@ class OpenAIEngine(Sender, EngineBase):
         """Base URLs of the workers to relay to. Subclasses that launch workers override
         this (launch, then return their URLs); `start()` then waits for their health."""
         return list(self.spec.endpoints)
+
+    def _metrics_every(self, opts: UpstreamOptions) -> float:
+        """How often the health loop scrapes a worker's /metrics: at every probe when a
+        scorer routes on it (`needs` "load"), else every METRICS_IDLE_S (see the option)."""
+        if opts.metrics_interval_s is not None:
+            return opts.metrics_interval_s
+        if "load" in self.router.needs:
+            return 0.0
+        return max(METRICS_IDLE_S, opts.health_interval_s)
 
     def _upstream_headers(self) -> dict[str, str]:
         """Headers every upstream request carries (Content-Type, Authorization)."""

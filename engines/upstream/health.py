@@ -45,10 +45,15 @@ class HealthChecks:
         on_back: OnBack,
         outliers: Outliers,
         budget: RetryBudget,
+        metrics_every_s: float = 0.0,
     ) -> None:
         self.model = model
         self.opts = opts
         self.metric_families = metric_families
+        # A worker's /metrics is scraped at most this often (0: at every probe).
+        self.metrics_every_s = metrics_every_s
+        self._next_scrape: dict[str, float] = {}
+        self.scrapes = 0
         self.read_metrics = read_metrics
         self.on_back = on_back
         self.outliers = outliers
@@ -95,7 +100,8 @@ class HealthChecks:
             ok, detail, hung = False, f"health check hung: {e!r}", True
         except (aiohttp.ClientError, OSError) as e:
             ok, detail = False, f"health check failed: {e!r}"
-        if ok and self.metric_families:
+        if ok and self.metric_families and self._scrape_due(ep):
+            self.scrapes += 1
             try:
                 async with session.get(ep.url + "/metrics", timeout=self.timeout) as r:
                     if r.status == 200:
@@ -122,6 +128,13 @@ class HealthChecks:
         if self.outliers.due(ep, now):
             self.outliers.readmit(ep)
             ep.detail = "ok (re-admitted half-open)"
+
+    def _scrape_due(self, ep: Endpoint) -> bool:
+        now = asyncio.get_running_loop().time()
+        if now < self._next_scrape.get(ep.url, 0.0):
+            return False
+        self._next_scrape[ep.url] = now + self.metrics_every_s
+        return True
 
     def wedge(self, ep: Endpoint, why: str) -> None:
         """A worker that stopped answering with requests in flight: eject it and fail its

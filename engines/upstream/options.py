@@ -48,6 +48,12 @@ class UpstreamOptions(EngineOptions):
     eject_base_s: float = Field(default=5.0, gt=0)
     eject_max_s: float = Field(default=300.0, gt=0)
     health_interval_s: float = Field(default=5.0, gt=0)
+    # How often a health probe also scrapes the worker's /metrics. Unset: at every probe
+    # when a routing scorer reads the workers' load (queue_depth, kv_cache), else every
+    # METRICS_IDLE_S (what /health and the gateway's /metrics show of the engines is then
+    # that fresh). Each scrape makes the worker render its whole exposition in its API
+    # server, and every front door of `serve --workers N` scrapes every worker.
+    metrics_interval_s: float | None = Field(default=None, gt=0)
     health_timeout_s: float = Field(default=3.0, gt=0)
     # How long `start()` waits for a first healthy endpoint.
     start_timeout_s: float = Field(default=60.0, gt=0)

@@ -31,7 +31,8 @@ class Scorer(Protocol):
     request (the router's p99 budget is 50 µs for 16 workers)."""
 
     name: str
-    # Optional: `needs` ("prefix" | "session") asks the engine to compute that key;
+    # Optional: `needs` ("prefix" | "session") asks the engine to compute that key, "load"
+    # to scrape the workers' /metrics at every health probe (`Endpoint.load`);
     # `configure(routing: RoutingSpec)` receives the model's `routing:` settings.
 
     def score(self, candidates: Sequence[Endpoint], request: RoutingRequest) -> list[float]: ...

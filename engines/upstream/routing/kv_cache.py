@@ -18,6 +18,7 @@ from engines.upstream.routing.base import RoutingRequest
 class KVCacheScorer:
     name = "kv_cache"
     reason = "least_loaded"  # the routing decision's reason when it decides
+    needs = "load"  # the workers' /metrics, scraped at every health probe
 
     def score(self, candidates: Sequence[Endpoint], request: RoutingRequest) -> list[float]:
         out = []

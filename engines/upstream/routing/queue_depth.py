@@ -20,6 +20,7 @@ from engines.upstream.routing.base import RoutingRequest
 class QueueDepthScorer:
     name = "queue_depth"
     reason = "least_loaded"  # the routing decision's reason when it decides
+    needs = "load"  # the workers' /metrics, scraped at every health probe
 
     def score(self, candidates: Sequence[Endpoint], request: RoutingRequest) -> list[float]:
         waiting = [(e.load.waiting or 0) if e.load is not None else 0 for e in candidates]

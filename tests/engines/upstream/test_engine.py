@@ -461,7 +461,7 @@ async def test_adapters_reapplied_when_a_worker_returns() -> None:
 
 async def test_metrics_scraped_into_status() -> None:
     servers = await sims(2, spec_tokens=3, max_running=1, itl_ms=30)
-    engine = await started(spec([s.url for s in servers]))
+    engine = await started(spec([s.url for s in servers], options={"metrics_interval_s": 0.1}))
     try:
         calls = [asyncio.create_task(engine.complete(chat(max_tokens=8))) for _ in range(4)]
         await eventually(lambda: engine.status().waiting == 2)
@@ -473,6 +473,26 @@ async def test_metrics_scraped_into_status() -> None:
         w = engine.status().workers[0]
         assert w.spec_draft_tokens is not None and w.spec_draft_tokens > 0
         assert w.spec_accepted_tokens is not None and w.spec_accepted_tokens > 0
+    finally:
+        await engine.stop()
+        for s in servers:
+            await s.stop()
+
+
+@pytest.mark.parametrize("scorers", [{"least_outstanding": 1}, {"queue_depth": 1}])
+async def test_metrics_scraped_only_as_often_as_routing_needs(scorers: dict[str, int]) -> None:
+    """Without a scorer that reads the workers' load, a probe scrapes /metrics once, then
+    every METRICS_IDLE_S (15 s); with one, at every probe (the sims count the GETs)."""
+    servers = await sims(2)
+    engine = await started(spec([s.url for s in servers], routing={"scorers": scorers}))
+    try:
+        await eventually(lambda: min(s.probes_total for s in servers) >= 8, within=20)
+        for s in servers:
+            probes, scrapes = s.probes_total, s.scrapes_total
+            if "queue_depth" in scorers:
+                assert scrapes >= probes - 1
+            else:
+                assert scrapes == 1, (probes, scrapes)
     finally:
         await engine.stop()
         for s in servers:
