@@ -56,8 +56,16 @@ def _serve(args: argparse.Namespace) -> int:
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     if settings.workers > 1:
+        from gateway.catalog import load_catalog
         from gateway.workers import serve_workers
 
+        # Checked here, once: a front door that cannot load its catalog dies, and the
+        # supervisor would start it again forever.
+        try:
+            load_catalog(settings.config)
+        except CatalogError as e:
+            print(e, file=sys.stderr)
+            return 2
         return serve_workers(settings)
     try:
         app = create_app(settings)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -51,6 +52,21 @@ def test_every_bad_variable_gets_its_line_and_pull_checks_too() -> None:
     assert len(lines) == 2
     assert lines[0].startswith("gateway: GATEWAY_PORT='-1'")
     assert lines[1].startswith("gateway: GATEWAY_MAX_STOP_LENGTH='x'")
+
+
+@pytest.mark.parametrize("workers", ["1", "3"])
+def test_invalid_catalog_exits_2_also_with_several_front_doors(
+    tmp_path: Path, workers: str
+) -> None:
+    """With `--workers N` the catalog is checked before any front door starts (a front door
+    that cannot load it would otherwise be restarted forever)."""
+    bad = tmp_path / "models.yaml"
+    bad.write_text("models:\n  - name: m\n    engine: sim\n    endpoints: [http://127.0.0.1:9]\n")
+    done = _gateway("serve", "--config", str(bad), "--port", "0", "--workers", workers)
+    assert done.returncode == 2
+    assert done.stderr.startswith(f"{bad} is invalid:")
+    assert "models[0].endpoints" in done.stderr
+    assert "Traceback" not in done.stderr
 
 
 def test_help_is_for_users() -> None:
