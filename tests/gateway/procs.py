@@ -191,3 +191,27 @@ def socket_holders(pids: set[int]) -> dict[int, set[int]]:
                 if target.startswith("socket:["):
                     out.setdefault(int(target[8:-1]), set()).add(pid)
     return out
+
+
+def port_listeners(gw: GatewayProcess, at_least: int = 0, within: float = 120.0) -> set[int]:
+    """The processes (the gateway's and its descendants) holding a listening socket on the
+    gateway's port; with `at_least`, waited for until that many hold one (a ready gateway
+    of several front doors may still be starting some)."""
+    deadline = time.monotonic() + within
+    while True:
+        listening = tcp_sockets(gw.port, LISTEN)
+        held = socket_holders(descendants(gw.proc.pid) | {gw.proc.pid})
+        pids = {pid for inode in listening for pid in held.get(inode, ())}
+        if len(pids) >= at_least or time.monotonic() > deadline:
+            return pids
+        time.sleep(0.2)
+
+
+def connections_held(port: int, pids: set[int]) -> dict[int, int]:
+    """Established connections on `port` per process of `pids` (0 for one holding none)."""
+    held = socket_holders(pids)
+    out = dict.fromkeys(pids, 0)
+    for inode in tcp_sockets(port, ESTABLISHED):
+        for pid in held.get(inode, ()):
+            out[pid] += 1
+    return out
