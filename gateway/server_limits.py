@@ -337,9 +337,9 @@ def reuse_port_socket(held: socket.socket) -> socket.socket:
     """A front door's own listening socket on the address `held` (bound by the parent with
     SO_REUSEPORT) holds: the kernel then spreads new connections over the front doors by
     a hash of each connection's addresses. With one shared socket, whichever front door
-    woke first accepted every pending connection (libuv accepts until EAGAIN): 64
-    keep-alive connections split 25/10/29/0 over four front doors, 256 split
-    27/77/50/102 (bench/accept_spread.py measures it)."""
+    woke first accepted every pending connection (libuv accepts until EAGAIN): a burst of
+    256 connections split 0/0/117/139 over four front doors, 60/60/61/75 with a socket
+    each (bench/accept_spread.py; docs/benchmarks.md, "Front doors")."""
     sock = socket.socket(held.family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)

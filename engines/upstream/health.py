@@ -53,7 +53,6 @@ class HealthChecks:
         # A worker's /metrics is scraped at most this often (0: at every probe).
         self.metrics_every_s = metrics_every_s
         self._next_scrape: dict[str, float] = {}
-        self.scrapes = 0
         self.read_metrics = read_metrics
         self.on_back = on_back
         self.outliers = outliers
@@ -101,7 +100,6 @@ class HealthChecks:
         except (aiohttp.ClientError, OSError) as e:
             ok, detail = False, f"health check failed: {e!r}"
         if ok and self.metric_families and self._scrape_due(ep):
-            self.scrapes += 1
             try:
                 async with session.get(ep.url + "/metrics", timeout=self.timeout) as r:
                     if r.status == 200:
