@@ -49,7 +49,15 @@ if str(REPO) not in sys.path:  # run as a script: make `gateway` and `bench` imp
 
 import orjson  # noqa: E402
 
-from bench.peers import MODEL, TARGETS, Proc, Target, ensure_installed, free_port  # noqa: E402
+from bench.peers import (  # noqa: E402
+    MODEL,
+    TARGETS,
+    Proc,
+    Target,
+    ensure_installed,
+    free_port,
+    sim_command,
+)
 from loadgen import LoadConfig, RequestRecord, Result, open_session, run_load  # noqa: E402
 from loadgen.metrics import summarize  # noqa: E402
 
@@ -248,13 +256,6 @@ async def measure(target: Target, proc: Proc, direct_url: str, proxy_url: str,
 # --------------------------------------------------------------------------------------
 
 
-def sim_command(port: int, stream: bool, plan: Plan) -> list[str]:
-    ttft, itl = (plan.stream_ttft_ms, plan.stream_itl_ms) if stream else (0.0, 0.0)
-    return [sys.executable, "-m", "gateway", "sim", "--host", "127.0.0.1", "--port", str(port),
-            "--model", MODEL, "--ttft-ms", str(ttft), "--itl-ms", str(itl), "--jitter", "0",
-            "--output-tokens", str(plan.max_tokens)]  # fmt: skip
-
-
 async def run_all(targets: list[Target], plan: Plan, cpus: tuple[int, int] | None,
                   workdir: Path, status: dict[str, dict[str, Any]],
                   modes: tuple[str, ...] = MODES) -> dict[str, Any]:  # fmt: skip
@@ -263,7 +264,9 @@ async def run_all(targets: list[Target], plan: Plan, cpus: tuple[int, int] | Non
     for mode in modes:
         stream = mode == "stream"
         sim_port = free_port()
-        sim = Proc("simulator", sim_command(sim_port, stream, plan), workdir / f"sim-{mode}.log",
+        ttft, itl = (plan.stream_ttft_ms, plan.stream_itl_ms) if stream else (0.0, 0.0)
+        argv = sim_command(sim_port, ttft, itl, plan.max_tokens)
+        sim = Proc("simulator", argv, workdir / f"sim-{mode}.log",
                    env={"PYTHONPATH": str(REPO)}, cpu=load_cpu, cwd=REPO)  # fmt: skip
         sim_url = f"http://127.0.0.1:{sim_port}"
         log(f"[{mode}] simulator: {shlex.join(sim.argv)}")

@@ -340,3 +340,17 @@ def ensure_installed(target: Target, log: Callable[[str], None]) -> str:
         raise RuntimeError(f"{target.dist} installed but its version cannot be read")
     log(f"[install] {target.name}: {version}")
     return version
+
+
+def sim_command(port: int, ttft_ms: float, itl_ms: float, max_tokens: int) -> list[str]:
+    """The simulator every proxy benchmark puts behind the proxies: no jitter, a fixed
+    number of tokens per answer."""
+    return [sys.executable, "-m", "gateway", "sim", "--host", "127.0.0.1", "--port", str(port),
+            "--model", MODEL, "--ttft-ms", str(ttft_ms), "--itl-ms", str(itl_ms),
+            "--jitter", "0", "--output-tokens", str(max_tokens)]  # fmt: skip
+
+
+def sim_proc(work: Path, port: int, ttft_ms: float, itl_ms: float, max_tokens: int) -> Proc:
+    """That simulator as a process pinned to CPU 0 (the load generator's CPU)."""
+    argv = sim_command(port, ttft_ms, itl_ms, max_tokens)
+    return Proc("sim", argv, work / "sim.log", env={"PYTHONPATH": str(REPO)}, cpu=0, cwd=REPO)

@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.peers import MODEL, TARGETS, VENVS, Proc, free_port  # noqa: E402
+from bench.peers import MODEL, TARGETS, VENVS, Proc, free_port, sim_proc  # noqa: E402
 from loadgen import LoadConfig, open_session, run_load  # noqa: E402
 
 HIGH_WATER = 256 * 1024
@@ -99,13 +99,7 @@ async def compare(args: argparse.Namespace) -> None:
     work = REPO / "bench" / "results" / time.strftime("relay-floor-%Y%m%d-%H%M%S")
     work.mkdir(parents=True, exist_ok=True)
     sim_port = free_port()
-    sim = Proc(
-        "sim",
-        [sys.executable, "-m", "gateway", "sim", "--host", "127.0.0.1", "--port", str(sim_port),
-         "--model", MODEL, "--ttft-ms", "10", "--itl-ms", "20", "--jitter", "0",
-         "--output-tokens", str(args.max_tokens)],
-        work / "sim.log", env={"PYTHONPATH": str(REPO)}, cpu=0, cwd=REPO,
-    )  # fmt: skip
+    sim = sim_proc(work, sim_port, 10, 20, args.max_tokens)
     sim.start()
     sim_url = f"http://127.0.0.1:{sim_port}"
     targets: list[tuple[str, Proc, str]] = []
