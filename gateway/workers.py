@@ -47,9 +47,11 @@ control process never binds it.
 
 Stopping: Ctrl-C or SIGTERM to the parent makes every front door do what one process does
 (`gateway.drain`: readiness 503 at once, `GATEWAY_DRAIN_ACCEPT_S` of accepting, then
-in-flight requests get `GATEWAY_DRAIN_SECONDS`), all at the same time; once all have exited,
-the control process is stopped (SIGTERM, its engines stopped, then SIGKILL after
-`STOP_TIMEOUT_S`). uvicorn's supervisor also restarts a front door that dies.
+in-flight requests get `GATEWAY_DRAIN_SECONDS`), all at the same time; one still there
+`FRONT_DOOR_MARGIN_S` after that is killed, with a progress line on stderr every
+`PROGRESS_S` while it is waited for. Once all have exited, the control process is stopped
+(SIGTERM, its engines stopped, then SIGKILL after `STOP_TIMEOUT_S`). uvicorn's supervisor
+also restarts a front door that dies.
 
 Not here: what a front door does with a request (`gateway.app`), engines' supervision of
 their own workers (`engines.launch`).
@@ -77,6 +79,11 @@ from gateway.front_catalog import CONTROL_KEY_ENV, free_port, split_catalog
 from gateway.settings import Settings
 
 STOP_TIMEOUT_S = 60.0
+# A front door gets its accept window and drain on SIGTERM, then this much more before
+# SIGKILL (uvicorn's supervisor would wait for it forever).
+FRONT_DOOR_MARGIN_S = 15.0
+# How often a stop that is still waiting says so on stderr.
+PROGRESS_S = 5.0
 # How long the control process may take to start its engines (vLLM loads take minutes).
 START_TIMEOUT_S = 3600.0
 # A dead control process is started again after this, doubling up to RESTART_MAX_S; the
@@ -228,11 +235,21 @@ def _stop(proc: subprocess.Popen[bytes] | None) -> None:
     if proc is None or proc.poll() is not None:
         return
     proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=STOP_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    while True:
+        try:
+            proc.wait(timeout=min(PROGRESS_S, max(0.0, deadline - time.monotonic())))
+            return
+        except subprocess.TimeoutExpired:
+            pass
+        if time.monotonic() >= deadline:
+            _say(
+                f"the control process [{proc.pid}] did not stop in {STOP_TIMEOUT_S:g} s; killing it"
+            )
+            proc.kill()
+            proc.wait()
+            return
+        _say(f"waiting for the control process [{proc.pid}] to stop its engines ...")
 
 
 def _on_term(signum: int, frame: Any) -> None:
@@ -286,6 +303,25 @@ class _FrontDoors(Multiprocess):
             process = self._new()
             process.start()
             self.processes.append(process)
+
+    def join_all(self) -> None:
+        # uvicorn's waits for each front door forever: one stuck in its shutdown would keep
+        # the whole gateway (and its control process) up. Each gets its accept window and
+        # drain, then FRONT_DOOR_MARGIN_S, and is killed after that; a line every
+        # PROGRESS_S says who is still being waited for.
+        budget = self.accept_s + float(self.config.timeout_graceful_shutdown or 0)
+        deadline = time.monotonic() + budget + FRONT_DOOR_MARGIN_S
+        for door in self.processes:
+            while door.exitcode is None:
+                door.process.join(min(PROGRESS_S, max(0.0, deadline - time.monotonic())))
+                if door.exitcode is not None:
+                    break
+                if time.monotonic() >= deadline:
+                    _say(f"front door [{door.pid}] did not stop in time; killing it")
+                    door.process.kill()
+                    door.process.join()
+                    break
+                _say(f"waiting for front door [{door.pid}] to finish its requests ...")
 
     def keep_subprocess_alive(self) -> None:
         # uvicorn's, with our process class.

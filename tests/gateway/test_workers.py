@@ -55,7 +55,13 @@ def workers(tmp_path: Path) -> Iterator[dict[str, Any]]:
             "lora": {"max_adapters": 2, "roots": [str(root)]},
         }
     ]
-    env = {"GATEWAY_REDIS_URL": SHARED_REDIS, "GATEWAY_REDIS_PREFIX": prefix}
+    env = {
+        "GATEWAY_REDIS_URL": SHARED_REDIS,
+        "GATEWAY_REDIS_PREFIX": prefix,
+        # Bounds the stop below (front doors, then the control: 5 s of drain each at most)
+        # well inside GatewayProcess.stop's 30 s.
+        "GATEWAY_DRAIN_SECONDS": "5",
+    }
     gw = GatewayProcess(models, tmp_path, ("--workers", "3"), **env)
     try:
         yield {"gw": gw.wait_ready(timeout=180), "tmp": tmp_path, "root": root}
@@ -113,10 +119,45 @@ def test_three_front_doors_share_limits_and_stop_on_sigterm(workers: dict[str, A
                 assert time.monotonic() < deadline, "a1 not served by every front door"
                 time.sleep(0.2)
     procs |= descendants(gw.proc.pid)
-    assert gw.stop(signal.SIGTERM) == 0
+    code = gw.stop(signal.SIGTERM)
+    log = gw.log.read_text(errors="replace")
+    assert code == 0, log[-3000:]
+    assert "did not stop" not in log, log[-3000:]  # nothing had to be killed
     # uvicorn's resource tracker leaves when its pipe from the parent closes: wait for it.
     deadline = time.monotonic() + 15
     while [p for p in procs if _alive(p)] and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not [p for p in procs if _alive(p)]
     assert not list(workers["tmp"].glob(".models-*"))  # the generated catalogs are removed
+
+
+def test_a_front_door_stuck_in_its_stop_is_killed_and_said(tmp_path: Path) -> None:
+    """A front door that never finishes its shutdown (here: stopped with SIGSTOP, so
+    SIGTERM waits) does not keep the gateway up: the parent says whom it waits for, kills
+    it after drain + FRONT_DOOR_MARGIN_S, stops the control process and exits 0."""
+    models = [{"name": "m", "engine": "sim", "options": {"itl_ms": 1}}]
+    gw = GatewayProcess(models, tmp_path, ("--workers", "2"), GATEWAY_DRAIN_SECONDS="1")
+    procs: set[int] = set()
+    try:
+        gw.wait_ready(timeout=180)
+        procs = descendants(gw.proc.pid)
+        fronts = sorted(p for p in procs if b"spawn_main" in _cmdline(p))
+        assert len(fronts) == 2
+        os.kill(fronts[0], signal.SIGSTOP)
+        code = gw.stop(signal.SIGTERM)
+        log = gw.log.read_text(errors="replace")
+        assert code == 0, log[-3000:]
+        # In order: waited for (at least once), then killed; the other door stopped itself.
+        waiting = log.find(f"waiting for front door [{fronts[0]}]")
+        killed = log.find(f"front door [{fronts[0]}] did not stop in time; killing it")
+        assert 0 <= waiting < killed, log[-3000:]
+        assert f"front door [{fronts[1]}] did not stop" not in log
+        deadline = time.monotonic() + 15
+        while [p for p in procs if _alive(p)] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [p for p in procs if _alive(p)]
+    finally:  # on a failure, leave no stopped process behind
+        gw.stop(signal.SIGKILL)
+        for p in procs:
+            if _alive(p):
+                os.kill(p, signal.SIGKILL)
