@@ -11,11 +11,20 @@ stream). The gateway always asks engines for a final usage chunk
 (`stream_options.include_usage`) and drops it again when the client did not ask.
 An error before the first yield surfaces from the first `__anext__()`, so the gateway can
 still answer with an HTTP status; after it, the gateway ends the stream with an error event.
+
+The direct path (optional for engines): once the first block is out, the gateway may set
+`GenerateRequest.direct`, a function taking one block of plain events — whole `data: {json}`
+events with no `[DONE]`, no error, no comment — and returning True when it has delivered
+it to the client, False when it cannot now (the engine then yields that block as usual, and
+order is kept: an engine only offers a block while nothing it received is still waiting to
+be yielded). An engine that reads its upstream in a protocol callback offers blocks there,
+so a plain chunk costs no task wake-up (`engines.upstream.http1`, `Stream.set_sink`);
+engines that ignore it lose nothing.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -81,6 +90,9 @@ class GenerateRequest:
     # failed before it.
     worker: str | None = None
     retries: int = 0
+    # The gateway's direct path for plain blocks (module docstring), None until the
+    # stream's first block is out and again once its relay ends.
+    direct: Callable[[bytes], bool] | None = None
 
 
 @dataclass(slots=True)

@@ -178,7 +178,17 @@ class RouteMetrics:
     """The labelled children one (model, route) pair updates on every request, resolved
     once: prometheus-client's `labels()` was 6–9% of the gateway's CPU under load."""
 
-    __slots__ = ("completion_tokens", "duration", "in_flight", "itl", "ok", "prompt_tokens", "ttft")
+    __slots__ = (
+        "completion_tokens",
+        "direct_blocks",
+        "duration",
+        "in_flight",
+        "itl",
+        "loop_blocks",
+        "ok",
+        "prompt_tokens",
+        "ttft",
+    )
 
     def __init__(self, m: Metrics, model: str, route: str):
         self.in_flight = m.in_flight.labels(model, route)
@@ -188,6 +198,8 @@ class RouteMetrics:
         self.itl = m.itl.labels(model)
         self.prompt_tokens = m.prompt_tokens.labels(model)
         self.completion_tokens = m.completion_tokens.labels(model)
+        self.direct_blocks = m.stream_blocks.labels(model, "direct")
+        self.loop_blocks = m.stream_blocks.labels(model, "loop")
 
 
 class Metrics:
@@ -235,6 +247,13 @@ class Metrics:
         )
         self.completion_tokens = Counter(
             "gateway_completion_tokens", "Completion tokens", ["model"], registry=r
+        )
+        self.stream_blocks = Counter(
+            "gateway_stream_blocks",
+            "Streamed blocks relayed, by path: `direct` (written from the upstream "
+            "connection's callback) or `loop` (through the relay task)",
+            ["model", "path"],
+            registry=r,
         )
         self.rate_limited = Counter(
             "gateway_rate_limited", "Requests refused with 429", ["model"], registry=r

@@ -23,8 +23,8 @@ from typing import Any
 
 import orjson
 
-from engines.base import EngineStream, ServingError, Usage
-from gateway.direct_body import body_writer
+from engines.base import EngineStream, GenerateRequest, ServingError, Usage
+from gateway.direct_body import BodyWriter, body_writer
 from gateway.errors import error_event
 
 log = logging.getLogger("gateway.streaming")
@@ -124,6 +124,10 @@ class StreamObserver:
     def relayed(self, events: int) -> None:
         """SSE events relayed (a stream cut before its usage chunk is billed by them)."""
 
+    def paths(self, direct: int, loop: int) -> None:
+        """Blocks written by the engine's direct path and by the relay loop, once at the
+        end."""
+
     def tail(self, blocks: tuple[bytes | None, ...]) -> None:
         """The stream's last two blocks (where the finish reason is), once at the end."""
 
@@ -133,9 +137,31 @@ class StreamObserver:
 
 
 class RelayResponse:
-    """An ASGI response relaying an engine stream whose first block is already in hand."""
+    """An ASGI response relaying an engine stream whose first block is already in hand.
 
-    __slots__ = ("_first", "_headers", "_observer", "_stream", "_want_usage")
+    Plain blocks may also arrive through `direct` (set as the request's
+    `GenerateRequest.direct`, `engines.base`): the engine calls it from its upstream
+    connection's callback, and it writes the block straight to the client with the same
+    bookkeeping as the loop (gap, event count, last two blocks). It declines a block that
+    mentions `"usage"` and whatever the direct writer declines (the client not reading,
+    the connection closing): the engine then yields that block to the loop, which sends it
+    through uvicorn's `send` and so waits for the client."""
+
+    __slots__ = (
+        "_direct",
+        "_events",
+        "_first",
+        "_gaps",
+        "_headers",
+        "_last",
+        "_observer",
+        "_prev",
+        "_req",
+        "_stream",
+        "_tail",
+        "_want_usage",
+        "_write",
+    )
 
     def __init__(
         self,
@@ -145,12 +171,37 @@ class RelayResponse:
         want_usage: bool,
         headers: list[tuple[bytes, bytes]],
         observer: StreamObserver,
+        req: GenerateRequest | None = None,
     ):
         self._first = first
         self._stream = stream
         self._want_usage = want_usage
         self._headers = headers
         self._observer = observer
+        self._req = req
+        self._write: BodyWriter | None = None
+        self._events = 0
+        self._direct = 0
+        # Gaps are noted here and handed over once at the end (`observe_many`):
+        # prometheus-client's `observe` per chunk measured 3.2 µs, a list append and the
+        # bulk observation 0.4 µs per gap (docs/benchmarks.md).
+        self._gaps: list[float] = []
+        self._last = 0.0
+        # raw: the finish reason is in the last two blocks
+        self._tail: bytes | None = first
+        self._prev: bytes | None = None
+
+    def direct(self, block: bytes) -> bool:
+        write = self._write
+        if write is None or b'"usage"' in block or not write(block):
+            return False
+        now = time.perf_counter()
+        self._gaps.append(now - self._last)
+        self._last = now
+        self._events += block.count(b"\n\n")
+        self._prev, self._tail = self._tail, block
+        self._direct += 1
+        return True
 
     async def __call__(self, scope: Any, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": self._headers})
@@ -159,26 +210,24 @@ class RelayResponse:
         error: ServingError | None = None
         want_usage = self._want_usage
         observer = self._observer
-        tail, prev = self._first, None  # raw: the finish reason is in the last two
-        events = 0
-        # Gaps are noted here and handed over once at the end (`observe_many`):
-        # prometheus-client's `observe` per chunk measured 3.2 µs, a list append and the
-        # bulk observation 0.4 µs per gap (docs/benchmarks.md).
-        gaps: list[float] = []
-        note_gap = gaps.append
-        write = body_writer(send)
+        req = self._req
+        self._write = write = body_writer(send)
+        loop = 1  # the first block
         try:
-            block, usage = take_usage(tail, want_usage)
-            events = block.count(b"\n\n")
+            block, usage = take_usage(self._first, want_usage)
+            self._events = block.count(b"\n\n")
             if write is None or not write(block):
                 await send({"type": "http.response.body", "body": block, "more_body": True})
-            last = time.perf_counter()
+            self._last = time.perf_counter()
+            if req is not None and write is not None:
+                req.direct = self.direct
             async for raw in self._stream:
-                prev, tail = tail, raw
+                loop += 1
+                self._prev, self._tail = self._tail, raw
                 now = time.perf_counter()
-                note_gap(now - last)
-                last = now
-                events += raw.count(b"\n\n")
+                self._gaps.append(now - self._last)
+                self._last = now
+                self._events += raw.count(b"\n\n")
                 block, found = take_usage(raw, want_usage)
                 if found is not None:
                     usage = found
@@ -186,6 +235,8 @@ class RelayResponse:
                         continue
                 if write is None or not write(block):
                     await send({"type": "http.response.body", "body": block, "more_body": True})
+            if req is not None:
+                req.direct = None
             await send({"type": "http.response.body", "body": DONE, "more_body": False})
         except asyncio.CancelledError:
             if not watch.absorb():
@@ -198,13 +249,16 @@ class RelayResponse:
             error = ServingError(f"The engine failed: {type(exc).__name__}.")
             await self._end_with_error(send, error)
         finally:
+            if req is not None:
+                req.direct = None  # nothing more goes to this client from the engine
             watch.close()
             await self._stream.aclose()
-            if gaps:
-                observer.gaps(gaps)
+            if self._gaps:
+                observer.gaps(self._gaps)
             if usage is None:
-                observer.relayed(events)
-            observer.tail((tail, prev))
+                observer.relayed(self._events)
+            observer.tail((self._tail, self._prev))
+            observer.paths(self._direct, loop)
             observer.finished(usage, error, watch.disconnected)
 
     @staticmethod

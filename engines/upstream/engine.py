@@ -51,7 +51,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from typing import Any, ClassVar
 
 import aiohttp
@@ -85,7 +85,7 @@ from engines.upstream.errors import (
 from engines.upstream.health import HealthChecks
 from engines.upstream.options import UpstreamOptions
 from engines.upstream.outliers import Outliers, RetryBudget
-from engines.upstream.relay import process_run
+from engines.upstream.relay import plain_run, process_run
 from engines.upstream.routing import SCORERS, Router, RoutingRequest
 from engines.upstream.routing.hashring import stable_hash
 from engines.upstream.routing.prefix import prompt_prefix
@@ -102,6 +102,31 @@ log = logging.getLogger("engines.upstream")
 # meant ten GETs a second at each vLLM API server, the process that limits throughput
 # there; nothing read the load figures more often than an operator's dashboard would.
 METRICS_IDLE_S = 15.0
+
+
+def _direct_sink(req: GenerateRequest, buf: SSEBuffer) -> Callable[[bytes], bool]:
+    """The upstream connection's sink for one stream (`http1.Stream.set_sink`): a piece
+    that is a run of whole plain events, with no partial event buffered before it, goes to
+    the gateway's direct path (`GenerateRequest.direct`) from the protocol callback; all
+    else, and everything while the gateway has no direct path, takes the loop below.
+
+    Why: a plain chunk then costs no future, task wake-up or generator resumption. Relaying
+    64 streams of 32 chunks (bench/relay_ab.py, this commit against the one before), the
+    gateway's CPU went from 1.00 to 0.79 CPU-s per 1,000 requests (docs/benchmarks.md,
+    "Stream relay: the direct path")."""
+
+    def sink(data: bytes) -> bool:
+        direct = req.direct
+        return (
+            direct is not None
+            and not buf.pending
+            and data.endswith(b"\n\n")
+            and b"\r" not in data
+            and plain_run(data)
+            and direct(data)
+        )
+
+    return sink
 
 
 class OpenAIEngine(Sender, EngineBase):
@@ -409,6 +434,8 @@ class OpenAIEngine(Sender, EngineBase):
             slow = rename is not None or self._custom_chunk
             buf = SSEBuffer()
             read = resp.read_chunk
+            if not slow:
+                resp.set_sink(_direct_sink(req, buf))
             done = False
             while True:
                 if not data:
@@ -418,13 +445,7 @@ class OpenAIEngine(Sender, EngineBase):
                     # The fast path: the run is relayed as received. Everything unusual
                     # (the final [DONE], an error event, comments, non-`data: ` lines) goes
                     # slow.
-                    if (
-                        slow
-                        or b"[DONE]" in run
-                        or b'"error"' in run
-                        or b"\n:" in run
-                        or not run.startswith(b"data: ")
-                    ):
+                    if slow or not plain_run(run):
                         run, seen_done, error = process_run(
                             run,
                             rename,

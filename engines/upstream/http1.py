@@ -126,6 +126,7 @@ class _Conn(asyncio.Protocol):
         "keep_alive",
         "last",
         "seq",
+        "sink",
         "started",
         "status",
         "timer_at",
@@ -153,6 +154,9 @@ class _Conn(asyncio.Protocol):
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
         self.seq = 0
+        # A streamed body's consumer offered each piece while it waits for one (see
+        # `Stream.set_sink`).
+        self.sink: Callable[[bytes], bool] | None = None
 
     # ---- asyncio.Protocol
 
@@ -211,17 +215,24 @@ class _Conn(asyncio.Protocol):
                 w.set_result(None)
 
     def on_body(self, body: bytes) -> None:
-        chunks = self._chunks
-        chunks.append(body)
         if self._stream:
             w = self._waiter
             if w is not None and not w.done():
+                # The consumer waits with nothing pending: its sink may take the piece
+                # here, and the consumer sleeps on (no wake-up for a piece passed on).
+                sink = self.sink
+                if sink is not None and sink(body):
+                    return
+                self._chunks.append(body)
                 w.set_result(None)
             else:
+                self._chunks.append(body)
                 self._buffered += len(body)
                 if self._buffered > _HIGH_WATER and not self._paused and self.transport:
                     self._paused = True
                     self.transport.pause_reading()
+        else:
+            self._chunks.append(body)
 
     def on_message_complete(self) -> None:
         self.complete = True
@@ -245,6 +256,7 @@ class _Conn(asyncio.Protocol):
         self.busy = True
         self.seq += 1
         self._stream = stream
+        self.sink = None
         self.complete = self.started = False
         self.status = 0
         self.headers = []
@@ -388,10 +400,20 @@ class Stream:
             parts.append(data)
         return b"".join(parts)
 
+    def set_sink(self, sink: Callable[[bytes], bool] | None) -> None:
+        """Offer each body piece to `sink` as it arrives while `read_chunk()` waits with
+        nothing pending; a piece it takes (True) is never returned by `read_chunk()`.
+        Anything else (False, or pieces arriving while the consumer is busy) queues as
+        usual, so `read_chunk()` keeps the order. The sink runs inside the protocol's
+        `data_received`: it must not block, and what it raises breaks the connection."""
+        if self._conn.seq == self._seq:
+            self._conn.sink = sink
+
     def release(self) -> None:
         c = self._conn
         if c.seq != self._seq or not c.busy:
             return
+        c.sink = None
         if c.complete and c._error is None:
             c._finish()
         else:

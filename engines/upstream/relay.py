@@ -17,10 +17,21 @@ import orjson
 from engines.base import ServingError, UpstreamError
 from engines.upstream.sse import split_events
 
-__all__ = ["event_data", "process_run"]
+__all__ = ["event_data", "plain_run", "process_run"]
 
 Transform = Callable[[dict[str, Any]], dict[str, Any] | None]
 ErrorOf = Callable[[dict[str, Any], bytes], ServingError]
+
+
+def plain_run(run: bytes) -> bool:
+    """Whether a run of whole events can be relayed as it is: it starts with `data: ` and
+    holds no `[DONE]`, no `"error"` and no comment line."""
+    return (
+        run.startswith(b"data: ")
+        and b"[DONE]" not in run
+        and b'"error"' not in run
+        and b"\n:" not in run
+    )
 
 
 def event_data(event: bytes) -> bytes | None:

@@ -185,6 +185,6 @@ async def _generate(gw: Gateway, route: Route, scope: Scope, receive: Receive, s
     headers = [*_SSE_HEADERS, (b"x-request-id", rid.encode()), (b"server-timing", timing)]
     if record.ticket is not None:
         headers += record.ticket.headers
-    await RelayResponse(first, agen, want_usage=want_usage, headers=headers, observer=record)(
-        scope, receive, send
-    )
+    await RelayResponse(
+        first, agen, want_usage=want_usage, headers=headers, observer=record, req=req
+    )(scope, receive, send)

@@ -142,6 +142,12 @@ class RequestRecord(StreamObserver):
     def relayed(self, events: int) -> None:
         self.blocks = events
 
+    def paths(self, direct: int, loop: int) -> None:
+        if self._m is not None:
+            if direct:
+                self._m.direct_blocks.inc(direct)
+            self._m.loop_blocks.inc(loop)
+
     def first_chunk(self, at: float) -> None:
         self.ttft = at - self.start
         if self._m is not None:

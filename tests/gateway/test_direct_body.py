@@ -7,6 +7,7 @@ streams the SDK reads whole."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import socket
 import threading
 import time
@@ -14,7 +15,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import openai
+import orjson
 import pytest
 import uvicorn
 
@@ -23,6 +26,7 @@ from gateway.catalog import parse_catalog
 from gateway.direct_body import body_writer
 from gateway.server_limits import uvicorn_config
 from gateway.settings import Settings
+from simulator import SimConfig
 from tests.conftest import free_port
 from tests.gateway.test_api_sim import SimThread
 
@@ -129,22 +133,42 @@ def test_no_direct_writer_for_head_or_a_wrapped_send() -> None:
     assert body_writer(wrapped) is None
 
 
+LONG = 40_000  # tokens of ~150 bytes: ~6 MB, past the socket buffers
+
+
 @pytest.fixture(scope="module")
 def gateway(sims: SimThread, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     sim = sims.start(model="m", itl_ms=1, output_tokens=40)
+    # Tokens 50 us apart (2 s in all): the lagging-client case.
+    bulk = sims.start(model="bulk", output_tokens=LONG, max_model_len=2 * LONG, itl_ms=0.05)
     tmp: Path = tmp_path_factory.mktemp("direct")
-    catalog = parse_catalog(
-        {"models": [{"name": "m", "engine": "openai", "endpoints": [sim.url]}]}, base_dir=tmp
-    )
+    models = [
+        {"name": "m", "engine": "openai", "endpoints": [sim.url]},
+        {"name": "bulk", "engine": "openai", "endpoints": [bulk.url], "max_model_len": 2 * LONG},
+    ]
+    catalog = parse_catalog({"models": models}, base_dir=tmp)
     settings = Settings(cache_dir=tmp)
     try:
         with Served(create_app(settings, catalog), settings) as served:
             yield f"http://127.0.0.1:{served.port}/v1"
     finally:
         sims.call(sim.stop())
+        sims.call(bulk.stop())
+
+
+def _blocks(base: str, model: str) -> dict[str, float]:
+    """gateway_stream_blocks_total of `model`, by path."""
+    text = httpx.get(base.removesuffix("/v1") + "/metrics").text
+    out = {"direct": 0.0, "loop": 0.0}
+    for line in text.splitlines():
+        if line.startswith(f'gateway_stream_blocks_total{{model="{model}",'):
+            path = line.split('path="', 1)[1].split('"', 1)[0]
+            out[path] = float(line.rsplit(" ", 1)[1])
+    return out
 
 
 def test_unwrapped_gateway_relays_whole_streams(gateway: str) -> None:
+    before = _blocks(gateway, "m")
     with openai.OpenAI(base_url=gateway, api_key="x", max_retries=0) as client:
         for include_usage in (False, True):
             chunks = list(
@@ -165,3 +189,46 @@ def test_unwrapped_gateway_relays_whole_streams(gateway: str) -> None:
                 assert len(usage) == 1 and usage[0].completion_tokens == 40
             else:
                 assert usage == []
+    # Chunks 1 ms apart reach the client from the upstream connection's callback (the
+    # direct path); the first block and the usage chunk take the relay loop.
+    after = _blocks(gateway, "m")
+    assert after["direct"] - before["direct"] > 0
+    assert after["loop"] - before["loop"] >= 4  # two streams, first and last block each
+
+
+def test_direct_relay_keeps_order_when_the_client_lags(gateway: str) -> None:
+    """A client that reads nothing for a second while ~6 MB of tokens arrive: the direct
+    path's writes are declined once the client's socket is full, the loop takes over (and
+    the upstream socket is paused), and every token still arrives once, in order."""
+    words = [" " + w for w in SimConfig().words]
+    assert len(set(words)) == len(words)
+    index = {w: i for i, w in enumerate(words)}
+    before = _blocks(gateway, "bulk")
+    port = int(gateway.rsplit(":", 1)[1].split("/", 1)[0])
+    body = orjson.dumps({"model": "bulk", "prompt": "hello", "max_tokens": LONG, "stream": True})
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)  # no receive autotuning
+        s.connect(("127.0.0.1", port))
+        s.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        time.sleep(1.0)
+        s.settimeout(60)
+        parts = []
+        while data := s.recv(1 << 20):
+            parts.append(data)
+            if data.endswith(b"0\r\n\r\n") and b"".join(parts[-2:]).endswith(b"\r\n0\r\n\r\n"):
+                break
+    raw = b"".join(parts)
+    head, _, chunked = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), raw[:600]
+    events = [e for e in _dechunk(chunked).split(b"\n\n") if e]
+    assert events[-1] == b"data: [DONE]"
+    texts = [orjson.loads(e[6:])["choices"][0]["text"] for e in events[:-1]]
+    assert len(texts) == LONG
+    for a, b in itertools.pairwise(texts):
+        assert index[b] == (index[a] + 1) % len(words)
+    after = _blocks(gateway, "bulk")
+    assert after["direct"] - before["direct"] > 0, "the direct path was never taken"
+    assert after["loop"] - before["loop"] > 2, "the client's lag never declined a direct write"

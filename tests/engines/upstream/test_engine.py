@@ -221,6 +221,11 @@ async def odd_upstream() -> AsyncIterator[str]:
                 b'data: {"error":{"message":"context too long","type":"BadRequestError",'
                 b'"param":null,"code":400}}\n\n'
             )
+        elif case == "error_later":  # three reads: two plain chunks, then the error
+            for piece in (ev + b"\n\n", ev + b"\n\n"):
+                await resp.write(piece)
+                await asyncio.sleep(0.02)
+            await resp.write(b'data: {"error":{"message":"context too long","code":400}}\n\n')
         elif case == "error_first":
             await resp.write(b'data: {"object":"error","message":"oops","code":503}\n\n')
         elif case == "no_done":
@@ -571,3 +576,86 @@ async def test_sim_engine_launches_replicas() -> None:
     finally:
         await engine.stop()
     assert engine.servers == []
+
+
+# ---------------------------------------------------------------- the direct path
+
+
+async def _relay_both(
+    engine: OpenAIEngine, req: GenerateRequest, take: Callable[[int], bool]
+) -> list[tuple[str, bytes]]:
+    """Blocks in the order a client would get them: ("direct", b) for those the engine
+    passed to `req.direct` (which takes the n-th offer when `take(n)`), ("loop", b) for
+    those it yielded."""
+    got: list[tuple[str, bytes]] = []
+    offers = 0
+
+    def direct(block: bytes) -> bool:
+        nonlocal offers
+        offers += 1
+        if not take(offers):
+            return False
+        got.append(("direct", block))
+        return True
+
+    req.direct = direct
+    async for block in engine.stream(req):
+        got.append(("loop", block))
+    return got
+
+
+async def test_direct_path_keeps_bytes_and_order() -> None:
+    (sim,) = await sims(1, output_tokens=6, itl_ms=5)  # one read per chunk
+    engine = await started(spec([sim.url]))
+    try:
+        await _direct_cases(engine)
+    finally:
+        await engine.stop()
+        await sim.stop()
+
+
+async def _direct_cases(engine: OpenAIEngine) -> None:
+    plain = await collect(engine, chat(stream=True, max_tokens=6))
+    # Taking every offer: each chunk after the first (which came with the headers) goes
+    # direct, the usage chunk too; [DONE] is the loop's, and never relayed.
+    got = await _relay_both(engine, chat(stream=True, max_tokens=6), lambda n: True)
+    assert _norm(b"".join(b for _, b in got)) == _norm(plain)
+    paths = [p for p, _ in got]
+    assert paths[0] == "loop" and paths.count("direct") >= 6, paths
+    assert all(b"[DONE]" not in b for _, b in got)
+    # Declining every other offer: the declined block is yielded, in its place.
+    got = await _relay_both(engine, chat(stream=True, max_tokens=6), lambda n: n % 2 == 0)
+    assert _norm(b"".join(b for _, b in got)) == _norm(plain)
+    assert {"direct", "loop"} <= {p for p, _ in got}
+
+
+async def test_direct_path_leaves_odd_runs_to_the_loop(odd_upstream: str) -> None:
+    engine = await started(spec([odd_upstream]))
+    try:
+        ev = b'data: {"id":"1","model":"m","choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n'
+        # CRLF line ends, a comment and events split across writes are never offered whole.
+        got = await _relay_both(engine, chat(stream=True, user="crlf"), lambda n: True)
+        assert got == [("loop", ev + ev)]
+        # The plain chunk after the first goes direct; the error event after it is still
+        # raised (the first chunk came with the headers: the loop's).
+        taken: list[bytes] = []
+        req = chat(stream=True, user="error_later")
+        req.direct = lambda b: taken.append(b) is None
+        yielded = []
+        with pytest.raises(InvalidRequest, match="context too long"):
+            async for b in engine.stream(req):
+                yielded.append(b)
+        assert (yielded, taken) == ([ev], [ev])
+    finally:
+        await engine.stop()
+
+
+async def test_a_renaming_engine_offers_nothing(two: tuple[OpenAIEngine, list[SimServer]]) -> None:
+    _, servers = two
+    engine = await started(spec([servers[0].url], name="alias", served_model_name=MODEL))
+    try:
+        got = await _relay_both(engine, chat(stream=True, max_tokens=4), lambda n: True)
+        assert {p for p, _ in got} == {"loop"}
+        assert all(b'"model":"alias"' in b for _, b in got if b'"choices":[{' in b)
+    finally:
+        await engine.stop()
