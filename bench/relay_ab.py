@@ -25,6 +25,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import aiohttp
+
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
@@ -79,19 +81,33 @@ async def main(args: argparse.Namespace) -> None:
             f"concurrency {args.concurrency}, {args.rounds} rounds x {args.requests} "
             f"requests, {args.max_tokens} tokens, load average {load_avg:.2f} at the end"
         )
-        for checkout, *_ in gateways:
+        for checkout, _, url, sess in gateways:
             per_req = cpu[checkout] / done[checkout]
             per_chunk = cpu[checkout] / max(chunks[checkout], 1)
             print(
                 f"{checkout}: {per_req * 1000:.3f} CPU-s / 1k requests, "
                 f"{per_chunk * 1e6:.1f} us / output chunk, "
                 f"ratio to the first {per_req / base:.3f} ({done[checkout]} requests)"
+                f"{await _paths(sess, url)}"
             )
     finally:
         for _, proc, _, sess in gateways:
             await sess.close()
             proc.stop()
         sim.stop()
+
+
+async def _paths(sess: aiohttp.ClientSession, url: str) -> str:
+    """ ", direct path N % of M blocks" from the gateway's gateway_stream_blocks_total (warm-up
+    included), or "" for a checkout that does not count them."""
+    async with sess.get(url + "/metrics") as r:
+        text = await r.text()
+    n = {"direct": 0.0, "loop": 0.0}
+    for line in text.splitlines():
+        if line.startswith("gateway_stream_blocks_total{"):
+            n[line.split('path="', 1)[1].split('"', 1)[0]] += float(line.rsplit(" ", 1)[1])
+    total = n["direct"] + n["loop"]
+    return f", direct path {100 * n['direct'] / total:.1f} % of {total:.0f} blocks" if total else ""
 
 
 if __name__ == "__main__":
