@@ -257,14 +257,21 @@ def _on_term(signum: int, frame: Any) -> None:
 
 
 class _FrontDoor(Process):
-    """uvicorn's worker process, serving with the draining server (`gateway.drain`)."""
+    """uvicorn's worker process, serving with the draining server (`gateway.drain`) and
+    the connection guard of a one-process gateway (`gateway.server_limits`: header and
+    body deadlines, connection caps — each front door counts its own connections)."""
 
-    accept_s = 5.0
+    settings: Settings | None = None
     reuse_port = False
 
     def target(self, sockets: list[socket.socket] | None = None) -> None:
-        # In the child: with reuse_port, listen on a socket of our own beside the parent's
-        # (which only holds the port) instead of on the inherited one.
+        # In the child.
+        if self.settings is not None:
+            from gateway.server_limits import guarded_protocol
+
+            self.config.http = guarded_protocol(self.settings)
+        # With reuse_port, listen on a socket of our own beside the parent's (which only
+        # holds the port) instead of on the inherited one.
         if self.reuse_port and sockets:
             from gateway.server_limits import reuse_port_socket
 
@@ -278,7 +285,8 @@ class _FrontDoor(Process):
         if self._server is None:
             from gateway.drain import DrainingServer
 
-            self._server = DrainingServer(self.config, None, self.accept_s)
+            accept_s = self.settings.drain_accept_s if self.settings is not None else 5.0
+            self._server = DrainingServer(self.config, None, accept_s)
         return self._server
 
 
@@ -286,15 +294,16 @@ class _FrontDoors(Multiprocess):
     """uvicorn's supervisor of N front doors, each a `_FrontDoor`."""
 
     def __init__(
-        self, config: Any, sockets: list[socket.socket], accept_s: float, reuse_port: bool
+        self, config: Any, sockets: list[socket.socket], settings: Settings, reuse_port: bool
     ):
         super().__init__(config, sockets)
-        self.accept_s = accept_s
+        self.settings = settings
+        self.accept_s = settings.drain_accept_s
         self.reuse_port = reuse_port
 
     def _new(self) -> Process:
         p = _FrontDoor(self.config, self.sockets)
-        p.accept_s = self.accept_s
+        p.settings = self.settings
         p.reuse_port = self.reuse_port
         return p
 
@@ -346,9 +355,7 @@ class _FrontDoors(Multiprocess):
 
 def serve_workers(settings: Settings) -> int:
     """Run the control process (if any model needs one) and N front doors until stopped."""
-    import uvicorn
-
-    from gateway.server_limits import listen_sockets
+    from gateway.server_limits import listen_sockets, uvicorn_config
 
     config = settings.config.resolve()
     raw = yaml.safe_load(config.read_text()) or {}
@@ -401,22 +408,20 @@ def serve_workers(settings: Settings) -> int:
         if settings.admin_port:
             admin = f", admin on {settings.admin_host}:{settings.admin_port}"
         _say(f"starting {settings.workers} front doors on {settings.host}:{settings.port}{admin}")
-        uv = uvicorn.Config(
+        # The one-process server's config (keep-alive timeout and all); its guarded
+        # protocol class is made per server and cannot travel to a spawned process, so
+        # each front door makes its own (`_FrontDoor.target`).
+        uv = uvicorn_config(
             "gateway.app:app_from_env",
+            settings,
             factory=True,
             workers=settings.workers,
-            host=settings.host,
-            port=settings.port,
-            loop="uvloop",
             http="httptools",
-            log_level=settings.log_level.lower(),
-            access_log=False,
-            proxy_headers=False,
             timeout_graceful_shutdown=settings.drain_seconds,
         )
         reuse = settings.reuse_port and hasattr(socket, "SO_REUSEPORT")
         sockets = listen_sockets(uv, settings, reuse_port=reuse)
-        _FrontDoors(uv, sockets, settings.drain_accept_s, reuse).run()
+        _FrontDoors(uv, sockets, settings, reuse).run()
         return 0
     except KeyboardInterrupt:
         return 0
