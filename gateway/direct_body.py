@@ -1,4 +1,5 @@
-"""Writing a streamed response's body blocks straight onto uvicorn's connection.
+"""The app's direct line to uvicorn's connection: writing a streamed response's body
+blocks straight onto it, and being told at once when its client goes away.
 
 Owns `body_writer(send)`: given the ASGI `send` of a request, a function that frames one
 body block as an HTTP/1.1 chunk and writes it to the connection's transport — or None
@@ -11,6 +12,14 @@ block as an ASGI message, so backpressure and disconnects behave as before. The 
 start and the last block always go through `send` (uvicorn's keep-alive and
 request-complete bookkeeping live there).
 
+Owns `disconnect_notice(send, callback)`: `callback` is called from the connection's
+`connection_lost` when the client leaves before the response is complete (the protocol
+calls `notify_disconnect`), or None where the server cannot (not the gateway's guarded
+protocol, or already gone): the caller then watches `receive` with a task.
+Why: that task (its creation, uvicorn's `receive` waiting on an Event, and its
+cancellation at the end) was ~7 % of the gateway's samples in py-spy relaying 256 short
+streams; the notice costs an attribute store per request.
+
 Does not own: what the blocks contain, nor when the stream ends (`gateway.streaming`).
 
 Why: the relay sends one block per upstream chunk, and uvicorn's `send` builds a
@@ -22,6 +31,7 @@ through the whole gateway see docs/benchmarks.md ("Stream relay: first cuts").
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
@@ -51,3 +61,29 @@ def body_writer(send: Any) -> BodyWriter | None:
         return True
 
     return write
+
+
+# The attribute of uvicorn's request cycle holding the callback (the class has no slots).
+_NOTICE = "gateway_on_disconnect"
+
+
+def disconnect_notice(send: Any, callback: Callable[[], None]) -> Callable[[], None] | None:
+    """Have `callback` called once if the client of the request `send` belongs to goes
+    away before the response is complete; the function returned withdraws it. None when
+    the server cannot tell (then watch `receive`)."""
+    cycle = getattr(send, "__self__", None)
+    if type(cycle) is not RequestResponseCycle or cycle.disconnected:
+        return None
+    protocol = getattr(cycle.on_response, "__self__", None)
+    if not getattr(protocol, "notifies_disconnect", False):
+        return None
+    setattr(cycle, _NOTICE, callback)
+    return partial(setattr, cycle, _NOTICE, None)
+
+
+def notify_disconnect(cycle: Any) -> None:
+    """From a protocol's `connection_lost`: the cycle's client is gone."""
+    callback = getattr(cycle, _NOTICE, None)
+    if callback is not None and cycle.disconnected:
+        setattr(cycle, _NOTICE, None)
+        callback()

@@ -33,6 +33,7 @@ import orjson
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
+from gateway.direct_body import notify_disconnect
 from gateway.settings import Settings
 
 log = logging.getLogger("gateway.server")
@@ -135,6 +136,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     quarter of the shortest timeout), and notices body progress by a counter."""
 
     guard: ClassVar[ConnectionGuard]
+    # `connection_lost` tells the request in flight (`gateway.direct_body.disconnect_notice`).
+    notifies_disconnect: ClassVar[bool] = True
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -166,6 +169,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._admitted = False
             self.guard.release(self)
         super().connection_lost(exc)
+        if self.cycle is not None:
+            notify_disconnect(self.cycle)
 
     def data_received(self, data: bytes) -> None:
         if not self._admitted:

@@ -131,7 +131,7 @@ async def _generate(gw: Gateway, route: Route, scope: Scope, receive: Receive, s
         return
 
     engine = target.engine
-    watch = DisconnectWatch(receive, delay=WATCH_DELAY_S)
+    watch = DisconnectWatch(receive, delay=WATCH_DELAY_S, send=send)
     upstream_start = time.perf_counter()
     agen: EngineStream | None = None
     try:

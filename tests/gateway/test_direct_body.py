@@ -23,10 +23,10 @@ import uvicorn
 
 from gateway.app import create_app
 from gateway.catalog import parse_catalog
-from gateway.direct_body import body_writer
+from gateway.direct_body import body_writer, disconnect_notice
 from gateway.server_limits import uvicorn_config
 from gateway.settings import Settings
-from simulator import SimConfig
+from simulator import SimConfig, SimServer
 from tests.conftest import free_port
 from tests.gateway.test_api_sim import SimThread
 
@@ -133,6 +133,7 @@ def test_no_direct_writer_for_head_or_a_wrapped_send() -> None:
     assert body_writer(wrapped) is None
 
 
+_SIMS: dict[str, SimServer] = {}
 LONG = 40_000  # tokens of ~150 bytes: ~6 MB, past the socket buffers
 
 
@@ -140,20 +141,24 @@ LONG = 40_000  # tokens of ~150 bytes: ~6 MB, past the socket buffers
 def gateway(sims: SimThread, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     sim = sims.start(model="m", itl_ms=1, output_tokens=40)
     # Tokens 50 us apart (2 s in all): the lagging-client case.
+    slow = sims.start(model="slow", ttft_ms=5, itl_ms=50, output_tokens=200)
     bulk = sims.start(model="bulk", output_tokens=LONG, max_model_len=2 * LONG, itl_ms=0.05)
     tmp: Path = tmp_path_factory.mktemp("direct")
     models = [
         {"name": "m", "engine": "openai", "endpoints": [sim.url]},
+        {"name": "slow", "engine": "openai", "endpoints": [slow.url]},
         {"name": "bulk", "engine": "openai", "endpoints": [bulk.url], "max_model_len": 2 * LONG},
     ]
     catalog = parse_catalog({"models": models}, base_dir=tmp)
     settings = Settings(cache_dir=tmp)
+    _SIMS["slow"] = slow
     try:
         with Served(create_app(settings, catalog), settings) as served:
             yield f"http://127.0.0.1:{served.port}/v1"
     finally:
         sims.call(sim.stop())
         sims.call(bulk.stop())
+        sims.call(slow.stop())
 
 
 def _blocks(base: str, model: str) -> dict[str, float]:
@@ -232,3 +237,87 @@ def test_direct_relay_keeps_order_when_the_client_lags(gateway: str) -> None:
     after = _blocks(gateway, "bulk")
     assert after["direct"] - before["direct"] > 0, "the direct path was never taken"
     assert after["loop"] - before["loop"] > 2, "the client's lag never declined a direct write"
+
+
+class NoticeApp:
+    """Registers a disconnect notice, then waits for the client to leave."""
+
+    def __init__(self) -> None:
+        self.registered: bool | None = None
+        self.noticed = threading.Event()
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"x", "more_body": True})
+        gone = asyncio.Event()
+
+        def notice() -> None:
+            self.noticed.set()
+            gone.set()
+
+        withdraw = disconnect_notice(send, notice)
+        self.registered = withdraw is not None
+        try:
+            async with asyncio.timeout(30):
+                await gone.wait()
+        finally:
+            if withdraw is not None:
+                withdraw()
+
+
+def test_the_connection_tells_of_a_client_leaving() -> None:
+    app = NoticeApp()
+    with Served(app, Settings()) as served:
+        with socket.create_connection(("127.0.0.1", served.port)) as s:
+            s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            s.settimeout(30)
+            assert s.recv(65536).startswith(b"HTTP/1.1 200")
+            deadline = time.monotonic() + 30
+            while app.registered is None:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            assert not app.noticed.is_set()
+        assert app.noticed.wait(30), "connection_lost did not notify"
+    assert app.registered is True
+
+    async def wrapped(message: Any) -> None: ...
+
+    assert disconnect_notice(wrapped, lambda: None) is None  # not uvicorn's send: no notice
+
+
+async def test_a_client_leaving_cancels_the_upstream(gateway: str) -> None:
+    """Through the unwrapped gateway (the connection's notice, no watcher task): a stream
+    and a non-streamed request whose clients leave are closed upstream at once."""
+    slow = _SIMS["slow"]
+    base = gateway.removesuffix("/v1")
+    gone_before = _disconnects(base)
+    body = {"model": "slow", "prompt": "hi", "max_tokens": 200, "stream": True}
+    async with (
+        httpx.AsyncClient(base_url=base, timeout=30) as http,
+        http.stream("POST", "/v1/completions", json=body) as r,
+    ):
+        async for _ in r.aiter_bytes():
+            break
+        assert slow.running == 1
+    await _until(lambda: slow.running == 0, "the upstream stream was not closed")
+    async with httpx.AsyncClient(base_url=base, timeout=0.3) as http:
+        with pytest.raises(httpx.ReadTimeout):
+            await http.post("/v1/completions", json={**body, "stream": False})
+    await _until(lambda: slow.running == 0, "the upstream request was not closed")
+    await _until(lambda: _disconnects(base) - gone_before == 2, "two disconnects counted")
+
+
+def _disconnects(base: str) -> float:
+    for line in httpx.get(base + "/metrics").text.splitlines():
+        if line.startswith('gateway_client_disconnects_total{model="slow"}'):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+async def _until(cond: Any, what: str, within: float = 5.0) -> None:
+    deadline = time.monotonic() + within
+    while not cond():
+        assert time.monotonic() < deadline, what
+        await asyncio.sleep(0.01)
