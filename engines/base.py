@@ -13,13 +13,13 @@ An error before the first yield surfaces from the first `__anext__()`, so the ga
 still answer with an HTTP status; after it, the gateway ends the stream with an error event.
 
 The direct path (optional for engines): once the first block is out, the gateway may set
-`GenerateRequest.direct`, a function taking one block of plain events — whole `data: {json}`
-events with no `[DONE]`, no error, no comment — and returning True when it has delivered
-it to the client, False when it cannot now (the engine then yields that block as usual, and
-order is kept: an engine only offers a block while nothing it received is still waiting to
-be yielded). An engine that reads its upstream in a protocol callback offers blocks there,
-so a plain chunk costs no task wake-up (`engines.upstream.http1`, `Stream.set_sink`);
-engines that ignore it lose nothing.
+`GenerateRequest.direct`, a function taking one plain event — one whole `data: {json}` chunk,
+not `[DONE]`, not an error, without a `usage` key — and returning True when it has
+delivered it to the client, False when it cannot now (the engine then yields that event as
+usual, and order is kept: an engine only offers an event while nothing it received is still
+waiting to be yielded). An engine that reads its upstream in a protocol callback offers
+events there, so a plain chunk costs no task wake-up (`engines.upstream.http1`,
+`Stream.set_sink`); engines that ignore it lose nothing.
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ class GenerateRequest:
     # failed before it.
     worker: str | None = None
     retries: int = 0
-    # The gateway's direct path for plain blocks (module docstring), None until the
+    # The gateway's direct path for plain events (module docstring), None until the
     # stream's first block is out and again once its relay ends.
     direct: Callable[[bytes], bool] | None = None
 

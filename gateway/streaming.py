@@ -150,13 +150,13 @@ class StreamObserver:
 class RelayResponse:
     """An ASGI response relaying an engine stream whose first block is already in hand.
 
-    Plain blocks may also arrive through `direct` (set as the request's
-    `GenerateRequest.direct`, `engines.base`): the engine calls it from its upstream
-    connection's callback, and it writes the block straight to the client with the same
-    bookkeeping as the loop (gap, event count, last two blocks). It declines a block that
-    mentions `"usage"` and whatever the direct writer declines (the client not reading,
-    the connection closing): the engine then yields that block to the loop, which sends it
-    through uvicorn's `send` and so waits for the client."""
+    Plain events may also arrive through `direct` (set as the request's
+    `GenerateRequest.direct`, `engines.base`: one event, no usage in it): the engine calls
+    it from its upstream connection's callback, and it writes the event straight to the
+    client with the same bookkeeping as the loop (gap, event count, last two blocks). It
+    declines whatever the direct writer declines (the client not reading, the connection
+    closing): the engine then yields that event to the loop, which sends it through
+    uvicorn's `send` and so waits for the client."""
 
     __slots__ = (
         "_direct",
@@ -202,16 +202,15 @@ class RelayResponse:
         self._tail: bytes | None = first
         self._prev: bytes | None = None
 
-    def direct(self, block: bytes) -> bool:
+    def direct(self, event: bytes) -> bool:
         write = self._write
-        if write is None or b'"usage"' in block or not write(block):
+        if write is None or not write(event):
             return False
         now = time.perf_counter()
         self._gaps.append(now - self._last)
         self._last = now
-        self._events += block.count(b"\n\n")
-        self._prev, self._tail = self._tail, block
-        self._direct += 1
+        self._prev, self._tail = self._tail, event
+        self._direct += 1  # one event each, added to the events relayed at the end
         return True
 
     async def __call__(self, scope: Any, receive: Receive, send: Send) -> None:
@@ -267,7 +266,7 @@ class RelayResponse:
             if self._gaps:
                 observer.gaps(self._gaps)
             if usage is None:
-                observer.relayed(self._events)
+                observer.relayed(self._events + self._direct)
             observer.tail((self._tail, self._prev))
             observer.paths(self._direct, loop)
             observer.finished(usage, error, watch.disconnected)

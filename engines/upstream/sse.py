@@ -17,34 +17,31 @@ __all__ = ["SSEBuffer", "split_events"]
 
 class SSEBuffer:
     """Accumulates upstream bytes; `feed()` returns every complete event available now as
-    one bytes run (possibly several events, each ending in `\\n\\n`), or b"" if none."""
+    one bytes run (possibly several events, each ending in `\\n\\n`), or b"" if none.
+    `pending` holds the bytes of an incomplete event (a plain attribute: the stream
+    relay's direct path reads it once per chunk)."""
 
-    __slots__ = ("_buf",)
+    __slots__ = ("pending",)
 
     def __init__(self) -> None:
-        self._buf = b""
+        self.pending = b""
 
     def feed(self, data: bytes) -> bytes:
-        if self._buf:
-            data = self._buf + data
+        if self.pending:
+            data = self.pending + data
         if b"\r" in data:
             # CRLF → LF. A CR ending this read stays in the buffer until its LF arrives.
             data = data.replace(b"\r\n", b"\n")
         end = data.rfind(b"\n\n")
         if end < 0:
-            self._buf = data
+            self.pending = data
             return b""
         end += 2
         if end == len(data):
-            self._buf = b""
+            self.pending = b""
             return data
-        self._buf = data[end:]
+        self.pending = data[end:]
         return data[:end]
-
-    @property
-    def pending(self) -> bytes:
-        """Bytes of an incomplete event still buffered."""
-        return self._buf
 
 
 def split_events(run: bytes) -> list[bytes]:

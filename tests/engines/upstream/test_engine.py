@@ -617,11 +617,13 @@ async def test_direct_path_keeps_bytes_and_order() -> None:
 async def _direct_cases(engine: OpenAIEngine) -> None:
     plain = await collect(engine, chat(stream=True, max_tokens=6))
     # Taking every offer: each chunk after the first (which came with the headers) goes
-    # direct, the usage chunk too; [DONE] is the loop's, and never relayed.
+    # direct; the usage chunk is never offered, and [DONE] never relayed.
     got = await _relay_both(engine, chat(stream=True, max_tokens=6), lambda n: True)
     assert _norm(b"".join(b for _, b in got)) == _norm(plain)
     paths = [p for p, _ in got]
-    assert paths[0] == "loop" and paths.count("direct") >= 6, paths
+    assert paths[0] == "loop" and paths.count("direct") >= 5 and paths[-1] == "loop", paths
+    assert b'"usage"' in got[-1][1] and all(b'"usage"' not in b for p, b in got if p == "direct")
+    assert all(b.count(b"\n\n") == 1 for p, b in got if p == "direct")
     assert all(b"[DONE]" not in b for _, b in got)
     # Declining every other offer: the declined block is yielded, in its place.
     got = await _relay_both(engine, chat(stream=True, max_tokens=6), lambda n: n % 2 == 0)
