@@ -11,9 +11,11 @@ the socket when the consumer lags. Failures are typed for the caller's retry pol
 `ConnectError` (no connection), `Disconnected` (closed or reset before any byte of the
 answer: safe to send elsewhere; a pooled keep-alive connection that turns out to be stale is
 retried once on a fresh one inside the pool), `ProtocolError` (malformed, or cut after some
-bytes: never retried), `ConnectTimeout` / `ReadTimeout` (both `TimeoutError`; the read
-timeout is the longest silence, checked by one `loop.call_at` timer per connection that data
-does not reset: data only stamps the time, the timer re-arms itself lazily). A response not
+bytes: never retried), `ConnectTimeout` / `ReadTimeout` / `FirstByteTimeout` (all
+`TimeoutError`; the read timeout is the longest silence, the first-byte timeout of a stream
+the wait for its first body bytes; both are checked by the one `loop.call_at` timer each
+connection has, which data does not reset: data only stamps the time, the timer re-arms
+itself lazily). A response not
 read to its end (consumer gone, task cancelled, error) closes its connection, so the
 upstream sees the disconnect at once; only complete keep-alive answers go back to the pool.
 
@@ -51,6 +53,7 @@ __all__ = [
     "ConnectError",
     "ConnectTimeout",
     "Disconnected",
+    "FirstByteTimeout",
     "Pool",
     "ProtocolError",
     "ReadTimeout",
@@ -81,6 +84,10 @@ class ConnectTimeout(TimeoutError):
 
 class ReadTimeout(TimeoutError):
     pass
+
+
+class FirstByteTimeout(TimeoutError):
+    """A stream's first body bytes did not come in time (`Pool.stream(first_byte_s=)`)."""
 
 
 def header(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
@@ -122,6 +129,7 @@ class _Conn(asyncio.Protocol):
         "busy",
         "closed",
         "complete",
+        "first_by",
         "headers",
         "keep_alive",
         "last",
@@ -141,6 +149,8 @@ class _Conn(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self.timer_at = 0.0
         self.last = 0.0
+        # A stream's deadline for its first body bytes (0: none, or they came).
+        self.first_by = 0.0
         self._stream = False
         self._chunks: list[bytes] = []
         self._buffered = 0
@@ -215,6 +225,8 @@ class _Conn(asyncio.Protocol):
                 w.set_result(None)
 
     def on_body(self, body: bytes) -> None:
+        if self.first_by:
+            self.first_by = 0.0
         if self._stream:
             w = self._waiter
             if w is not None and not w.done():
@@ -236,6 +248,7 @@ class _Conn(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         self.complete = True
+        self.first_by = 0.0
         # Read it now: llhttp resets its flags once this callback returns.
         self.keep_alive = self._parser.should_keep_alive()
         w = self._waiter
@@ -252,7 +265,7 @@ class _Conn(asyncio.Protocol):
 
     # ---- requests
 
-    def send(self, data: bytes, stream: bool) -> asyncio.Future[Any]:
+    def send(self, data: bytes, stream: bool, first_byte_s: float = 0.0) -> asyncio.Future[Any]:
         self.busy = True
         self.seq += 1
         self._stream = stream
@@ -264,8 +277,19 @@ class _Conn(asyncio.Protocol):
         self._buffered = 0
         pool = self._pool
         self.last = now = pool._time()
+        deadline = now + pool.read_timeout
+        if first_byte_s:
+            # Usually no timer call: a pooled connection's timer (its idle deadline) fires
+            # sooner and re-arms for whichever deadline is next.
+            self.first_by = first_by = now + first_byte_s
+            deadline = min(deadline, first_by)
+        else:
+            self.first_by = 0.0
         if self._timer is None:
-            self._arm(now + pool.read_timeout)
+            self._arm(deadline)
+        elif self.timer_at > deadline:
+            self._timer.cancel()
+            self._arm(deadline)
         fut: asyncio.Future[Any] = pool._loop.create_future()
         self._waiter = fut
         assert self.transport is not None
@@ -340,6 +364,12 @@ class _Conn(asyncio.Protocol):
             if self._paused or self.complete:
                 self.last = now  # the consumer lags; the upstream is not silent
             deadline = self.last + pool.read_timeout
+            first_by = self.first_by
+            if first_by:
+                if now >= first_by:
+                    self._fail(FirstByteTimeout(f"{pool.origin} sent no body bytes in time"))
+                    return
+                deadline = min(deadline, first_by)
             if now >= deadline:
                 self._fail(ReadTimeout(f"{pool.origin} sent nothing for {pool.read_timeout:g} s"))
                 return
@@ -513,13 +543,15 @@ class Pool:
         _conn, resp = await self._fresh(data, False)
         return cast(Response, resp)
 
-    async def stream(self, data: bytes) -> Stream:
-        """Send the request; return once the status and headers are in."""
+    async def stream(self, data: bytes, first_byte_s: float = 0.0) -> Stream:
+        """Send the request; return once the status and headers are in. With
+        `first_byte_s`, the connection fails with `FirstByteTimeout` (from this call or
+        the first `read_chunk()`) unless body bytes come within that many seconds."""
         idle = self._idle
         if idle:
             conn = idle.pop()
             if not conn.closed:
-                fut = conn.send(data, True)
+                fut = conn.send(data, True, first_byte_s)
                 seq = conn.seq
                 try:
                     await fut
@@ -529,14 +561,16 @@ class Pool:
                 except BaseException:
                     conn.abandon(seq)
                     raise
-        conn, _ = await self._fresh(data, True)
+        conn, _ = await self._fresh(data, True, first_byte_s)
         return Stream(conn)
 
-    async def _fresh(self, data: bytes, stream: bool) -> tuple[_Conn, Any]:
+    async def _fresh(
+        self, data: bytes, stream: bool, first_byte_s: float = 0.0
+    ) -> tuple[_Conn, Any]:
         """Send on a new connection: no pool to fall back on, so `Disconnected` is the
         caller's to handle (another endpoint)."""
         conn = await self._connect()
-        fut = conn.send(data, stream)
+        fut = conn.send(data, stream, first_byte_s)
         seq = conn.seq
         try:
             return conn, await fut

@@ -387,6 +387,43 @@ async def test_stall_is_a_read_timeout_and_data_resets_it() -> None:
         pool.close()
 
 
+async def test_first_byte_timeout_counts_until_the_first_body_bytes() -> None:
+    """Headers at once, then silence: a stream with `first_byte_s` fails with
+    FirstByteTimeout (though the read timeout is far off); one whose body starts in time
+    runs past that deadline, and its connection then serves a stream without one."""
+    replies = [b"", b"1\r\nx\r\n"]
+
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        while replies:
+            await read_request(r)
+            w.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+            await w.drain()
+            first = replies.pop(0)
+            if not first:
+                await asyncio.sleep(5)  # no body: the client gives up first
+                return
+            await asyncio.sleep(0.05)
+            w.write(first)
+            await w.drain()
+            await asyncio.sleep(0.4)  # past the first-byte deadline, within the read timeout
+            w.write(b"1\r\ny\r\n0\r\n\r\n")
+            await w.drain()
+
+    async with RawServer(handler) as srv:
+        pool = http1.Pool(srv.url, read_timeout=30)
+        s = await pool.stream(get_request(pool), first_byte_s=0.3)
+        assert s.status == 200
+        with pytest.raises(http1.FirstByteTimeout):
+            await s.read_chunk()
+        s.release()
+        assert pool.open_count == 0  # a failed stream closes its connection
+        s = await pool.stream(get_request(pool), first_byte_s=0.3)
+        assert await s.read() == b"xy"
+        s.release()
+        assert pool.idle_count == 1 and srv.connections == 2
+        pool.close()
+
+
 async def test_back_pressure_pauses_reading() -> None:
     total = 32 * 1024 * 1024
     sent = 0
