@@ -3,7 +3,8 @@
 The gateway attaches to it with `engine: openai`; a test then asserts on what reached
 "the worker" — for hostile-input tests, that nothing did. By the served model name the
 upstream also misbehaves the ways real ones do: an HTML error page, a Python traceback
-as plain text, a JSON error whose message leaks an address, a context-length 400.
+as plain text, a JSON error whose message leaks an address, a context-length 400, a
+stream that sends a chunk after its usage chunk ("late_chunk", each event its own write).
 """
 
 from __future__ import annotations
@@ -154,8 +155,13 @@ class RecordingUpstream:
                 "usage": _usage(),
             },
         ]
+        if model == "late_chunk":
+            chunks.insert(0, {**chunks[0], "choices": [{**delta, "finish_reason": None}]})
+            chunks.append({**chunks[0], "choices": [{**delta, "finish_reason": None}]})
         for c in chunks:
             await resp.write(b"data: " + orjson.dumps(c) + b"\n\n")
+            if model == "late_chunk":
+                await asyncio.sleep(0.02)  # each event its own read at the gateway
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
         return resp

@@ -29,6 +29,7 @@ from gateway.settings import Settings
 from simulator import SimConfig, SimServer
 from tests.conftest import free_port
 from tests.gateway.test_api_sim import SimThread
+from tests.recording_upstream import RecordingUpstream
 
 BLOCK = b"data: " + b"x" * 4000 + b"\n\n"
 BLOCKS = 2000  # ~8 MB: far past the socket buffers, so a client that waits pauses writing
@@ -99,15 +100,7 @@ def _read_response(port: int, method: str, wait_s: float) -> bytes:
 
 
 def _dechunk(body: bytes) -> bytes:
-    out, pos = [], 0
-    while True:
-        eol = body.index(b"\r\n", pos)
-        size = int(body[pos:eol], 16)
-        if size == 0:
-            return b"".join(out)
-        out.append(body[eol + 2 : eol + 2 + size])
-        assert body[eol + 2 + size : eol + 4 + size] == b"\r\n"
-        pos = eol + 4 + size
+    return b"".join(_chunks(body))
 
 
 def test_direct_writes_stay_ordered_and_chunked_when_the_client_lags() -> None:
@@ -138,7 +131,9 @@ LONG = 40_000  # tokens of ~150 bytes: ~6 MB, past the socket buffers
 
 
 @pytest.fixture(scope="module")
-def gateway(sims: SimThread, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def gateway(
+    sims: SimThread, upstream: RecordingUpstream, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
     sim = sims.start(model="m", itl_ms=1, output_tokens=40)
     # Tokens 50 us apart (2 s in all): the lagging-client case.
     slow = sims.start(model="slow", ttft_ms=5, itl_ms=50, output_tokens=200)
@@ -147,6 +142,7 @@ def gateway(sims: SimThread, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     models = [
         {"name": "m", "engine": "openai", "endpoints": [sim.url]},
         {"name": "slow", "engine": "openai", "endpoints": [slow.url]},
+        {"name": "late_chunk", "engine": "openai", "endpoints": [upstream.url]},
         {"name": "bulk", "engine": "openai", "endpoints": [bulk.url], "max_model_len": 2 * LONG},
     ]
     catalog = parse_catalog({"models": models}, base_dir=tmp)
@@ -321,3 +317,52 @@ async def _until(cond: Any, what: str, within: float = 5.0) -> None:
     while not cond():
         assert time.monotonic() < deadline, what
         await asyncio.sleep(0.01)
+
+
+def test_the_usage_chunk_goes_out_with_done_and_nothing_overtakes_it(gateway: str) -> None:
+    """The relay holds the usage chunk for the final write with `[DONE]`; a chunk the
+    upstream sends after it (against the contract) still comes after it, not around it
+    through the direct path."""
+    body = orjson.dumps(
+        {
+            "model": "late_chunk",
+            "messages": [{"role": "user", "content": "hi"}],
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+    )
+    port = int(gateway.rsplit(":", 1)[1].split("/", 1)[0])
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        s.settimeout(30)
+        raw = b""
+        while not raw.endswith(b"\r\n0\r\n\r\n"):
+            data = s.recv(65536)
+            assert data, raw
+            raw += data
+    chunks = _chunks(raw.partition(b"\r\n\r\n")[2])
+    events = [e for e in b"".join(chunks).split(b"\n\n") if e]
+    kinds = [
+        "done" if e == b"data: [DONE]" else "usage" if b'"usage"' in e else "content"
+        for e in events
+    ]
+    assert kinds == ["content", "content", "usage", "content", "done"]
+    # The late chunk went out with the usage chunk it followed (a direct write would
+    # have been its own HTTP chunk, ahead of the held usage chunk).
+    assert [c.count(b"\n\n") for c in chunks if c] == [1, 1, 2, 1]
+
+
+def _chunks(body: bytes) -> list[bytes]:
+    """The HTTP chunks of a chunked body, in order (each checked to end in CRLF)."""
+    out, pos = [], 0
+    while True:
+        eol = body.index(b"\r\n", pos)
+        size = int(body[pos:eol], 16)
+        if size == 0:
+            return out
+        out.append(body[eol + 2 : eol + 2 + size])
+        assert body[eol + 2 + size : eol + 4 + size] == b"\r\n"
+        pos = eol + 4 + size
