@@ -112,13 +112,12 @@ def _direct_sink(req: GenerateRequest, buf: SSEBuffer) -> Callable[[bytes], bool
     one piece included), and everything while the gateway has no direct path, takes the
     loop below.
 
-    Why: a plain chunk then costs no future, task wake-up or generator resumption. Relaying
-    64 streams of 32 chunks (bench/relay_ab.py, this commit against the one before), the
-    gateway's CPU went from 1.00 to 0.79 CPU-s per 1,000 requests (docs/benchmarks.md,
-    "Stream relay: the direct path"). Why these checks: one line that starts `data: {`
-    cannot be `[DONE]`, a comment or another field, and a one-byte `find` proves it one
-    line; the general checks (`plain_run`) cost 0.9 µs per 250-byte chunk, these 0.4
-    (/tmp-free microbenchmark in docs/benchmarks.md)."""
+    Why: a plain chunk then costs no future, task wake-up or generator resumption
+    (docs/benchmarks.md, "Stream relay: the direct path", for what that did to the
+    gateway's CPU). Why these checks: one line that starts `data: {` cannot be `[DONE]`,
+    a comment or another field, and a one-byte `find` proves it one line: 0.70 µs per
+    250-byte chunk against 0.95 for the general checks (`plain_run` and CR), half of the
+    direct path's 1.45 µs of Python per chunk (bench/direct_path_micro.py)."""
 
     def sink(data: bytes) -> bool:
         direct = req.direct
