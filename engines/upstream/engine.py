@@ -41,7 +41,7 @@ Why the stream relay is hand-written: each upstream read is split at the last `\
 upstream sent; JSON is parsed only for runs that contain `[DONE]`, an `"error"` key, an SSE
 comment, or when a model rename / transform hook is active.
 
-Why one module of ~550 lines: it is the engine's lifecycle, the stream relay loop and its
+Why one module of ~600 lines: it is the engine's lifecycle, the stream relay loop and its
 hooks, which share the endpoints, sessions and counters; the send path, health, routing,
 adapters, continuation and error shapes are already their own modules beside it.
 """

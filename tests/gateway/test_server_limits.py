@@ -56,6 +56,23 @@ async def _read_all(reader: asyncio.StreamReader, limit_s: float) -> tuple[bytes
     return data, time.monotonic()
 
 
+async def slowloris(port: int, limit_s: float) -> tuple[bytes, float]:
+    """One slowloris socket: a request head sent one byte every 0.3 s for as long as the
+    server keeps the connection open; what it answered, and when it closed (`_read_all`)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+    reading = asyncio.create_task(_read_all(reader, limit_s))
+    while not reading.done():
+        try:
+            writer.write(b"X")
+            await writer.drain()
+        except (ConnectionResetError, BrokenPipeError):
+            break
+        await asyncio.sleep(0.3)
+    writer.close()
+    return await reading
+
+
 async def _sdk_chat(url: str) -> str:
     async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0) as c:
         out = await c.chat.completions.create(model="m", messages=CHAT)  # type: ignore[arg-type]
@@ -68,18 +85,7 @@ def test_slowloris_sockets_closed_while_normal_requests_succeed(gw: ServerThread
     timed_out_before = guard.timed_out  # type: ignore[attr-defined]
 
     async def loris(results: list[tuple[bytes, float]]) -> None:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
-        reader_task = asyncio.create_task(_read_all(reader, HEADER_S * 5))
-        while not reader_task.done():  # one header byte every 0.3 s, as long as it is open
-            try:
-                writer.write(b"X")
-                await writer.drain()
-            except (ConnectionResetError, BrokenPipeError):
-                break
-            await asyncio.sleep(0.3)
-        results.append(await reader_task)
-        writer.close()
+        results.append(await slowloris(port, HEADER_S * 5))
 
     async def attack() -> tuple[list[tuple[bytes, float]], list[str], float]:
         results: list[tuple[bytes, float]] = []

@@ -15,7 +15,7 @@ import openai
 import pytest
 
 from tests.gateway.procs import GatewayProcess
-from tests.gateway.test_server_limits import _read_all
+from tests.gateway.test_server_limits import slowloris
 from tests.gateway.test_tenancy import CHAT
 
 HEADER_S = 1.5
@@ -40,23 +40,9 @@ def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
 
 
 def test_slowloris_sockets_get_408_from_every_front_door(gw: GatewayProcess) -> None:
-    async def loris() -> tuple[bytes, float]:
-        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
-        writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
-        reading = asyncio.create_task(_read_all(reader, HEADER_S * 10))
-        while not reading.done():  # one header byte every 0.3 s while it is open
-            try:
-                writer.write(b"X")
-                await writer.drain()
-            except (ConnectionResetError, BrokenPipeError):
-                break
-            await asyncio.sleep(0.3)
-        writer.close()
-        return await reading
-
     async def attack() -> tuple[list[tuple[bytes, float]], list[str], float]:
         start = time.monotonic()
-        lorises = [asyncio.create_task(loris()) for _ in range(20)]
+        lorises = [asyncio.create_task(slowloris(gw.port, HEADER_S * 10)) for _ in range(20)]
         await asyncio.sleep(0.3)
         async with openai.AsyncOpenAI(base_url=f"{gw.url}/v1", api_key="x", max_retries=0) as c:
             normal = []
