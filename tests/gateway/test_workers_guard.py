@@ -73,8 +73,14 @@ def test_keepalive_timeout_from_the_environment(gw: GatewayProcess) -> None:
     with socket.create_connection(("127.0.0.1", gw.port)) as s:
         s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
         s.settimeout(30)
-        first = s.recv(65536)
-        assert first.startswith(b"HTTP/1.1 200 ")
+        first = b""
+        while b"\r\n\r\n" not in first:  # the head, then the body it announces
+            first += s.recv(65536)
+        head, _, body = first.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 ")
+        length = int(head.lower().split(b"content-length: ", 1)[1].split(b"\r\n", 1)[0])
+        while len(body) < length:
+            body += s.recv(65536)
         idle_from = time.monotonic()
         rest = b""
         while chunk := s.recv(65536):  # until the server closes the idle connection
