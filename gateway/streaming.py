@@ -105,6 +105,12 @@ class DisconnectWatch:
                 self._task.cancel()
                 return
 
+    def now(self) -> None:
+        """Watch from now on: a watcher task still waiting for its delay starts at once."""
+        if self._handle is not None:
+            self._handle.cancel()
+            self._arm()
+
     def _gone(self) -> None:
         self.disconnected = True
         self._task.cancel()
@@ -171,6 +177,7 @@ class RelayResponse:
         "_stream",
         "_tail",
         "_want_usage",
+        "_watch",
         "_write",
     )
 
@@ -183,6 +190,7 @@ class RelayResponse:
         headers: list[tuple[bytes, bytes]],
         observer: StreamObserver,
         req: GenerateRequest | None = None,
+        watch: DisconnectWatch | None = None,
     ):
         self._first = first
         self._stream = stream
@@ -190,6 +198,8 @@ class RelayResponse:
         self._headers = headers
         self._observer = observer
         self._req = req
+        # The request's watch, handed over by the route (else the relay makes its own).
+        self._watch = watch
         self._write: BodyWriter | None = None
         self._events = 0
         self._direct = 0
@@ -214,8 +224,11 @@ class RelayResponse:
         return True
 
     async def __call__(self, scope: Any, receive: Receive, send: Send) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": self._headers})
-        watch = DisconnectWatch(receive, send=send)
+        watch = self._watch
+        if watch is None:
+            watch = DisconnectWatch(receive, send=send)
+        else:
+            watch.now()
         usage: Usage | None = None
         error: ServingError | None = None
         want_usage = self._want_usage
@@ -227,6 +240,7 @@ class RelayResponse:
         # `[DONE]` in the final write: one system call per stream less.
         held = b""
         try:
+            await send({"type": "http.response.start", "status": 200, "headers": self._headers})
             block, usage = take_usage(self._first, want_usage)
             self._events = block.count(b"\n\n")
             if write is None or not write(block):

@@ -134,6 +134,7 @@ async def _generate(gw: Gateway, route: Route, scope: Scope, receive: Receive, s
     watch = DisconnectWatch(receive, delay=WATCH_DELAY_S, send=send)
     upstream_start = time.perf_counter()
     agen: EngineStream | None = None
+    handed = False  # a stream's relay takes the watch over (one per request)
     try:
         if not stream:
             done = await engine.complete(req)
@@ -144,6 +145,7 @@ async def _generate(gw: Gateway, route: Route, scope: Scope, receive: Receive, s
             except StopAsyncIteration:
                 first = b""
         upstream_s = time.perf_counter() - upstream_start
+        handed = stream
     except BaseException as exc:
         if agen is not None:  # failed before its first block: close it now, not at GC
             await agen.aclose()
@@ -162,7 +164,8 @@ async def _generate(gw: Gateway, route: Route, scope: Scope, receive: Receive, s
         await error_response(exc, rid)(scope, receive, send)
         return
     finally:
-        watch.close()
+        if not handed:
+            watch.close()
 
     now = time.perf_counter()
     timing = _timing(now - start - upstream_s, upstream_s)
@@ -186,5 +189,5 @@ async def _generate(gw: Gateway, route: Route, scope: Scope, receive: Receive, s
     if record.ticket is not None:
         headers += record.ticket.headers
     await RelayResponse(
-        first, agen, want_usage=want_usage, headers=headers, observer=record, req=req
+        first, agen, want_usage=want_usage, headers=headers, observer=record, req=req, watch=watch
     )(scope, receive, send)
