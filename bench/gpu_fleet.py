@@ -14,10 +14,17 @@ Steps (each recorded in results.json; a failing step is recorded and the next on
    the four front doors attach to them directly.
 3. Throughput at 256 streams, direct vs through the gateway, interleaved D G D G: four
    load generators in both cases (direct: two per worker at c=64; gateway: four at c=64),
-   so the client side is the same; front doors' CPU seconds per 1,000 requests, and each
-   front door's. `--shared-socket` adds a third target, D G S D G S: a second gateway
-   attached to the same replicas whose four front doors share one listening socket
-   (`GATEWAY_REUSE_PORT=false`), against the first one's SO_REUSEPORT sockets.
+   so the client side is the same (generator i sends the prompts of seed 1 + i to every
+   target); front doors' CPU seconds per 1,000 requests, each front door's, every kind of
+   process's CPU seconds over the run (vLLM engine cores and API servers, front doors,
+   load generators, ...) and how many of the machine's CPUs were busy. `--second lean`
+   adds a third target, D G L D G L: a second `--workers 4` gateway attached to the same
+   replicas with a plain entry (default routing, no LoRA, no continuation);
+   `--second shared` (or `--shared-socket`) the same with its front doors on one shared
+   listening socket (`GATEWAY_REUSE_PORT=false`). `--router vllm-router` adds the Rust router
+   (round-robin over the same replicas) as a target: the control for "any proxy in
+   front". `--sampled-direct` adds a direct target whose bodies carry no `temperature`
+   (every other target's generators send `temperature: 0`, so the bodies are equal).
    `--steps throughput` runs only this step (with `lora`, `kill`: those).
 4. LoRA affinity: the adapters loaded through one front door (Redis spreads them), then
    requests over a1..a4; where each landed (the access log's `worker`) and the adapters
@@ -107,8 +114,10 @@ class Fleet(Proof):
         self.workers_urls: list[str] = []
         self.lora_root = Path("/root/loras")
         self.key = "unused"
-        # The comparison gateway: the same front doors on one shared socket (step 3).
-        self.shared: subprocess.Popen[bytes] | None = None
+        # The comparison gateway (`--second`, step 3): a plain entry on the same replicas.
+        self.second: subprocess.Popen[bytes] | None = None
+        # `--router`: vllm-router (Rust) in front of the same replicas, a third target.
+        self.router: subprocess.Popen[bytes] | None = None
 
     # ------------------------------------------------------------------ set-up
 
@@ -201,8 +210,11 @@ class Fleet(Proof):
 
     def start_shared(self) -> None:
         """A second `gateway serve --workers 4` on port + 1, attached to the same replicas
-        (what each front door of the first one is), with `GATEWAY_REUSE_PORT=false`: one
-        listening socket shared by its front doors, as before SO_REUSEPORT."""
+        (what each front door of the first one is) with a plain entry: default routing
+        (`least_outstanding`), no LoRA, no continuation, default health interval. With
+        `--second shared` its front doors share one listening socket
+        (`GATEWAY_REUSE_PORT=false`, as before SO_REUSEPORT); with `--second lean` each has
+        its own SO_REUSEPORT socket, as the first gateway's."""
         cfg = yaml.safe_load(self.results["models_yaml"])
         m = cfg["models"][0]
         entry = {
@@ -216,9 +228,11 @@ class Fleet(Proof):
         }
         path = self.work / "shared.yaml"
         path.write_text(yaml.safe_dump({"models": [entry]}, sort_keys=False))
-        env = dict(self.env(), GATEWAY_REUSE_PORT="false")
+        env = self.env()
+        if self.args.second == "shared":
+            env["GATEWAY_REUSE_PORT"] = "false"
         port = self.port + 1
-        self.shared = subprocess.Popen(
+        self.second = subprocess.Popen(
             [
                 *(sys.executable, "-m", "gateway", "serve", "--config", str(path)),
                 *("--host", "127.0.0.1", "--port", str(port), "--workers", "4"),
@@ -235,10 +249,38 @@ class Fleet(Proof):
                 base = f"http://127.0.0.1:{port}"
                 if self.http("GET", "/health/ready", base=base, timeout=2)[0] == 200:
                     time.sleep(3)  # every front door up (each takes its own start)
-                    log(f"shared-socket gateway ready on {port}")
+                    log(f"second gateway ({self.args.second}) ready on {port}")
                     return
             time.sleep(0.5)
-        raise RuntimeError("the shared-socket gateway did not become ready in 90 s")
+        raise RuntimeError("the second gateway did not become ready in 90 s")
+
+    def start_router(self) -> None:
+        """vllm-router (the Rust router, `--router` names its executable) on port + 2,
+        round-robin over the same two replicas: the control for "does any proxy in front
+        change what the replicas do", beside the gateway."""
+        port = self.port + 2
+        self.router = subprocess.Popen(
+            [
+                *(self.args.router, "--host", "127.0.0.1", "--port", str(port)),
+                *("--worker-urls", *self.workers_urls, "--policy", "round_robin"),
+                *("--prometheus-port", str(self.port + 3), "--log-level", "warning"),
+            ],
+            stdout=(self.work / "router.log").open("wb"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        until = time.time() + 60
+        while time.time() < until:
+            with contextlib.suppress(Exception):
+                # Any answer will do: a dry run's worker wants a token the router lacks.
+                if self.http("GET", "/health", base=f"http://127.0.0.1:{port}", timeout=2)[0]:
+                    log(f"vllm-router ready on {port}")
+                    return
+            if self.router.poll() is not None:
+                break
+            time.sleep(0.5)
+        tail = (self.work / "router.log").read_text(errors="replace")[-800:]
+        raise RuntimeError(f"vllm-router did not become ready: {tail}")
 
     def adapters_ready(self) -> None:
         """Four adapters: make_lora.py's one, copied under four names (placement is what is
@@ -296,7 +338,9 @@ class Fleet(Proof):
                             out.append(int(c))
         return out
 
-    def _bench(self, url: str, conc: int, n: int, label: str) -> subprocess.Popen[bytes]:
+    def _bench(
+        self, url: str, conc: int, n: int, label: str, seed: int, sampled: bool = False
+    ) -> subprocess.Popen[bytes]:
         raw = self.work / "bench"
         raw.mkdir(exist_ok=True)
         a = self.args
@@ -324,7 +368,12 @@ class Fleet(Proof):
                 "--warmup",
                 "4",
                 "--seed",
-                "1",
+                str(seed),
+                # The same bodies for every target: greedy, as the fleet entry's default
+                # (without it, vLLM samples a request at temperature 1 while the gateway
+                # adds its entry's temperature 0: a different text, a different load).
+                # `sampled`: the body without a temperature (the earlier runs' direct).
+                *(() if sampled else ("--extra-body", '{"temperature": 0}')),
                 "--no-progress",
                 "--timeout",
                 "120",
@@ -343,13 +392,24 @@ class Fleet(Proof):
 
     def throughput(self) -> None:
         runs: list[dict[str, Any]] = []
-        self.results["throughput"] = {"runs": runs, "max_tokens": self.args.max_tokens}
+        self.results["throughput"] = {
+            "runs": runs,
+            "max_tokens": self.args.max_tokens,
+            "host": host_facts(),
+        }
         per = self.args.bench_n // 4
         doors = {"gateway": self.front_pids()}
+        controls = {"gateway": self.gw.pid if self.gw is not None else -1}
         targets = ["direct", "gateway"]
-        if self.shared is not None:
-            doors["gateway-shared-socket"] = self._doors_of(self.shared.pid)
-            targets.append("gateway-shared-socket")
+        if self.args.sampled_direct:
+            targets.insert(1, "direct-sampled")
+        if self.router is not None:
+            targets.insert(1, "vllm-router")
+        if self.second is not None:
+            name = f"gateway-{self.args.second}"
+            doors[name] = self._doors_of(self.second.pid)
+            controls[name] = self.second.pid
+            targets.append(name)
         # Leave the later steps their time unless throughput is all this run does.
         reserve = 20 if self.args.steps == "throughput" else self.args.kill_load_s + 150
         for rnd in range(self.args.rounds):
@@ -357,48 +417,72 @@ class Fleet(Proof):
                 if self.left() < reserve:
                     log(f"throughput: stopping for the deadline ({self.left():.0f} s left)")
                     return
-                if target == "direct":
+                if target.startswith("direct"):
                     n = len(self.workers_urls)  # two replicas: two load generators each
                     urls = [self.workers_urls[i * n // 4] for i in range(4)]
                 elif target == "gateway":
                     urls = [self.base] * 4
+                elif target == "vllm-router":
+                    urls = [f"http://127.0.0.1:{self.port + 2}"] * 4
                 else:
                     urls = [f"http://127.0.0.1:{self.port + 1}"] * 4
                 fronts = doors.get(target, [])
                 cpu0 = [_cpu_s(p) for p in fronts]
+                groups0 = cpu_by_group(doors, controls)
+                busy0 = machine_busy()
                 t0 = time.time()
                 labels = [f"{target}-r{rnd}-{i}" for i in range(4)]
-                procs = [self._bench(u, 64, per, lab) for u, lab in zip(urls, labels, strict=True)]
-                for p in procs:
-                    p.wait(timeout=max(30.0, self.left() - 20))
+                # Generator i sends the same prompts (seed 1 + i) to every target.
+                procs = [
+                    self._bench(u, 64, per, lab, 1 + i, target == "direct-sampled")
+                    for i, (u, lab) in enumerate(zip(urls, labels, strict=True))
+                ]
+                gen_cpu = sum(wait_cpu_s(p, max(30.0, self.left() - 20)) for p in procs)
                 wall = time.time() - t0
+                busy = machine_busy_since(busy0)
+                groups = {
+                    k: round(v - groups0.get(k, 0.0), 2)
+                    for k, v in cpu_by_group(doors, controls).items()
+                }
+                groups["load-generators"] = round(gen_cpu, 2)
                 per_door = [round(_cpu_s(p) - c, 2) for p, c in zip(fronts, cpu0, strict=True)]
                 cpu = sum(per_door)
                 summ = [self._summary(lab) for lab in labels]
+                done = per * 4
                 run = {
                     "target": target,
                     "round": rnd + 1,
                     "wall_s": round(wall, 2),
                     "req_per_s": round(sum(s["req_per_s"] for s in summ), 2),
+                    "req_per_s_wall": round(done / wall, 2),
                     "out_tok_per_s": round(sum(s["out_tok_per_s"] for s in summ), 1),
                     "ttft_p50_ms": round(max(s["ttft_p50_ms"] for s in summ), 2),
                     "ttft_p99_ms": round(max(s["ttft_p99_ms"] for s in summ), 2),
                     "itl_p99_ms": round(max(s["itl_p99_ms"] for s in summ), 2),
                     "failed": sum(s["failed"] for s in summ),
                     "e2e_p50_ms": round(max(s["e2e_p50_ms"] for s in summ), 2),
+                    "chunks_per_req": round(sum(s["chunks"] for s in summ) / len(summ), 2),
+                    "bytes_per_req": round(sum(s["bytes"] for s in summ) / len(summ), 1),
                     "front_door_cpu_s": round(cpu, 2),
                     "front_door_cpu_s_each": sorted(per_door),
-                    "front_door_cpu_s_per_1000": round(cpu / max(1, per * 4) * 1000, 2)
+                    "front_door_cpu_s_per_1000": round(cpu / max(1, done) * 1000, 2)
                     if fronts
                     else None,
+                    # CPU seconds over the run by process kind, and how busy the machine was.
+                    "cpu_s_by_group": groups,
+                    "machine_busy_cpus": busy,
                 }
                 runs.append(run)
                 log(f"throughput {run}")
 
     def _summary(self, label: str) -> dict[str, Any]:
         """One load generator's figures (loadgen's JSON: runs[0].summary)."""
-        s = json.loads((self.work / "bench" / f"{label}.json").read_text())["runs"][0]["summary"]
+        run = json.loads((self.work / "bench" / f"{label}.json").read_text())["runs"][0]
+        s = run["summary"]
+        ok = [r for r in run.get("requests", []) if r["ok"]] or [{}]
         return {
+            "chunks": sum(r.get("output_chunks", 0) for r in ok) / len(ok),
+            "bytes": sum(r.get("bytes_received", 0) for r in ok) / len(ok),
             "req_per_s": float(s["request_throughput"]),
             "out_tok_per_s": float(s["output_throughput"]),
             "ttft_p50_ms": float(s["ttft_ms"]["p50"]),
@@ -594,8 +678,10 @@ class Fleet(Proof):
             self.step("discover", self.discover)
             steps = set(self.args.steps.split(","))
             self.step("adapters", self.adapters_ready)
-            if self.args.shared_socket:
-                self.step("shared-socket gateway", self.start_shared)
+            if self.args.second != "none":
+                self.step("second gateway", self.start_shared)
+            if self.args.router:
+                self.step("vllm-router", self.start_router)
             if steps & {"all", "throughput"}:
                 self.step("throughput", self.throughput)
             if steps & {"all", "lora"}:
@@ -604,11 +690,13 @@ class Fleet(Proof):
                 self.step("kill", self.kill_test)
             return 0
         finally:
-            if self.shared is not None and self.shared.poll() is None:
+            if self.second is not None and self.second.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.shared.pid, signal.SIGINT)
+                    os.killpg(self.second.pid, signal.SIGINT)
                 with contextlib.suppress(subprocess.TimeoutExpired):
-                    self.shared.wait(timeout=20)
+                    self.second.wait(timeout=20)
+            if self.router is not None and self.router.poll() is None:
+                self.router.terminate()
             self.step("stop", self.stop_gateway)
             if self.lora_proc is not None and self.lora_proc.poll() is None:
                 self.lora_proc.kill()
@@ -618,6 +706,82 @@ class Fleet(Proof):
             bench = self.results.get("throughput")
             if bench:
                 (self.out / "bench.json").write_text(json.dumps(bench, indent=2))
+
+
+def host_facts() -> dict[str, Any]:
+    """The CPUs the runs shared (lscpu's summary lines)."""
+    facts: dict[str, Any] = {"cpus": os.cpu_count()}
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        keep = ("Model name", "Thread(s) per core", "Core(s) per socket", "Socket(s)", "NUMA")
+        facts["lscpu"] = [ln.strip() for ln in out.splitlines() if ln.startswith(keep)]
+    return facts
+
+
+def _group_of(pid: int, doors: dict[str, list[int]], controls: dict[str, int]) -> str:
+    for name, pids in doors.items():
+        if pid in pids:
+            return f"{name}:front-doors"
+    for name, root in controls.items():
+        if pid == root:
+            return f"{name}:control"
+    try:
+        comm = Path(f"/proc/{pid}/comm").read_text().strip()
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+    except OSError:
+        return "gone"
+    if comm == "vllm::router" or b"vllm-router" in cmd:
+        return "vllm-router"
+    if comm.startswith("VLLM::EngineCor") or b"EngineCore" in cmd:
+        return "vllm-engine-core"
+    if b"vllm" in cmd and (b"serve" in cmd or b"api_server" in cmd):
+        return "vllm-api-server"
+    if b"redis-server" in cmd:
+        return "redis"
+    return "other"
+
+
+def cpu_by_group(doors: dict[str, list[int]], controls: dict[str, int]) -> dict[str, float]:
+    """utime + stime of every live process, summed by kind (vLLM engine cores, vLLM API
+    servers, each gateway's front doors and control process, Redis, the rest)."""
+    out: dict[str, float] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        pid = int(entry.name)
+        cpu = _cpu_s(pid)
+        if cpu:
+            g = _group_of(pid, doors, controls)
+            out[g] = out.get(g, 0.0) + cpu
+    return out
+
+
+def machine_busy() -> tuple[float, float]:
+    """(busy, total) jiffies of all CPUs, from /proc/stat."""
+    f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = f[3] + f[4]
+    return float(sum(f[:8]) - idle), float(sum(f[:8]))
+
+
+def machine_busy_since(before: tuple[float, float]) -> float:
+    """How many CPUs were busy on average since `before` (machine-wide)."""
+    b, t = machine_busy()
+    cpus = os.cpu_count() or 1
+    return round((b - before[0]) / max(1.0, t - before[1]) * cpus, 2)
+
+
+def wait_cpu_s(proc: subprocess.Popen[bytes], timeout: float) -> float:
+    """Wait for a child and return the CPU seconds it used (its own and its children's)."""
+    until = time.time() + timeout
+    while True:
+        pid, status, ru = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            return ru.ru_utime + ru.ru_stime
+        if time.time() > until:
+            proc.kill()
+            raise subprocess.TimeoutExpired(proc.args, timeout)
+        time.sleep(0.05)
 
 
 def main() -> int:
@@ -645,9 +809,27 @@ def main() -> int:
         "--steps", default="all", help="comma-separated: throughput, lora, kill (default: all)"
     )
     ap.add_argument(
-        "--shared-socket",
+        "--second",
+        choices=["none", "lean", "shared"],
+        default="none",
+        help="a third throughput target: a second gateway with a plain entry, its front "
+        "doors on SO_REUSEPORT sockets (lean) or one shared socket (shared)",
+    )
+    ap.add_argument(
+        "--router",
+        help="a vllm-router executable: adds it, in front of the same replicas, as a target",
+    )
+    ap.add_argument(
+        "--sampled-direct",
         action="store_true",
-        help="also measure front doors on one shared socket (GATEWAY_REUSE_PORT=false)",
+        help="a direct target whose bodies carry no temperature (vLLM samples at 1)",
+    )
+    ap.add_argument(
+        "--shared-socket",
+        dest="second",
+        action="store_const",
+        const="shared",
+        help="the same as --second shared",
     )
     args = ap.parse_args()
     return Fleet(args).run()
