@@ -61,6 +61,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_proof import ROOT, Proof, _cpu_s, log
+from proc_cpu import cpu_by_group, host_facts, machine_busy, machine_busy_since, wait_cpu_s
 
 PROMPTS = [
     "What is the capital of France?",
@@ -706,82 +707,6 @@ class Fleet(Proof):
             bench = self.results.get("throughput")
             if bench:
                 (self.out / "bench.json").write_text(json.dumps(bench, indent=2))
-
-
-def host_facts() -> dict[str, Any]:
-    """The CPUs the runs shared (lscpu's summary lines)."""
-    facts: dict[str, Any] = {"cpus": os.cpu_count()}
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        keep = ("Model name", "Thread(s) per core", "Core(s) per socket", "Socket(s)", "NUMA")
-        facts["lscpu"] = [ln.strip() for ln in out.splitlines() if ln.startswith(keep)]
-    return facts
-
-
-def _group_of(pid: int, doors: dict[str, list[int]], controls: dict[str, int]) -> str:
-    for name, pids in doors.items():
-        if pid in pids:
-            return f"{name}:front-doors"
-    for name, root in controls.items():
-        if pid == root:
-            return f"{name}:control"
-    try:
-        comm = Path(f"/proc/{pid}/comm").read_text().strip()
-        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
-    except OSError:
-        return "gone"
-    if comm == "vllm::router" or b"vllm-router" in cmd:
-        return "vllm-router"
-    if comm.startswith("VLLM::EngineCor") or b"EngineCore" in cmd:
-        return "vllm-engine-core"
-    if b"vllm" in cmd and (b"serve" in cmd or b"api_server" in cmd):
-        return "vllm-api-server"
-    if b"redis-server" in cmd:
-        return "redis"
-    return "other"
-
-
-def cpu_by_group(doors: dict[str, list[int]], controls: dict[str, int]) -> dict[str, float]:
-    """utime + stime of every live process, summed by kind (vLLM engine cores, vLLM API
-    servers, each gateway's front doors and control process, Redis, the rest)."""
-    out: dict[str, float] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        pid = int(entry.name)
-        cpu = _cpu_s(pid)
-        if cpu:
-            g = _group_of(pid, doors, controls)
-            out[g] = out.get(g, 0.0) + cpu
-    return out
-
-
-def machine_busy() -> tuple[float, float]:
-    """(busy, total) jiffies of all CPUs, from /proc/stat."""
-    f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = f[3] + f[4]
-    return float(sum(f[:8]) - idle), float(sum(f[:8]))
-
-
-def machine_busy_since(before: tuple[float, float]) -> float:
-    """How many CPUs were busy on average since `before` (machine-wide)."""
-    b, t = machine_busy()
-    cpus = os.cpu_count() or 1
-    return round((b - before[0]) / max(1.0, t - before[1]) * cpus, 2)
-
-
-def wait_cpu_s(proc: subprocess.Popen[bytes], timeout: float) -> float:
-    """Wait for a child and return the CPU seconds it used (its own and its children's)."""
-    until = time.time() + timeout
-    while True:
-        pid, status, ru = os.wait4(proc.pid, os.WNOHANG)
-        if pid:
-            proc.returncode = os.waitstatus_to_exitcode(status)
-            return ru.ru_utime + ru.ru_stime
-        if time.time() > until:
-            proc.kill()
-            raise subprocess.TimeoutExpired(proc.args, timeout)
-        time.sleep(0.05)
 
 
 def main() -> int:
