@@ -25,6 +25,9 @@ Steps (each recorded in results.json; a failing step is recorded and the next on
    (round-robin over the same replicas) as a target: the control for "any proxy in
    front". `--sampled-direct` adds a direct target whose bodies carry no `temperature`
    (every other target's generators send `temperature: 0`, so the bodies are equal).
+   `--request-rate R` makes the load open-loop (R req/s in all, Poisson): below the
+   replicas' saturation a proxy should keep the offered rate, and the run compares
+   latency.
    `--steps throughput` runs only this step (with `lora`, `kill`: those).
 4. LoRA affinity: the adapters loaded through one front door (Redis spreads them), then
    requests over a1..a4; where each landed (the access log's `worker`) and the adapters
@@ -358,6 +361,9 @@ class Fleet(Proof):
                 "--stream",
                 "--concurrency",
                 str(conc),
+                # Open loop (`--request-rate`): Poisson arrivals, a quarter per generator,
+                # with `conc` as the cap on requests in flight.
+                *(("--request-rate", str(a.request_rate / 4)) if a.request_rate else ()),
                 "--num-requests",
                 str(n),
                 "--max-tokens",
@@ -396,6 +402,7 @@ class Fleet(Proof):
         self.results["throughput"] = {
             "runs": runs,
             "max_tokens": self.args.max_tokens,
+            "request_rate": self.args.request_rate or "closed loop",
             "host": host_facts(),
         }
         per = self.args.bench_n // 4
@@ -739,6 +746,13 @@ def main() -> int:
         default="none",
         help="a third throughput target: a second gateway with a plain entry, its front "
         "doors on SO_REUSEPORT sockets (lean) or one shared socket (shared)",
+    )
+    ap.add_argument(
+        "--request-rate",
+        type=float,
+        default=0.0,
+        help="throughput step open-loop: R req/s in all (Poisson, R/4 per generator, each "
+        "still capped at 64 in flight); 0 (default): closed loop",
     )
     ap.add_argument(
         "--router",
