@@ -267,8 +267,6 @@ class RelayResponse:
                     continue
                 if write is None or not write(block):
                     await send({"type": "http.response.body", "body": block, "more_body": True})
-            if req is not None:
-                req.direct = None
             await send({"type": "http.response.body", "body": held + DONE, "more_body": False})
             held = b""
         except asyncio.CancelledError:
