@@ -51,7 +51,7 @@ def _free_ports(host: str, n: int) -> int:
     raise RuntimeError(f"no {n} consecutive free ports on {host}")
 
 
-def attach_entry(entry: dict[str, Any], host: str) -> tuple[dict[str, Any], dict[str, Any]]:
+def _attach_entry(entry: dict[str, Any], host: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """(the control's entry with fixed worker ports, the front doors' attach-mode entry)
     for a launched model: the front entry keeps everything but the launch-only keys."""
     from engines import engine_class
@@ -85,7 +85,7 @@ def split_catalog(raw: dict[str, Any], control_url: str | None) -> tuple[list[An
             front.append(entry)
             continue
         if entry.get("engine") in _LAUNCHED:
-            owned, attached = attach_entry(entry, "127.0.0.1")
+            owned, attached = _attach_entry(entry, "127.0.0.1")
             control.append(owned)
             front.append(attached)
             continue
