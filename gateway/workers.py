@@ -67,6 +67,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -231,25 +232,35 @@ class Control:
         _stop(self.proc)
 
 
+def _wait_saying(gone: Callable[[float], bool], deadline: float, waiting: str) -> bool:
+    """Wait until `gone(timeout)` says the process has exited, with `waiting` on stderr
+    every PROGRESS_S; False if it is still there at `deadline` (monotonic)."""
+    while True:
+        if gone(min(PROGRESS_S, max(0.0, deadline - time.monotonic()))):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        _say(waiting)
+
+
 def _stop(proc: subprocess.Popen[bytes] | None) -> None:
     if proc is None or proc.poll() is not None:
         return
     proc.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + STOP_TIMEOUT_S
-    while True:
+
+    def gone(timeout: float) -> bool:
         try:
-            proc.wait(timeout=min(PROGRESS_S, max(0.0, deadline - time.monotonic())))
-            return
+            proc.wait(timeout=timeout)
+            return True
         except subprocess.TimeoutExpired:
-            pass
-        if time.monotonic() >= deadline:
-            _say(
-                f"the control process [{proc.pid}] did not stop in {STOP_TIMEOUT_S:g} s; killing it"
-            )
-            proc.kill()
-            proc.wait()
-            return
-        _say(f"waiting for the control process [{proc.pid}] to stop its engines ...")
+            return False
+
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    waiting = f"waiting for the control process [{proc.pid}] to stop its engines ..."
+    if not _wait_saying(gone, deadline, waiting):
+        _say(f"the control process [{proc.pid}] did not stop in {STOP_TIMEOUT_S:g} s; killing it")
+        proc.kill()
+        proc.wait()
 
 
 def _on_term(signum: int, frame: Any) -> None:
@@ -321,16 +332,16 @@ class _FrontDoors(Multiprocess):
         budget = self.accept_s + float(self.config.timeout_graceful_shutdown or 0)
         deadline = time.monotonic() + budget + FRONT_DOOR_MARGIN_S
         for door in self.processes:
-            while door.exitcode is None:
-                door.process.join(min(PROGRESS_S, max(0.0, deadline - time.monotonic())))
-                if door.exitcode is not None:
-                    break
-                if time.monotonic() >= deadline:
-                    _say(f"front door [{door.pid}] did not stop in time; killing it")
-                    door.process.kill()
-                    door.process.join()
-                    break
-                _say(f"waiting for front door [{door.pid}] to finish its requests ...")
+
+            def gone(timeout: float, door: Process = door) -> bool:
+                door.process.join(timeout)
+                return door.exitcode is not None
+
+            waiting = f"waiting for front door [{door.pid}] to finish its requests ..."
+            if door.exitcode is None and not _wait_saying(gone, deadline, waiting):
+                _say(f"front door [{door.pid}] did not stop in time; killing it")
+                door.process.kill()
+                door.process.join()
 
     def keep_subprocess_alive(self) -> None:
         # uvicorn's, with our process class.
