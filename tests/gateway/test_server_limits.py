@@ -56,15 +56,21 @@ async def _read_all(reader: asyncio.StreamReader, limit_s: float) -> tuple[bytes
     return data, time.monotonic()
 
 
-async def slowloris(port: int, limit_s: float) -> tuple[bytes, float]:
-    """One slowloris socket: a request head sent one byte every 0.3 s for as long as the
-    server keeps the connection open; what it answered, and when it closed (`_read_all`)."""
+async def slowloris(
+    port: int,
+    limit_s: float,
+    start: bytes = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n",
+    drip: bytes = b"X",
+) -> tuple[bytes, float]:
+    """One slowloris socket: `start`, then `drip` every 0.3 s (by default a request head
+    one byte at a time) for as long as the server keeps the connection open; what it
+    answered, and when it closed (`_read_all`)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+    writer.write(start)
     reading = asyncio.create_task(_read_all(reader, limit_s))
     while not reading.done():
         try:
-            writer.write(b"X")
+            writer.write(drip)
             await writer.drain()
         except (ConnectionResetError, BrokenPipeError):
             break
@@ -270,22 +276,9 @@ def test_early_answer_then_trickle_gets_no_second_answer(gw: ServerThread) -> No
     """The gateway answers 413 from Content-Length before reading the body; a client that
     keeps trickling the body is cut at the body deadline without a second response."""
 
-    async def run() -> bytes:
-        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
-        writer.write(_post_head(10_000_000) + b"{")
-        reader_task = asyncio.create_task(_read_all(reader, BODY_S * 5))
-        while not reader_task.done():
-            try:
-                writer.write(b" ")
-                await writer.drain()
-            except (ConnectionResetError, BrokenPipeError):
-                break
-            await asyncio.sleep(0.3)
-        data, _ = await reader_task
-        writer.close()
-        return data
-
-    data = asyncio.run(run())
+    # The body trickled one space every 0.3 s after the head.
+    start = _post_head(10_000_000) + b"{"
+    data, _ = asyncio.run(slowloris(gw.port, BODY_S * 5, start=start, drip=b" "))
     assert data.startswith(b"HTTP/1.1 413 ")
     assert data.count(b"HTTP/1.1 ") == 1
 
