@@ -63,8 +63,8 @@ from typing import Any
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_proof import ROOT, Proof, _cpu_s, log
-from proc_cpu import cpu_by_group, host_facts, machine_busy, machine_busy_since, wait_cpu_s
+from gpu_proof import ROOT, Proof, log
+from proc_cpu import cpu_by_group, cpu_s, host_facts, machine_busy, machine_busy_since, wait_cpu_s
 
 PROMPTS = [
     "What is the capital of France?",
@@ -435,7 +435,7 @@ class Fleet(Proof):
                 else:
                     urls = [f"http://127.0.0.1:{self.port + 1}"] * 4
                 fronts = doors.get(target, [])
-                cpu0 = [_cpu_s(p) for p in fronts]
+                cpu0 = [cpu_s(p) for p in fronts]
                 groups0 = cpu_by_group(doors, controls)
                 busy0 = machine_busy()
                 t0 = time.time()
@@ -453,7 +453,7 @@ class Fleet(Proof):
                     for k, v in cpu_by_group(doors, controls).items()
                 }
                 groups["load-generators"] = round(gen_cpu, 2)
-                per_door = [round(_cpu_s(p) - c, 2) for p, c in zip(fronts, cpu0, strict=True)]
+                per_door = [round(cpu_s(p) - c, 2) for p, c in zip(fronts, cpu0, strict=True)]
                 cpu = sum(per_door)
                 summ = [self._summary(lab) for lab in labels]
                 done = per * 4

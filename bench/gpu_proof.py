@@ -55,6 +55,9 @@ from typing import Any
 
 import yaml
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from proc_cpu import cpu_s as _cpu_s
+
 ROOT = Path(__file__).resolve().parent.parent
 QUESTION = "What is the capital of France?"
 ADMIN_KEY = "proof-admin-key"
@@ -1016,17 +1019,6 @@ class CpuSampler:
                     best = max(best, (self.samples[i][1][k] - self.samples[j][1][k]) / dt)
             out.append(round(best, 3))
         return out
-
-
-def _cpu_s(pid: int | None) -> float:
-    """utime + stime of one process, in seconds (0 when unknown)."""
-    if pid is None:
-        return 0.0
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _children_cpu_s() -> float:

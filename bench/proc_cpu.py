@@ -16,7 +16,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gpu_proof import _cpu_s
+
+def cpu_s(pid: int | None) -> float:
+    """utime + stime of one process, in seconds (0 when unknown)."""
+    if pid is None:
+        return 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def host_facts() -> dict[str, Any]:
@@ -60,7 +69,7 @@ def cpu_by_group(doors: dict[str, list[int]], controls: dict[str, int]) -> dict[
         if not entry.name.isdigit():
             continue
         pid = int(entry.name)
-        cpu = _cpu_s(pid)
+        cpu = cpu_s(pid)
         if cpu:
             g = _group_of(pid, doors, controls)
             out[g] = out.get(g, 0.0) + cpu
