@@ -41,8 +41,9 @@ Steps (each recorded in results.json; a failing step is recorded and the next on
 Writes under --out: results.json, gateway.log, workers.log, bench.json, log.txt (caller).
 Reuses `gpu_proof.Proof` for the gateway's process, health waits, logs and collection.
 
-Why one file of this size: it is copied to the GPU machine and run there as one script;
-every step is a function, in the order it runs.
+Why one file of this size: it is the one script a device call runs, every step a function
+in the order it runs; what other GPU scripts share is already elsewhere (the gateway's
+process, waits and logs: gpu_proof.py; CPU readings: proc_cpu.py).
 """
 
 from __future__ import annotations
