@@ -28,6 +28,11 @@ Steps (each recorded in results.json; a failing step is recorded and the next on
    `--request-rate R` makes the load open-loop (R req/s in all, Poisson): below the
    replicas' saturation a proxy should keep the offered rate, and the run compares
    latency.
+   `--api-servers N` starts each replica with vLLM's `--api-server-count N` (N API server
+   processes on one port; vLLM then refuses runtime LoRA, so the entry has none and only
+   this step runs). `--profile-s S` samples every vLLM API server with py-spy for S
+   seconds in each target's first round (profiles/, results.json "profiles"): where an
+   API server's time goes with and without a proxy in front.
    `--steps throughput` runs only this step (with `lora`, `kill`: those).
 4. LoRA affinity: the adapters loaded through one front door (Redis spreads them), then
    requests over a1..a4; where each landed (the access log's `worker`) and the adapters
@@ -65,7 +70,16 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_proof import ROOT, Proof, log
-from proc_cpu import cpu_by_group, cpu_s, host_facts, machine_busy, machine_busy_since, wait_cpu_s
+from proc_cpu import (
+    cpu_by_group,
+    cpu_s,
+    host_facts,
+    machine_busy,
+    machine_busy_since,
+    pids_of,
+    wait_cpu_s,
+)
+from pyspy_share import shares
 
 PROMPTS = [
     "What is the capital of France?",
@@ -173,6 +187,12 @@ class Fleet(Proof):
             self.lora_root = self.work / "loras"
         self.lora_root.mkdir(parents=True, exist_ok=True)
         m["lora"]["roots"] = [str(self.lora_root)]
+        if self.args.api_servers > 1:
+            # vLLM refuses runtime LoRA loading with more than one API server process
+            # (vllm/entrypoints/cli/serve.py): this entry serves the base model only.
+            m["engine_args"]["api-server-count"] = self.args.api_servers
+            m.pop("lora")
+            m["routing"]["scorers"] = {"least_outstanding": 1}
         if self.args.dry_run:
             m["engine"] = "sim"
             m.pop("model")
@@ -446,7 +466,10 @@ class Fleet(Proof):
                     self._bench(u, 64, per, lab, 1 + i, target == "direct-sampled")
                     for i, (u, lab) in enumerate(zip(urls, labels, strict=True))
                 ]
+                profiler = self._profile(target) if rnd == 0 and self.args.profile_s else None
                 gen_cpu = sum(wait_cpu_s(p, max(30.0, self.left() - 20)) for p in procs)
+                if profiler is not None:
+                    profiler.join()
                 wall = time.time() - t0
                 busy = machine_busy_since(busy0)
                 groups = {
@@ -483,6 +506,44 @@ class Fleet(Proof):
                 }
                 runs.append(run)
                 log(f"throughput {run}")
+
+    def _profile(self, target: str) -> threading.Thread:
+        """py-spy (`--nonblocking`: the process is never stopped) on every vLLM API server
+        for `--profile-s` seconds, from 3 s into the target's first round (past the
+        generators' start), into profiles/TARGET-PID.txt and results.json's "profiles"."""
+        spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+        out = self.out / "profiles"
+        out.mkdir(exist_ok=True)
+        found = self.results.setdefault("profiles", {}).setdefault(target, {})
+
+        def run() -> None:
+            time.sleep(3.0)
+            procs = {}
+            for pid in pids_of("vllm-api-server"):
+                raw = out / f"{target}-{pid}.txt"
+                cmd = [spy, "record", "--pid", str(pid), "--duration", str(self.args.profile_s)]
+                cmd += ["--rate", "200", "--nonblocking", "--format", "raw", "-o", str(raw)]
+                procs[pid] = (
+                    raw,
+                    cpu_s(pid),
+                    subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE),
+                )
+            for pid, (raw, cpu0, proc) in procs.items():
+                _, err = proc.communicate(timeout=self.args.profile_s + 30)
+                entry: dict[str, Any] = {"cpu_s": round(cpu_s(pid) - cpu0, 2)}
+                if raw.exists():
+                    entry.update(shares(raw.read_text(errors="replace"), top=40))
+                else:
+                    entry["error"] = err.decode(errors="replace")[-400:]
+                found[str(pid)] = entry
+            log(
+                f"profiled {target}: "
+                + ", ".join(f"{p}: {e.get('samples', e.get('error'))}" for p, e in found.items())
+            )
+
+        t = threading.Thread(target=run, daemon=True)
+        t.start()
+        return t
 
     def _summary(self, label: str) -> dict[str, Any]:
         """One load generator's figures (loadgen's JSON: runs[0].summary)."""
@@ -678,7 +739,9 @@ class Fleet(Proof):
             self.collect()
             return 1
         self.step("gateway check", self.check, cfg)
-        self.step("make_lora (start)", self.start_make_lora)
+        with_lora = self.args.api_servers == 1
+        if with_lora:
+            self.step("make_lora (start)", self.start_make_lora)
         try:
             self.step("start gateway", self.start_gateway, cfg)
             if not self.results["steps"]["start gateway"]["ok"]:
@@ -686,7 +749,8 @@ class Fleet(Proof):
             self.step("key", self.create_key)
             self.step("discover", self.discover)
             steps = set(self.args.steps.split(","))
-            self.step("adapters", self.adapters_ready)
+            if with_lora:
+                self.step("adapters", self.adapters_ready)
             if self.args.second != "none":
                 self.step("second gateway", self.start_shared)
             if self.args.router:
@@ -765,6 +829,18 @@ def main() -> int:
         help="a direct target whose bodies carry no temperature (vLLM samples at 1)",
     )
     ap.add_argument(
+        "--api-servers",
+        type=int,
+        default=1,
+        help="vLLM's --api-server-count per replica (> 1: no LoRA, throughput step only)",
+    )
+    ap.add_argument(
+        "--profile-s",
+        type=int,
+        default=0,
+        help="py-spy every vLLM API server for this long in each target's first round",
+    )
+    ap.add_argument(
         "--shared-socket",
         dest="second",
         action="store_const",
@@ -772,6 +848,8 @@ def main() -> int:
         help="the same as --second shared",
     )
     args = ap.parse_args()
+    if args.api_servers > 1 and args.steps != "throughput":
+        ap.error("--api-servers > 1 serves no LoRA: use --steps throughput")
     return Fleet(args).run()
 
 

@@ -54,6 +54,10 @@ def _group_of(pid: int, doors: dict[str, list[int]], controls: dict[str, int]) -
         return "vllm-router"
     if comm.startswith("VLLM::EngineCor") or b"EngineCore" in cmd:
         return "vllm-engine-core"
+    # `--api-server-count N > 1`: N spawned processes titled VLLM::APIServer_i serve
+    # (their cmdline is multiprocessing's), the `vllm serve` parent only supervises.
+    if comm.startswith("VLLM::APIServer"):
+        return "vllm-api-server"
     if b"vllm" in cmd and (b"serve" in cmd or b"api_server" in cmd):
         return "vllm-api-server"
     if b"redis-server" in cmd:
@@ -74,6 +78,15 @@ def cpu_by_group(doors: dict[str, list[int]], controls: dict[str, int]) -> dict[
             g = _group_of(pid, doors, controls)
             out[g] = out.get(g, 0.0) + cpu
     return out
+
+
+def pids_of(kind: str) -> list[int]:
+    """The live processes of one kind (as `cpu_by_group` names them, gateways aside)."""
+    return sorted(
+        int(e.name)
+        for e in Path("/proc").iterdir()
+        if e.name.isdigit() and _group_of(int(e.name), {}, {}) == kind
+    )
 
 
 def machine_busy() -> tuple[float, float]:
