@@ -194,6 +194,12 @@ def memory_share(spec: ModelSpec, opts: LaunchOptions) -> float | None:
     return round(0.9 / n, 3) if n > 1 else None
 
 
+def flag_name(key: str) -> str:
+    """An `engine_args` key as the CLI's flag name, without dashes in front:
+    `max_num_seqs`, `--max-num-seqs` and `max-num-seqs` are all `max-num-seqs`."""
+    return key.lstrip("-").replace("_", "-")
+
+
 def flag_args(args: Mapping[str, Any], *, negate_false: bool) -> list[str]:
     """`engine_args` → command-line flags, in the order given.
 
@@ -208,7 +214,7 @@ def flag_args(args: Mapping[str, Any], *, negate_false: bool) -> list[str]:
 
     out: list[str] = []
     for key, value in args.items():
-        flag = "--" + key.lstrip("-").replace("_", "-")
+        flag = "--" + flag_name(key)
         if value is None:
             continue
         if value is True:

@@ -54,6 +54,7 @@ from engines.launch.command import (
     LaunchOptions,
     ResolvedPaths,
     flag_args,
+    flag_name,
     memory_share,
 )
 from engines.launch.engine import LaunchedEngine
@@ -220,7 +221,7 @@ class LMDeployEngine(LaunchedEngine):
             # lmdeploy/cli/utils.py --device choices: cuda, ascend, maca, camb (no CPU).
             refuse("gpus_per_replica", "LMDeploy runs on GPUs only: give at least 1")
         for key in spec.engine_args:
-            flag = key.lstrip("-").replace("_", "-")
+            flag = flag_name(key)
             if flag in MANAGED_FLAGS:
                 refuse(
                     f"engine_args.{key}",

@@ -28,6 +28,7 @@ from engines.launch.command import (
     ResolvedPaths,
     adapter_paths,
     flag_args,
+    flag_name,
     memory_share,
 )
 from engines.launch.engine import LaunchedEngine
@@ -138,7 +139,7 @@ class VLLMEngine(LaunchedEngine):
             issues.append(SpecIssue(path="model", message="required to launch vllm"))
             return issues
         for key in spec.engine_args:
-            flag = key.lstrip("-").replace("_", "-")
+            flag = flag_name(key)
             if flag in MANAGED_FLAGS:
                 issues.append(
                     SpecIssue(
@@ -146,6 +147,21 @@ class VLLMEngine(LaunchedEngine):
                         message=f"set by the gateway from {MANAGED_FLAGS[flag]}; use that",
                     )
                 )
+        asc = next(
+            (v for k, v in spec.engine_args.items() if flag_name(k) in ("api-server-count", "asc")),
+            None,
+        )
+        if spec.lora is not None and isinstance(asc, int) and asc > 1:
+            # vllm/entrypoints/cli/serve.py run_multi_api_server: "VLLM_ALLOW_RUNTIME_LORA_
+            # UPDATING cannot be used with api_server_count > 1", raised after the model
+            # config is built; the gateway needs runtime loading for `lora`.
+            issues.append(
+                SpecIssue(
+                    path="engine_args.api-server-count",
+                    message="vLLM 0.26 refuses runtime LoRA loading (which `lora` needs) "
+                    "with more than one API server: remove `lora` or use 1",
+                )
+            )
         gguf = spec.model.lower().endswith(".gguf")
         if gguf and spec.quantization in ("awq", "gptq"):
             # vLLM 0.26 has no GGUF loader (no "gguf" in LoadFormats of
@@ -277,9 +293,7 @@ class VLLMEngine(LaunchedEngine):
         """One wave when the KV cache has a fixed size (`--kv-cache-memory-bytes`): vLLM
         then skips sizing it from free memory, so replicas sharing a GPU may start
         together."""
-        if any(
-            k.lstrip("-").replace("_", "-") == "kv-cache-memory-bytes" for k in spec.engine_args
-        ):
+        if any(flag_name(k) == "kv-cache-memory-bytes" for k in spec.engine_args):
             return [list(range(spec.replicas))]
         return super().start_waves(spec, opts)
 

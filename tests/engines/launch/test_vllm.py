@@ -256,6 +256,12 @@ def test_refusals_name_their_key_paths() -> None:
     assert "from quantization" in got["engine_args.quantization"]
     assert "batching.max_sequences" in got["engine_args.max_num_seqs"]
 
+    # vLLM 0.26 would start, build its config and then refuse runtime LoRA updates with
+    # two API servers: refused here, before anything starts.
+    got = issues(spec(lora={"max_rank": 8}, engine_args={"api_server_count": 2}))
+    assert "more than one API server" in got["engine_args.api-server-count"]
+    assert issues(spec(lora={"max_rank": 8}, engine_args={"api-server-count": 1})) == {}
+    assert issues(spec(engine_args={"api-server-count": 2})) == {}
     got = issues(ModelSpec.model_validate({"name": "x", "engine": "vllm"}))
     assert got == {"model": "required to launch vllm"}
 
