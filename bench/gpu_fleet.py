@@ -79,7 +79,7 @@ from proc_cpu import (
     pids_of,
     wait_cpu_s,
 )
-from pyspy_share import shares
+from pyspy_profile import record
 
 PROMPTS = [
     "What is the capital of France?",
@@ -508,38 +508,17 @@ class Fleet(Proof):
                 log(f"throughput {run}")
 
     def _profile(self, target: str) -> threading.Thread:
-        """py-spy (`--nonblocking`: the process is never stopped) on every vLLM API server
-        for `--profile-s` seconds, from 3 s into the target's first round (past the
-        generators' start), into profiles/TARGET-PID.txt and results.json's "profiles"."""
-        spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
-        out = self.out / "profiles"
-        out.mkdir(exist_ok=True)
-        found = self.results.setdefault("profiles", {}).setdefault(target, {})
+        """py-spy on every vLLM API server for `--profile-s` seconds, from 3 s into the
+        target's first round (past the generators' start), into profiles/TARGET-PID.txt
+        and results.json's "profiles"."""
+        found = self.results.setdefault("profiles", {})
 
         def run() -> None:
             time.sleep(3.0)
-            procs = {}
-            for pid in pids_of("vllm-api-server"):
-                raw = out / f"{target}-{pid}.txt"
-                cmd = [spy, "record", "--pid", str(pid), "--duration", str(self.args.profile_s)]
-                cmd += ["--rate", "200", "--nonblocking", "--format", "raw", "-o", str(raw)]
-                procs[pid] = (
-                    raw,
-                    cpu_s(pid),
-                    subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE),
-                )
-            for pid, (raw, cpu0, proc) in procs.items():
-                _, err = proc.communicate(timeout=self.args.profile_s + 30)
-                entry: dict[str, Any] = {"cpu_s": round(cpu_s(pid) - cpu0, 2)}
-                if raw.exists():
-                    entry.update(shares(raw.read_text(errors="replace"), top=40))
-                else:
-                    entry["error"] = err.decode(errors="replace")[-400:]
-                found[str(pid)] = entry
-            log(
-                f"profiled {target}: "
-                + ", ".join(f"{p}: {e.get('samples', e.get('error'))}" for p, e in found.items())
-            )
+            pids = pids_of("vllm-api-server")
+            found[target] = record(pids, self.args.profile_s, self.out / "profiles", target)
+            samples = {p: e.get("samples", e.get("error")) for p, e in found[target].items()}
+            log(f"profiled {target}: {samples}")
 
         t = threading.Thread(target=run, daemon=True)
         t.start()

@@ -47,20 +47,28 @@ def _group_of(pid: int, doors: dict[str, list[int]], controls: dict[str, int]) -
             return f"{name}:control"
     try:
         comm = Path(f"/proc/{pid}/comm").read_text().strip()
-        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return "gone"
-    if comm == "vllm::router" or b"vllm-router" in cmd:
+    # By the program and its first arguments, not by any word of the command line: this
+    # benchmark's own command line names `vllm-router` and `redis-server` as its options.
+    prog = Path(argv[0].decode(errors="replace")).name
+    head = argv[1:4]
+    # vllm-router is a Python launcher that retitles itself "vllm::router" (setproctitle).
+    router = {"vllm-router", "vllm::router"}
+    if prog in router or comm in router or any(a.endswith(b"/vllm-router") for a in head[:1]):
         return "vllm-router"
-    if comm.startswith("VLLM::EngineCor") or b"EngineCore" in cmd:
+    if comm.startswith("VLLM::EngineCor"):
         return "vllm-engine-core"
     # `--api-server-count N > 1`: N spawned processes titled VLLM::APIServer_i serve
     # (their cmdline is multiprocessing's), the `vllm serve` parent only supervises.
     if comm.startswith("VLLM::APIServer"):
         return "vllm-api-server"
-    if b"vllm" in cmd and (b"serve" in cmd or b"api_server" in cmd):
+    if (prog == "vllm" and b"serve" in head) or any(
+        a.startswith(b"vllm.entrypoints") for a in head
+    ):
         return "vllm-api-server"
-    if b"redis-server" in cmd:
+    if prog == "redis-server":
         return "redis"
     return "other"
 
