@@ -151,7 +151,7 @@ class VLLMEngine(LaunchedEngine):
             (v for k, v in spec.engine_args.items() if flag_name(k) in ("api-server-count", "asc")),
             None,
         )
-        if spec.lora is not None and isinstance(asc, int) and asc > 1:
+        if spec.lora is not None and str(asc).isdigit() and int(str(asc)) > 1:
             # vllm/entrypoints/cli/serve.py run_multi_api_server: "VLLM_ALLOW_RUNTIME_LORA_
             # UPDATING cannot be used with api_server_count > 1", raised after the model
             # config is built; the gateway needs runtime loading for `lora`.

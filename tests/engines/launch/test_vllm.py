@@ -260,6 +260,8 @@ def test_refusals_name_their_key_paths() -> None:
     # two API servers: refused here, before anything starts.
     got = issues(spec(lora={"max_rank": 8}, engine_args={"api_server_count": 2}))
     assert "more than one API server" in got["engine_args.api-server-count"]
+    got = issues(spec(lora={"max_rank": 8}, engine_args={"--api-server-count": "4"}))
+    assert "remove `lora` or use 1" in got["engine_args.api-server-count"]
     assert issues(spec(lora={"max_rank": 8}, engine_args={"api-server-count": 1})) == {}
     assert issues(spec(engine_args={"api-server-count": 2})) == {}
     got = issues(ModelSpec.model_validate({"name": "x", "engine": "vllm"}))
