@@ -12,6 +12,10 @@ come from /proc (its threads summed) around that run. With two answer lengths th
 are split by a straight line through the two points: per relayed chunk (the slope, over
 the chunks the load generator counted) and per request (the rest).
 
+`--syscalls` counts the proxy's system calls instead (`strace -c -f` attached around one
+run per target at the last answer length; strace slows the proxy, so no CPU is read in
+that mode): calls per request and per relayed chunk, by system call.
+
 Owns this decomposition only: bench/overhead.py compares the targets' latency and total
 CPU, bench/relay_ab.py checkouts of this gateway against each other.
 """
@@ -21,9 +25,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
@@ -72,6 +79,10 @@ async def measure(
                                   seed=0)  # fmt: skip
 
             await run_load(load(args.concurrency), sess)  # warm-up: open the connections
+            if args.syscalls:
+                if max_tokens == tokens[-1]:
+                    await count_syscalls(name, proc.popen.pid, load(args.requests), sess, wd)
+                continue
             u0, s0 = user_system_seconds(proc.popen.pid)
             res = await run_load(load(args.requests), sess)
             u1, s1 = user_system_seconds(proc.popen.pid)
@@ -91,6 +102,28 @@ async def measure(
         await sess.close()
         proc.stop()
     return out
+
+
+async def count_syscalls(name: str, pid: int, cfg: LoadConfig, sess: Any, wd: Path) -> None:
+    """`strace -c -f` on the proxy around one run; print calls per request and per chunk."""
+    table = wd / "strace.txt"
+    strace = await asyncio.create_subprocess_exec(
+        *("strace", "-c", "-f", "-o", str(table), "-p", str(pid)), stderr=subprocess.DEVNULL
+    )
+    await asyncio.sleep(2)  # attached to every thread before the first request
+    res = await run_load(cfg, sess)
+    strace.send_signal(signal.SIGINT)
+    await asyncio.wait_for(strace.wait(), 30)
+    n = len(res.records)
+    chunks = sum(r.output_chunks for r in res.records)
+    print(f"  {name}: {n} requests, {chunks / n:.1f} chunks each; system calls:")
+    for line in table.read_text().splitlines():
+        cols = line.split()
+        # "% time  seconds  usecs/call  calls  [errors]  syscall"
+        if len(cols) >= 5 and cols[3].isdigit() and cols[-1] != "total":
+            calls = int(cols[3])
+            each = f"{calls / n:8.2f} per request {calls / chunks:7.3f} per chunk"
+            print(f"    {cols[-1]:16s} {each}")
 
 
 def split(points: list[tuple[int, float, float, int]], n: int) -> str:
@@ -126,7 +159,7 @@ async def main(args: argparse.Namespace) -> None:
             results[name] = await measure(name, sim_url, work, args, tokens)
     finally:
         sim.stop()
-    if len(tokens) >= 2:
+    if len(tokens) >= 2 and not args.syscalls:
         print(f"split (max_tokens {tokens[0]} and {tokens[-1]}):")
         for name, points in results.items():
             print(f"  {name:14s} {split(points, args.requests)}")
@@ -139,6 +172,7 @@ if __name__ == "__main__":
     p.add_argument("--concurrency", type=int, default=256)
     p.add_argument("--requests", type=int, default=4096)
     p.add_argument("--tokens", default="4,64", help="answer lengths (max_tokens), comma list")
+    p.add_argument("--syscalls", action="store_true", help="count system calls (strace)")
     a = p.parse_args()
     os.sched_setaffinity(0, {0})  # the load generator shares CPU 0 with the simulator
     asyncio.run(main(a))
