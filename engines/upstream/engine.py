@@ -13,10 +13,6 @@ ejection accounting are `engines.upstream.send`; probes, re-admission and wedge 
 `start_workers`), validate client requests, frame SSE for the client, or count anything
 for the gateway's metrics (it exposes counters in `status()`).
 
-Why over ~450 lines: the class is the one contract surface subclasses extend (hooks,
-lifecycle, relay, adapters, status); its hot paths were already split out (`http1`,
-`send`, `relay`, `sse`) and what remains is one concern per section.
-
 Hooks for subclasses:
 - `start_workers()` returns the workers' base URLs (default: `spec.endpoints`);
 - `apply_start_adapters()` loads `spec.lora.adapters` (default: through the runtime API);
@@ -41,9 +37,10 @@ Why the stream relay is hand-written: each upstream read is split at the last `\
 upstream sent; JSON is parsed only for runs that contain `[DONE]`, an `"error"` key, an SSE
 comment, or when a model rename / transform hook is active.
 
-Why one module of ~600 lines: it is the engine's lifecycle, the stream relay loop and its
-hooks, which share the endpoints, sessions and counters; the send path, health, routing,
-adapters, continuation and error shapes are already their own modules beside it.
+Why one module of ~600 lines: the class is the one contract surface subclasses extend; its
+lifecycle, the stream relay loop and its hooks share the endpoints, sessions and counters.
+The send path, health, routing, adapters, continuation, SSE splitting and error shapes are
+already their own modules beside it.
 """
 
 from __future__ import annotations
