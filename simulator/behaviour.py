@@ -223,14 +223,18 @@ def templates(s: SimState, g: Gen, rid: bytes) -> tuple[bytes, bytes]:
     return head, full_id
 
 
-def token_events(s: SimState, g: Gen, head: bytes, step: int, first: bool) -> bytes:
-    """The SSE events of output token `step` for every choice (one token per chunk)."""
+def token_events(s: SimState, g: Gen, head: bytes, step: int, first: bool, count: int = 1) -> bytes:
+    """The SSE events of output tokens `step` .. `step + count - 1` for every choice (one
+    delta of `count` tokens per choice)."""
     toks = s.tok_json
     w = len(toks)
-    fin = g.finish if step == g.n_out - 1 else b"null"
+    fin = g.finish if step + count == g.n_out else b"null"
     parts = []
     for i in range(g.n):
-        tok = toks[(i + g.start + step) % w]
+        if count == 1:
+            tok = toks[(i + g.start + step) % w]
+        else:
+            tok = orjson.dumps(s.text((i + g.start + step) % w, count))
         if g.chat:
             if first:
                 parts.append(

@@ -51,6 +51,9 @@ class SimConfig:
     max_running: int = 0
     # Output length when a request gives no max_tokens.
     output_tokens: int = 16
+    # Tokens in one streamed delta (vLLM sends several under load, or with speculative
+    # decoding); the last delta may carry fewer.
+    tokens_per_chunk: int = 1
     words: tuple[str, ...] = DEFAULT_WORDS
     max_model_len: int = 2048
     embedding_dim: int = 64
@@ -117,7 +120,13 @@ def config_problems(c: SimConfig) -> list[tuple[str, str]]:
     for key in ("error_rate", "stall_rate", "drop_rate", "spec_acceptance"):
         if not 0.0 <= getattr(c, key) <= 1.0:
             out.append((key, "must be between 0 and 1"))
-    for key in ("output_tokens", "embedding_dim", "kv_cache_tokens", "max_model_len"):
+    for key in (
+        "output_tokens",
+        "embedding_dim",
+        "kv_cache_tokens",
+        "max_model_len",
+        "tokens_per_chunk",
+    ):
         if getattr(c, key) < 1:
             out.append((key, "must be ≥ 1"))
     for key in ("max_running", "spec_tokens", "stall_after", "prefix_cache_tokens", "max_loras"):
@@ -144,6 +153,7 @@ _FLAGS: dict[str, tuple[Callable[[str], Any], str]] = {
     "jitter_dist": (str, "uniform | lognormal"),
     "max_running": (int, "max running sequences, more queue FIFO (0 = unlimited)"),
     "output_tokens": (int, "output tokens when a request gives no max_tokens"),
+    "tokens_per_chunk": (int, "tokens in one streamed delta"),
     "max_model_len": (int, "context length"),
     "embedding_dim": (int, "embedding vector size"),
     "kv_cache_tokens": (int, "KV-cache capacity in tokens (for vllm:kv_cache_usage_perc)"),

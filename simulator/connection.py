@@ -244,7 +244,11 @@ class Connection(asyncio.Protocol):
         if not g.stream:
             self.write_simple(200, JSON, b.whole_body(self.s, g, full_id), keep_alive)
             return
-        events = [b.token_events(self.s, g, head, k, k == 0) for k in range(g.n_out)]
+        per = self.s.config.tokens_per_chunk
+        events = [
+            b.token_events(self.s, g, head, k, k == 0, min(per, g.n_out - k))
+            for k in range(0, g.n_out, per)
+        ]
         if g.include_usage:
             events.append(b.usage_event(g, head))
         payload = b"".join(events)
@@ -273,6 +277,7 @@ class Connection(asyncio.Protocol):
             head, full_id = b.templates(self.s, g, rid)
             if g.stream:
                 self.write(STREAM_HEAD)
+            per, sent = c.tokens_per_chunk, 0
             for step in range(g.n_out):
                 if step:
                     t += s._draw(itl)
@@ -282,12 +287,13 @@ class Connection(asyncio.Protocol):
                 s.generation_tokens_total += g.n
                 s._kv_tokens += g.n
                 held += g.n
-                if not g.stream:
+                if not g.stream or ((step + 1) % per and step + 1 < g.n_out):
                     continue
-                ev = b.token_events(self.s, g, head, step, step == 0)
+                first = step - (step % per)
+                ev = b.token_events(self.s, g, head, first, first == 0, step + 1 - first)
                 self.write(b"%x\r\n" % len(ev) + ev + b"\r\n")
                 await self.drain()
-                sent = step + 1
+                sent += 1
                 if stall and sent == c.stall_after:
                     await asyncio.sleep(c.stall_ms / 1000)
                     t = loop.time()

@@ -343,3 +343,24 @@ def test_it_continues_its_own_text_like_a_greedy_model() -> None:
         ),
     )
     assert chat.start == 4
+
+
+@pytest.mark.parametrize("itl_ms", [0.0, 1.0])  # the zero-latency writer and the clocked one
+async def test_tokens_per_chunk_puts_several_tokens_in_one_delta(itl_ms: float) -> None:
+    server = await _server(tokens_per_chunk=2, output_tokens=5, itl_ms=itl_ms)
+    try:
+        async with _client(server) as client:
+            stream = await client.chat.completions.create(
+                model=MODEL,
+                messages=[{"role": "user", "content": "hi"}],
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+            chunks = [c async for c in stream]
+        deltas = [c.choices[0].delta.content for c in chunks if c.choices]
+        # The role chunk, then 2 + 2 + 1 tokens; the last delta carries the finish reason.
+        assert deltas == ["", " the quick", " brown fox", " jumps"]
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+        assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 5
+    finally:
+        await server.stop()
