@@ -13,9 +13,9 @@ An error before the first yield surfaces from the first `__anext__()`, so the ga
 still answer with an HTTP status; after it, the gateway ends the stream with an error event.
 
 The direct path (optional for engines): once the first block is out, the gateway may set
-`GenerateRequest.direct`, a function taking one plain event — one whole `data: {json}` chunk,
-not `[DONE]`, not an error, without a `usage` key — and returning True when it has
-delivered it to the client, False when it cannot now (the engine then yields that event as
+`GenerateRequest.direct`, a function taking a run of plain events — whole one-line
+`data: {json}` chunks ending in a blank line, not `[DONE]`, not an error, `usage` absent or
+null — and returning True when it has delivered them to the client, False when it cannot now (the engine then yields that event as
 usual, and order is kept: an engine only offers an event while nothing it received is still
 waiting to be yielded). An engine that reads its upstream in a protocol callback offers
 events there, so a plain chunk costs no task wake-up (`engines.upstream.http1`,

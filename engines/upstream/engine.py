@@ -87,7 +87,7 @@ from engines.upstream.routing import SCORERS, Router, RoutingRequest
 from engines.upstream.routing.hashring import stable_hash
 from engines.upstream.routing.prefix import prompt_prefix
 from engines.upstream.send import Sender
-from engines.upstream.sse import SSEBuffer
+from engines.upstream.sse import SSEBuffer, cut_events, direct_run
 from engines.upstream.worker_metrics import FAMILIES, read_load
 
 __all__ = ["OpenAIEngine"]
@@ -102,33 +102,34 @@ METRICS_IDLE_S = 15.0
 
 
 def _direct_sink(req: GenerateRequest, buf: SSEBuffer) -> Callable[[bytes], bool]:
-    """The upstream connection's sink for one stream (`http1.Stream.set_sink`): a piece
-    that is one whole plain event — `data: {...}` on one line, no CR, no `"error"` or
-    `"usage"` key — with no partial event buffered before it, goes to the gateway's direct
-    path (`GenerateRequest.direct`) from the protocol callback; all else (several events in
-    one piece included), and everything while the gateway has no direct path, takes the
-    loop below.
+    """The upstream connection's sink for one stream (`http1.Stream.set_sink`): the
+    complete events a piece finishes — with any partial event buffered before it, CRLF
+    made LF — go to the gateway's direct path (`GenerateRequest.direct`) from the protocol
+    callback when they are all plain chunks (`sse.direct_run`: `"usage":null` included);
+    a piece that completes no event is kept in the buffer (the consumer sleeps on). All
+    else — `[DONE]`, a non-null usage, an error, a comment — and everything while the
+    gateway has no direct path, takes the loop below, the buffer untouched.
 
     Why: a plain chunk then costs no future, task wake-up or generator resumption
     (docs/benchmarks.md, "Stream relay: the direct path", for what that did to the
-    gateway's CPU). Why these checks: one line that starts `data: {` cannot be `[DONE]`,
-    a comment or another field, and a one-byte `find` proves it one line: 0.70 µs per
-    250-byte chunk against 0.95 for the general checks (`plain_run` and CR), half of the
-    direct path's 1.45 µs of Python per chunk (bench/direct_path_micro.py)."""
+    gateway's CPU). Why the first branch: most reads are one whole LF-framed event with
+    nothing buffered, and then nothing is joined or cut (bench/direct_path_micro.py)."""
 
     def sink(data: bytes) -> bool:
         direct = req.direct
-        return (
-            direct is not None
-            and not buf.pending
-            and data.startswith(b"data: {")
-            and data.endswith(b"\n\n")
-            and data.find(b"\n", 0, -2) < 0
-            and b"\r" not in data
-            and b'"error"' not in data
-            and b'"usage"' not in data
-            and direct(data)
-        )
+        if direct is None:
+            return False
+        pending = buf.pending
+        if not pending and data.endswith(b"\n\n") and b"\r" not in data:
+            return direct_run(data) and direct(data)
+        run, rest = cut_events(pending, data)
+        if not run:  # an event split over reads: held until its end arrives
+            buf.pending = rest
+            return True
+        if direct_run(run) and direct(run):
+            buf.pending = rest
+            return True
+        return False
 
     return sink
 
