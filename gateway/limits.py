@@ -6,8 +6,11 @@
   when neither is configured;
 - `admit` takes one atomic limiter decision for the tenant (`StateStore.admit`): requests
   per minute, tokens per minute (prompt estimate + max_tokens reserved now), parallel
-  requests and the token budget; refuses with OpenAI's 429s and returns a `Ticket` whose
-  `x-ratelimit-*` headers go on the response;
+  requests and the token budget (admitted while spent + reserved by requests in flight +
+  this prompt ≤ budget, so a key ends at most one request's max_tokens over it; a budget
+  held by requests in flight is a retryable 429, a spent one `insufficient_quota`);
+  refuses with OpenAI's 429s and returns a `Ticket` whose `x-ratelimit-*` headers go on
+  the response and on every 429 of the limiter;
 - `settle` (from the request's record, whatever its outcome) returns the unused part of the
   reservation and writes the usage ledger (`StateStore.settle`) in the background; what
   cannot be written yet is queued and flushed when the store answers again or at shutdown.
@@ -93,17 +96,20 @@ class RateLimited(ServingError):
 
 
 class QuotaExceeded(ServingError):
-    """429 `insufficient_quota`: the key's budget is spent; retrying will not help."""
+    """429 `insufficient_quota`: the key's budget is spent (or what is left of it is less
+    than this request's prompt); retrying will not help. It carries the same
+    `x-ratelimit-*` headers as every other answer to the key."""
 
     status = 429
     type: ClassVar[str] = "insufficient_quota"
 
-    def __init__(self) -> None:
+    def __init__(self, headers: list[tuple[bytes, bytes]] | None = None) -> None:
         super().__init__(
-            "You exceeded your current quota: this key's token budget is spent.",
+            "You exceeded your current quota: this key's token budget is spent"
+            " (or what is left of it is less than this request's prompt).",
             code="insufficient_quota",
         )
-        self.headers = [(b"x-should-retry", b"false")]
+        self.headers = [*(headers or ()), (b"x-should-retry", b"false")]
 
 
 def _duration(ms: int) -> bytes:
@@ -336,7 +342,9 @@ class Tenancy:
                 break
             now_ms = time.time() * 1000
             try:
-                decision = await self.store.admit(record.id, limits, cost, now_ms, tenant.version)
+                decision = await self.store.admit(
+                    record.id, limits, cost, now_ms, tenant.version, prompt
+                )
                 self._mark(False)
             except StoreUnavailable as e:
                 self._mark(True, str(e))
@@ -352,21 +360,25 @@ class Tenancy:
             if self.settings.redis_outage == "closed":
                 raise self._unavailable()
             limits = _share(limits, self.share)
-            decision = self.local.admit_now(record.id, limits, cost, time.time() * 1000)
+            decision = self.local.admit_now(record.id, limits, cost, time.time() * 1000, prompt)
         headers = ratelimit_headers(record.limits, decision)
         if not decision.admitted:
             if decision.reason == "budget":
-                raise QuotaExceeded()
+                raise QuotaExceeded(headers)
             retry_ms = max(decision.retry_after_ms, 1)
             headers += [
                 (b"retry-after", b"%d" % max(1, math.ceil(retry_ms / 1000))),
                 (b"retry-after-ms", b"%d" % retry_ms),
             ]
-            kind = "tokens" if decision.reason == "tokens" else "requests"
+            kind = "tokens" if decision.reason in ("tokens", "held") else "requests"
             what = {
                 "requests": f"requests per minute (limit {limits.rpm})",
                 "tokens": f"tokens per minute (limit {limits.tpm}, this request reserves {cost})",
                 "parallel": f"parallel requests (limit {limits.max_parallel})",
+                # The rest of the budget is reserved by this key's requests in flight;
+                # what they do not use comes back when they finish.
+                "held": f"the token budget (limit {limits.budget_tokens}): what is left of"
+                " it is reserved by this key's requests in flight",
             }[decision.reason]
             raise RateLimited(f"Rate limit reached for {what}.", headers, kind)
         return Ticket(tenant, model, cost, size, limits, local, headers)

@@ -44,9 +44,11 @@ class Limits:
 
 @dataclass(frozen=True, slots=True)
 class Decision:
-    """The limiter's answer. `reason` is "" when admitted, else "budget", "parallel",
-    "requests", "tokens", or "stale" (the key's record changed since the caller read it:
-    read it again, decide again); times are milliseconds from now."""
+    """The limiter's answer. `reason` is "" when admitted, else "budget" (spent, or what is
+    left is less than this request's prompt: retrying will not help), "held" (the rest of
+    the budget is reserved by requests in flight: it may come back when they settle),
+    "parallel", "requests", "tokens", or "stale" (the key's record changed since the caller
+    read it: read it again, decide again); times are milliseconds from now."""
 
     reason: str
     retry_after_ms: int
@@ -88,9 +90,18 @@ class StateStore(Protocol):
     async def list_keys(self) -> dict[str, str]: ...
 
     # Limits: one atomic decision at admission, one atomic settlement at the end. A
-    # non-empty `version` that is not the record's current one answers "stale".
+    # non-empty `version` that is not the record's current one answers "stale". `cost` is
+    # what the request reserves (prompt + max_tokens), `prompt` its prompt part: the budget
+    # admits it while spent + reserved by requests in flight + prompt ≤ budget, so a key
+    # ends at most one request's max_tokens over its budget (issue 25).
     async def admit(
-        self, key_id: str, limits: Limits, cost: int, now_ms: float, version: str = ""
+        self,
+        key_id: str,
+        limits: Limits,
+        cost: int,
+        now_ms: float,
+        version: str = "",
+        prompt: int = 0,
     ) -> Decision: ...
     async def settle(self, key_id: str, limits: Limits, usage: Usage, day: str) -> None: ...
     async def outstanding(self, key_id: str) -> tuple[int, int]:

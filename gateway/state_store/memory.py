@@ -23,15 +23,20 @@ class _Bucket:
     spent: int = 0
 
 
-def gcra_admit(b: _Bucket, limits: Limits, cost: int, now: float) -> tuple[Decision, float, float]:
+def gcra_admit(
+    b: _Bucket, limits: Limits, cost: int, now: float, prompt: int = 0
+) -> tuple[Decision, float, float]:
     """The decision and, when admitted, the new request and token TATs."""
     rtat = max(b.rtat, now)
     ttat = max(b.ttat, now)
     rem_r = rem_t = -1
     rnew, tnew = rtat, ttat
     reason, retry = "", 0.0
-    if limits.budget_tokens and b.spent >= limits.budget_tokens:
+    budget = limits.budget_tokens
+    if budget and (b.spent >= budget or b.spent + prompt > budget):
         reason, retry = "budget", -1.0
+    elif budget and b.spent + b.reserved + prompt > budget:
+        reason, retry = "held", 1000.0
     elif limits.max_parallel and b.parallel >= limits.max_parallel:
         reason, retry = "parallel", 1000.0
     else:
@@ -82,9 +87,11 @@ class MemoryStore:
     async def list_keys(self) -> dict[str, str]:
         return dict(self._keys)
 
-    def admit_now(self, key_id: str, limits: Limits, cost: int, now_ms: float) -> Decision:
+    def admit_now(
+        self, key_id: str, limits: Limits, cost: int, now_ms: float, prompt: int = 0
+    ) -> Decision:
         b = self._buckets[key_id]
-        d, rnew, tnew = gcra_admit(b, limits, cost, now_ms)
+        d, rnew, tnew = gcra_admit(b, limits, cost, now_ms, prompt)
         if d.admitted:
             b.rtat, b.ttat = rnew, tnew
             b.parallel += 1
@@ -92,11 +99,17 @@ class MemoryStore:
         return d
 
     async def admit(
-        self, key_id: str, limits: Limits, cost: int, now_ms: float, version: str = ""
+        self,
+        key_id: str,
+        limits: Limits,
+        cost: int,
+        now_ms: float,
+        version: str = "",
+        prompt: int = 0,
     ) -> Decision:
         if version and version != str(self._versions[key_id]):
             return Decision("stale", 0, 0, 0, 0, 0)
-        return self.admit_now(key_id, limits, cost, now_ms)
+        return self.admit_now(key_id, limits, cost, now_ms, prompt)
 
     def settle_now(self, key_id: str, limits: Limits, usage: Usage, day: str) -> None:
         b = self._buckets[key_id]

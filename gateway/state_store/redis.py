@@ -47,7 +47,7 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
 local rpm, tpm = tonumber(ARGV[1]), tonumber(ARGV[2])
 local maxpar, budget, cost = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
-local W = tonumber(ARGV[6])
+local W, prompt = tonumber(ARGV[6]), tonumber(ARGV[8]) or 0
 local h = redis.call('HMGET', KEYS[1], 'rtat', 'ttat', 'par', 'res', 'spent', 'ver')
 if ARGV[7] ~= '' and (h[6] or '0') ~= ARGV[7] then
   return {'stale', 0, 0, 0, 0, 0}
@@ -57,8 +57,10 @@ local ttat = math.max(tonumber(h[2]) or 0, now)
 local par, res, spent = tonumber(h[3]) or 0, tonumber(h[4]) or 0, tonumber(h[5]) or 0
 local reason, retry = '', 0
 local rnew, tnew = rtat, ttat
-if budget > 0 and spent >= budget then
+if budget > 0 and (spent >= budget or spent + prompt > budget) then
   reason, retry = 'budget', -1
+elseif budget > 0 and spent + res + prompt > budget then
+  reason, retry = 'held', 1000
 elseif maxpar > 0 and par >= maxpar then
   reason, retry = 'parallel', 1000
 else
@@ -191,11 +193,17 @@ class RedisStore:
         return dict(await self._call(self._redis.hgetall(self._k("keys"))))
 
     async def admit(
-        self, key_id: str, limits: Limits, cost: int, now_ms: float, version: str = ""
+        self,
+        key_id: str,
+        limits: Limits,
+        cost: int,
+        now_ms: float,
+        version: str = "",
+        prompt: int = 0,
     ) -> Decision:
         args = [
             *(limits.rpm, limits.tpm, limits.max_parallel, limits.budget_tokens, cost),
-            *(WINDOW_MS, version),
+            *(WINDOW_MS, version, prompt),
         ]
         r = await self._script(_ADMIT, [self._k("lim", key_id)], args)
         return Decision(str(r[0]), int(r[1]), int(r[2]), int(r[3]), int(r[4]), int(r[5]))

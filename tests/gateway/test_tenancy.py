@@ -191,9 +191,11 @@ def test_sdk_retries_a_rate_limit_but_not_a_spent_budget(gw: ServerThread) -> No
         assert attempts.count == 3
     hold.close()
 
-    budget = create_key(gw.url, budget_tokens=5)
+    # 20 tokens: the first request's prompt (estimated from its bytes: 3 to 11) fits; it
+    # spends 2 + 16, and the next one's prompt no longer fits what is left.
+    budget = create_key(gw.url, budget_tokens=20)
     with openai.OpenAI(base_url=f"{gw.url}/v1", api_key=budget["key"], max_retries=2) as c:
-        c.chat.completions.create(model="m", messages=CHAT, max_tokens=4)  # type: ignore[arg-type]
+        c.chat.completions.create(model="m", messages=CHAT, max_tokens=16)  # type: ignore[arg-type]
     assert settled(gw.url, budget["id"])["in_flight"] == 0
     attempts = _Attempts()
     http = httpx.Client(event_hooks={"request": [attempts]})
