@@ -162,6 +162,39 @@ class Probe(_Doc):
     status: str
 
 
+class ApiKey(_Doc):
+    """An API key's record as the admin API shows it (no hash, salt or cache salt)."""
+
+    id: str
+    name: str = ""
+    created: float
+    revoked: bool = False
+    expires_at: float | None = None
+    models: list[str] | None = None
+    rpm: int = 0
+    tpm: int = 0
+    max_parallel: int = 0
+    budget_tokens: int = 0
+
+
+class NewApiKey(ApiKey):
+    key: str = Field(description="the plaintext key: in this answer only")
+
+
+class ApiKeyList(_Doc):
+    object: Literal["list"] = "list"
+    data: list[ApiKey]
+
+
+class ApiKeyUsage(_Doc):
+    id: str
+    days: dict[str, dict[str, dict[str, int]]] = Field(
+        description="day → model → prompt_tokens, completion_tokens, requests_<outcome>"
+    )
+    in_flight: int
+    reserved_tokens: int
+
+
 class Status(_Doc):
     """What the status page (/ui) shows: per model its state, queue, adapters and workers;
     request counts and cumulative latency histograms."""
@@ -187,6 +220,10 @@ MODELS: list[type[BaseModel]] = [
     Health,
     Probe,
     Status,
+    ApiKey,
+    NewApiKey,
+    ApiKeyList,
+    ApiKeyUsage,
 ]
 
 
@@ -255,9 +292,14 @@ def _simple(
     }
 
 
-def _json_any(description: str) -> dict[str, Any]:
-    return {"description": description, "content": {"application/json": {"schema": {
-        "type": "object"}}}}  # fmt: skip
+# The admin routes' `{key_id}`: the id part of `gk-<id>.<secret>`.
+_KEY_ID = {
+    "name": "key_id",
+    "in": "path",
+    "required": True,
+    "description": "the key's id (`id` in the admin API's answers)",
+    "schema": {"type": "string"},
+}
 
 
 def _text(description: str, media: str = "text/plain") -> dict[str, Any]:
@@ -316,22 +358,26 @@ def build_openapi(title: str, version: str) -> dict[str, Any]:
             **admin,
         ),
         "/admin/keys": {
-            **_simple(
-                "post", "Create an API key (the plaintext is in this answer only)", "Admin",
-                _json_any("the key and its record"),
-                requestBody={"required": True, "content": {"application/json": {
+            "post": {
+                "summary": "Create an API key (the plaintext is in this answer only)",
+                "tags": ["Admin"],
+                "requestBody": {"required": True, "content": {"application/json": {
                     "schema": _ref(KeyPolicy)}}},
+                "responses": {"201": _json(NewApiKey, "the key and its record"), **_ERRORS},
                 **admin,
-            ),
-            **_simple("get", "List API keys (no secrets)", "Admin", _json_any("keys"), **admin),
+            },
+            **_simple("get", "List API keys (no secrets)", "Admin",
+                      _json(ApiKeyList, "every key's record"), **admin),
         },
         "/admin/keys/{key_id}": {
-            **_simple("get", "One API key's record", "Admin", _json_any("the record"), **admin),
-            **_simple("delete", "Revoke an API key", "Admin", _json_any("the record"), **admin),
+            **_simple("get", "One API key's record", "Admin", _json(ApiKey, "the record"),
+                      parameters=[_KEY_ID], **admin),
+            **_simple("delete", "Revoke an API key", "Admin",
+                      _json(ApiKey, "the record, revoked"), parameters=[_KEY_ID], **admin),
         },
         "/admin/keys/{key_id}/usage": _simple(
             "get", "An API key's usage by day and model, and what is in flight", "Admin",
-            _json_any("the ledger"), **admin,
+            _json(ApiKeyUsage, "the ledger"), parameters=[_KEY_ID], **admin,
         ),
         "/health": _simple(
             "get", "Every model's readiness and workers (503 unless all are ready)",
