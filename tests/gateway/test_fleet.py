@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +20,7 @@ import orjson
 import pytest
 
 from simulator import SimServer
-from tests.conftest import ADMIN_KEY, start_gateway, start_pool
+from tests.conftest import ADMIN_KEY, free_port, start_gateway, start_pool
 from tests.gateway.test_api_sim import CHAT, SimThread
 
 FAST = {"health_interval_s": 0.1, "start_timeout_s": 3.0}
@@ -315,3 +316,72 @@ def test_mixed_vllm_and_lmdeploy_pool_routes_by_queue_depth(
     finally:
         gw.stop()
         _stop(sims, list(kinds.values()))
+
+
+def test_embeddings_take_the_same_admission_queue(tmp_path: Path) -> None:
+    """An `admission:` block on an embedding model bounds its requests like a generate
+    model's (one admission pass for every hot route): beyond the queue, 503 queue_full."""
+    import concurrent.futures
+
+    from aiohttp import web
+
+    async def slow_embed(request: web.Request) -> web.Response:
+        await asyncio.sleep(0.5)
+        return web.json_response(
+            {"object": "list", "model": "e",
+             "data": [{"object": "embedding", "index": 0, "embedding": [0.0, 1.0]}],
+             "usage": {"prompt_tokens": 1, "total_tokens": 1}}
+        )  # fmt: skip
+
+    async def models_(request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": "e", "object": "model"}]})
+
+    app = web.Application()
+    app.router.add_post("/v1/embeddings", slow_embed)
+    app.router.add_get("/v1/models", models_)
+    app.router.add_get("/health", models_)
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    runner = web.AppRunner(app)
+    port = free_port()
+
+    async def up() -> None:
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+
+    asyncio.run_coroutine_threadsafe(up(), loop).result(30)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        gw = start_gateway(
+            [{"name": "e", "engine": "openai", "task": "embed", "endpoints": [url],
+              "options": FAST, "admission": {"max_concurrent": 1, "max_queue": 1}}],
+            tmp_path,
+        )  # fmt: skip
+        try:
+            gate = gw.gateway.admission.gates["e"]
+
+            def call(_: int) -> httpx.Response:
+                body = {"model": "e", "input": "hello"}
+                return httpx.post(f"{gw.url}/v1/embeddings", json=body, timeout=30)
+
+            with concurrent.futures.ThreadPoolExecutor(2) as pool:
+                admitted = [pool.submit(call, i) for i in range(2)]
+                for _ in range(500):  # 1 running, 1 queued
+                    if gate.active == 1 and len(gate.waiters) == 1:
+                        break
+                    time.sleep(0.01)
+                assert gate.active == 1 and len(gate.waiters) == 1
+                refused = call(2)
+                answers = [f.result() for f in admitted]
+            assert [r.status_code for r in answers] == [200, 200]
+            assert refused.status_code == 503
+            assert refused.json()["error"]["code"] == "queue_full"
+            assert "retry-after" in refused.headers
+            assert gate.active == 0
+        finally:
+            gw.stop()
+    finally:
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(30)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
