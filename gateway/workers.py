@@ -53,6 +53,16 @@ in-flight requests get `GATEWAY_DRAIN_SECONDS`), all at the same time; one still
 (SIGTERM, its engines stopped, then SIGKILL after `STOP_TIMEOUT_S`). uvicorn's supervisor
 also restarts a front door that dies.
 
+A stop restarts nothing, whoever gets the signal. Ctrl-C signals the whole process group:
+the control process runs in a session of its own (as launched workers do,
+`engines.launch.supervisor`), so it is stopped by the parent after the front doors have
+drained (their in-flight requests may need it), never by the terminal; it dies with the
+parent (`PR_SET_PDEATHSIG`), so a SIGKILL to the group leaves it behind neither. From the
+parent's first stop signal on, neither the control process nor a front door is started
+again, and a control process that exits as told (status 0, SIGINT, SIGTERM) gets
+`STOP_GRACE_S` for the parent's own signal to arrive before it counts as a crash (a signal
+sent to every process at once, as systemd's stop does).
+
 Not here: what a front door does with a request (`gateway.app`), engines' supervision of
 their own workers (`engines.launch`).
 """
@@ -92,6 +102,9 @@ START_TIMEOUT_S = 3600.0
 RESTART_FIRST_S = 1.0
 RESTART_MAX_S = 30.0
 STABLE_S = 60.0
+STOP_GRACE_S = 1.0
+# How a control process that was told to stop exits: status 0, or killed by SIGINT/SIGTERM.
+_STOP_CODES = (0, -signal.SIGINT, -signal.SIGTERM)
 
 
 def _say(line: str) -> None:
@@ -138,13 +151,15 @@ class Control:
         self.catalog, self.doc = catalog, doc
         self.proc: subprocess.Popen[bytes] | None = None
         self.stopping = threading.Event()
+        # Set from the parent's signal handler (no lock there): the gateway is stopping.
+        self.halted = False
         self.restarts = 0
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
         """Start it and wait until it serves (the first start: failures are fatal)."""
-        self.proc = subprocess.Popen(self.argv, env=self.env)
+        self.proc = self._spawn()
         _wait_healthy(self.url, self.proc, START_TIMEOUT_S)
         self._thread = threading.Thread(target=self._watch, name="control-watch", daemon=True)
         self._thread.start()
@@ -156,7 +171,9 @@ class Control:
             assert proc is not None
             began = time.monotonic()
             code = proc.wait()
-            if self.stopping.is_set():
+            if code in _STOP_CODES and not self.halted:
+                self.stopping.wait(STOP_GRACE_S)
+            if self.stopping.is_set() or self.halted:
                 return
             if time.monotonic() - began > STABLE_S:
                 delay = RESTART_FIRST_S
@@ -170,9 +187,9 @@ class Control:
             delay = min(delay * 2, RESTART_MAX_S)
             self._write_catalog()
             with self._lock:
-                if self.stopping.is_set():
+                if self.stopping.is_set() or self.halted:
                     return
-                self.proc = subprocess.Popen(self.argv, env=self.env)
+                self.proc = self._spawn()
             try:
                 _wait_healthy(self.url, self.proc, START_TIMEOUT_S, self.stopping)
             except (RuntimeError, TimeoutError) as e:
@@ -182,6 +199,15 @@ class Control:
                 continue
             _say(f"the control process is back on {self.url} (restart {self.restarts})")
 
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        # A session of its own: a signal to the gateway's process group does not reach it.
+        env = {**self.env, _PARENT_ENV: str(os.getpid())}
+        return subprocess.Popen(self.argv, env=env, start_new_session=True)
+
+    def halt(self) -> None:
+        """The gateway is stopping: restart nothing from now on (signal-handler safe)."""
+        self.halted = True
+
     def _desired(self) -> dict[str, dict[str, str]]:
         """The adapter desired state in the store: name → {"base", "path"}."""
         if not self.settings.redis_url:
@@ -189,11 +215,11 @@ class Control:
         import redis
 
         from gateway.adapter_sync import MAP
+        from gateway.state_store.target import RedisTarget
 
         try:
-            r = redis.Redis.from_url(
-                self.settings.redis_url, socket_timeout=5, decode_responses=True
-            )
+            # TLS, ACL user and Sentinel as the front doors reach it.
+            r = RedisTarget.from_settings(self.settings).sync_client(socket_timeout=5)
             try:
                 raw = r.hgetall(f"{self.settings.redis_prefix}:map:{MAP}")
             finally:
@@ -267,6 +293,27 @@ def _on_term(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
+# The parent's pid, in the control process's environment.
+_PARENT_ENV = "GATEWAY_CONTROL_PARENT"
+
+
+def _die_with_parent() -> None:
+    """In the control process: SIGTERM when the parent dies (Linux's PR_SET_PDEATHSIG),
+    as the terminal's signals no longer reach its session; exit now if it already has."""
+    parent = os.environ.pop(_PARENT_ENV, "")
+    if not parent:
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: the parent's stop still stops it
+    if os.getppid() != int(parent):
+        sys.exit(0)
+
+
 class _FrontDoor(Process):
     """uvicorn's worker process, serving with the draining server (`gateway.drain`) and
     the connection guard of a one-process gateway (`gateway.server_limits`: header and
@@ -305,12 +352,28 @@ class _FrontDoors(Multiprocess):
     """uvicorn's supervisor of N front doors, each a `_FrontDoor`."""
 
     def __init__(
-        self, config: Any, sockets: list[socket.socket], settings: Settings, reuse_port: bool
+        self,
+        config: Any,
+        sockets: list[socket.socket],
+        settings: Settings,
+        reuse_port: bool,
+        on_stop: Callable[[], None],
     ):
-        super().__init__(config, sockets)
+        super().__init__(config, sockets)  # installs the supervisor's signal handlers
         self.settings = settings
         self.accept_s = settings.drain_accept_s
         self.reuse_port = reuse_port
+        self.on_stop = on_stop
+        self.halted = False
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._stop_signal)
+
+    def _stop_signal(self, sig: int, frame: Any) -> None:
+        # At once, not at the supervisor's next look at its queue (every 0.5 s): a front
+        # door or the control process that the same signal stopped is not restarted.
+        self.halted = True
+        self.on_stop()
+        self.signal_queue.append(sig)
 
     def _new(self) -> Process:
         p = _FrontDoor(self.config, self.sockets)
@@ -344,8 +407,8 @@ class _FrontDoors(Multiprocess):
                 door.process.join()
 
     def keep_subprocess_alive(self) -> None:
-        # uvicorn's, with our process class.
-        if self.should_exit.is_set():
+        # uvicorn's, with our process class, and nothing restarted once a stop began.
+        if self.should_exit.is_set() or self.halted:
             return
         for idx, process in enumerate(self.processes):
             if process.is_alive(timeout=self.config.timeout_worker_healthcheck):
@@ -356,7 +419,7 @@ class _FrontDoors(Multiprocess):
                 _say(f"front door [{process.pid}] failed to start; stopping")
                 self.should_exit.set()
                 return
-            if self.should_exit.is_set():
+            if self.should_exit.is_set() or self.halted:
                 return
             _say(f"front door [{process.pid}] died; starting another")
             process = self._new()
@@ -400,7 +463,7 @@ def serve_workers(settings: Settings) -> int:
             n = len(control_models)
             _say(f"starting the control process for {n} model(s) on {control_url}")
             argv = [
-                *(sys.executable, "-m", "gateway", "serve", "--workers", "1"),
+                *(sys.executable, "-m", "gateway.workers", "serve", "--workers", "1"),
                 *("--host", "127.0.0.1", "--port", str(control_port)),
             ]
             doc = {**raw, "models": control_models}
@@ -432,7 +495,8 @@ def serve_workers(settings: Settings) -> int:
         )
         reuse = settings.reuse_port and hasattr(socket, "SO_REUSEPORT")
         sockets = listen_sockets(uv, settings, reuse_port=reuse)
-        _FrontDoors(uv, sockets, settings, reuse).run()
+        halt = control.halt if control is not None else (lambda: None)
+        _FrontDoors(uv, sockets, settings, reuse, halt).run()
         return 0
     except KeyboardInterrupt:
         return 0
@@ -445,3 +509,11 @@ def serve_workers(settings: Settings) -> int:
             control.stop()
         for path in (control_cfg, front_cfg):
             path.unlink(missing_ok=True)
+
+
+if __name__ == "__main__":
+    # The control process (`Control._spawn`): `gateway serve` that dies with its parent.
+    _die_with_parent()
+    from gateway.cli import main
+
+    sys.exit(main())

@@ -77,8 +77,15 @@ class GatewayProcess:
     """`python -m gateway serve` in a child process, on its own port."""
 
     def __init__(
-        self, models: list[dict[str, Any]], tmp: Path, args: tuple[str, ...] = (), **env: str
+        self,
+        models: list[dict[str, Any]],
+        tmp: Path,
+        args: tuple[str, ...] = (),
+        own_group: bool = False,
+        **env: str,
     ):
+        # own_group: in a process group of its own, as a shell starts a command (Ctrl-C
+        # then signals the whole group).
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         config = tmp / f"models-{self.port}.yaml"
@@ -112,6 +119,7 @@ class GatewayProcess:
             env=full_env,
             stdout=self._log,
             stderr=subprocess.STDOUT,
+            process_group=0 if own_group else None,
         )
 
     def wait_ready(self, timeout: float = 120) -> GatewayProcess:
