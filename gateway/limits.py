@@ -193,9 +193,12 @@ class Tenancy:
         self.store: StateStore
         if settings.redis_url:
             from gateway.state_store.redis import RedisStore
+            from gateway.state_store.target import RedisTarget
 
             self.store = RedisStore(
-                settings.redis_url, settings.redis_prefix, settings.redis_timeout_ms / 1000
+                RedisTarget.from_settings(settings),
+                settings.redis_prefix,
+                settings.redis_timeout_ms / 1000,
             )
         else:
             self.store = MemoryStore()

@@ -58,6 +58,18 @@ class Settings(BaseSettings):
     # at each limit ÷ redis_local_share (default: the number of front-door processes).
     redis_outage: Literal["closed", "local"] = "closed"
     redis_local_share: int = Field(default=0, ge=0)
+    # Managed Redis (gateway.state_store.target): an ACL user (wins over the URL's), TLS
+    # for rediss:// (CA bundle, client certificate), Sentinel ("host:port,..." and the
+    # monitored service's name; the URL then gives scheme, user, password and db only).
+    redis_username: str = ""
+    redis_password: str = ""
+    redis_tls_ca: str = ""
+    redis_tls_cert: str = ""
+    redis_tls_key: str = ""
+    redis_tls_check_hostname: bool = True
+    redis_sentinels: str = ""
+    redis_sentinel_master: str = "mymaster"
+    redis_sentinel_password: str = ""
     # Front-door processes of `gateway serve` (gateway.workers).
     workers: int = Field(default=1, ge=1, le=64)
     # Each front door listens on its own SO_REUSEPORT socket, so the kernel spreads

@@ -32,6 +32,7 @@ from redis.exceptions import RedisError
 
 from gateway.state_store import WINDOW_MS, Decision, Limits, StoreUnavailable, Usage
 from gateway.state_store.resp import ReplyError, RespClient, encode
+from gateway.state_store.target import RedisTarget
 
 POOL_SIZE = 32
 # Waiting for a pooled connection is this process queueing (CPU-bound under a burst), not
@@ -112,13 +113,17 @@ return 1
 class RedisStore:
     name = "redis"
 
-    def __init__(self, url: str, prefix: str = "gw", timeout_s: float = 0.05):
+    def __init__(self, url: str | RedisTarget, prefix: str = "gw", timeout_s: float = 0.05):
         self.prefix = prefix
+        # Where Redis is and how to reach it (TLS, ACL user, Sentinel): one target for
+        # both clients below.
+        target = RedisTarget(url) if isinstance(url, str) else url
+        self._sentinel = target.async_sentinel(max(timeout_s, CONNECT_TIMEOUT_S))
         # A bounded pool: under a burst of requests, new connections (each a connect and
         # a handshake) are what missed the timeout; a few warm ones serve thousands of
         # scripts a second. Waiting for one counts against the same timeout.
-        pool = aioredis.BlockingConnectionPool.from_url(
-            url,
+        pool = target.async_pool(
+            self._sentinel,
             max_connections=POOL_SIZE,
             timeout=POOL_WAIT_S,
             socket_timeout=timeout_s,
@@ -133,8 +138,10 @@ class RedisStore:
         # The two hot-path scripts go over a pipelined connection of our own
         # (gateway.state_store.resp: its docstring has the measured reason).
         self._fast: RespClient | None = None
-        if url.startswith("redis://"):
-            self._fast = RespClient(url, timeout_s)
+        if target.tcp:
+            resolve = self._primary if self._sentinel is not None else None
+            self._fast = RespClient(target, timeout_s, resolve)
+        self._master = target.sentinel_master
         self._sha = {s: hashlib.sha1(s.encode()).hexdigest() for s in (_ADMIT, _SETTLE)}
 
     def _k(self, *parts: str) -> str:
@@ -146,6 +153,11 @@ class RedisStore:
         except (RedisError, OSError, TimeoutError) as e:
             raise StoreUnavailable(f"{type(e).__name__}: {e}") from None
 
+    async def _primary(self) -> tuple[str, int]:
+        """The primary's address as the sentinels name it now (the RESP client's)."""
+        host, port = await self._call(self._sentinel.discover_master(self._master))
+        return str(host), int(port)
+
     async def start(self) -> None:
         await self._call(self._redis.ping())
 
@@ -153,6 +165,8 @@ class RedisStore:
         if self._fast is not None:
             await self._fast.close()
         await self._redis.aclose(close_connection_pool=True)
+        if self._sentinel is not None:
+            await self._sentinel.aclose()
 
     async def _script(self, script: str, keys: list[str], args: list[Any]) -> Any:
         """EVALSHA (EVAL once when Redis does not hold the script yet)."""
