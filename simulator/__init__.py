@@ -10,14 +10,16 @@ Wire behaviour follows vLLM's OpenAI server: `/v1/chat/completions` and `/v1/com
 `max_tokens` / `max_completion_tokens`), `/v1/embeddings` (deterministic pseudo-vectors,
 float or base64), `/v1/models`, `/health`, `/metrics` (`vllm:*` names), and the runtime
 LoRA API (`/v1/load_lora_adapter`, `/v1/unload_lora_adapter`) with vLLM's bodies, messages
-and statuses. Errors use vLLM's envelope `{"error": {"message","type","param","code"}}`
-(or the older flat `{"object": "error", ...}` with `legacy_errors`).
+and statuses, and `/tokenize` / `/detokenize` (a token is a word the usage counts). Errors
+use vLLM's envelope `{"error": {"message","type","param","code"}}` (or the older flat
+`{"object": "error", ...}` with `legacy_errors`).
 
     config.py      SimConfig: latency, capacity and fault knobs, and their flags
     state.py       SimState: counters, capacity queue, draws, /metrics, /v1/models
     server.py      SimServer: the listening socket around a SimState
     connection.py  one connection: HTTP/1.1 parsing, dispatch, pacing, faults
     behaviour.py   what a request answers: generation shapes, embeddings, LoRA API
+    tokens.py      the word tokenizer: /tokenize, /detokenize
     wire.py        status lines, stream framing, vLLM's error shape
     __main__.py    `python -m simulator` (also `gateway sim`)
 

@@ -26,6 +26,7 @@ import httptools
 
 from simulator import behaviour as b
 from simulator.behaviour import Gen
+from simulator.tokens import detokenize, tokenize
 from simulator.wire import DONE_CHUNK, JSON, STREAM_HEAD, TEXT, HttpError, head
 
 if TYPE_CHECKING:
@@ -191,6 +192,12 @@ class Connection(asyncio.Protocol):
                     self.write_simple(200, TEXT, b.unload_lora(s, body), keep_alive)
                 else:
                     self.write_simple(404, JSON, b'{"detail":"Not Found"}', keep_alive)
+            elif path in (b"/tokenize", b"/detokenize"):
+                # vLLM serves these outside /v1 (its --api-key guards only /v1).
+                if method != b"POST":
+                    raise HttpError(405, "Method Not Allowed")
+                answer = tokenize if path == b"/tokenize" else detokenize
+                self.write_simple(200, JSON, answer(s, body), keep_alive)
             elif path == b"/health":
                 s.probes_total += 1
                 if s.config.hang_health:

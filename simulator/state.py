@@ -24,6 +24,7 @@ import orjson
 
 from simulator.config import FINGERPRINT, SimConfig
 from simulator.costs import PrefixCache
+from simulator.tokens import Vocab
 
 
 class Slots:
@@ -90,6 +91,8 @@ class SimState:
         self._tokens = [" " + w for w in c.words]
         self.tok_json = [orjson.dumps(t) for t in self._tokens]
         self._text_cache: dict[tuple[int, int], str] = {}
+        # /tokenize's ids back to words for /detokenize (bounded).
+        self.vocab = Vocab(c.words)
         # Continuing its own text (`continued_from`): the first token, the length of
         # text(0, j) → j for one cycle of the words, and that whole cycle.
         self._first_token = self._tokens[0]

@@ -153,9 +153,11 @@ async def test_latency_roughly_honoured() -> None:
         async with _client(server) as client:
             t0 = time.perf_counter()
             stream = await client.chat.completions.create(
-                model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=5,
+                model=MODEL,
+                messages=[{"role": "user", "content": "x"}],
+                max_tokens=5,
                 stream=True,
-            )  # fmt: skip
+            )
             stamps = []
             async for chunk in stream:
                 if chunk.choices and chunk.choices[0].delta.content:
@@ -364,3 +366,140 @@ async def test_tokens_per_chunk_puts_several_tokens_in_one_delta(itl_ms: float) 
         assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 5
     finally:
         await server.stop()
+
+
+# ------------------------------------------------------------- /tokenize and /detokenize
+
+PROMPTS: list[dict[str, object]] = [
+    {"prompt": "Count   these five\nwords please"},
+    {"prompt": ""},  # no word: still one token, as the usage counts it
+    {
+        "messages": [
+            {"role": "system", "content": "be brief"},
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "two parts"},
+                    {"type": "text", "text": "and three more"},
+                ],
+            },
+            {"role": "assistant", "content": None},
+            {"role": "user", "content": "last one"},
+        ]
+    },
+    {"messages": [{"role": "user", "content": ""}]},
+]
+
+
+@pytest.mark.parametrize("prompt", PROMPTS, ids=["words", "empty", "chat", "empty-chat"])
+async def test_tokenize_counts_what_the_usage_bills(
+    sim: SimServer, prompt: dict[str, object]
+) -> None:
+    """vLLM's /tokenize shape, its count equal to the prompt tokens the same prompt is
+    billed, and /detokenize giving the words back."""
+    async with httpx.AsyncClient(base_url=sim.url) as c, _client(sim) as client:
+        r = await c.post("/tokenize", json={"model": MODEL, **prompt, "return_token_strs": True})
+        assert r.status_code == 200, r.text
+        tok = r.json()
+        if "messages" in prompt:
+            done = await client.chat.completions.create(
+                model=MODEL,
+                messages=prompt["messages"],  # type: ignore[arg-type]
+                max_tokens=1,
+            )
+        else:
+            done = await client.completions.create(
+                model=MODEL,
+                prompt=prompt["prompt"],  # type: ignore[arg-type]
+                max_tokens=1,
+            )
+        assert done.usage is not None
+        assert set(tok) == {"count", "max_model_len", "tokens", "token_strs"}
+        assert tok["count"] == len(tok["tokens"]) == done.usage.prompt_tokens
+        assert tok["max_model_len"] == 2048
+        assert len(tok["token_strs"]) == tok["count"]
+        # Without return_token_strs: null, as vLLM answers; the same ids again.
+        again = (await c.post("/tokenize", json=prompt)).json()
+        assert again["token_strs"] is None and again["tokens"] == tok["tokens"]
+        back = await c.post("/detokenize", json={"model": MODEL, "tokens": tok["tokens"]})
+        assert back.status_code == 200
+        assert back.json() == {"prompt": " ".join(w for w in tok["token_strs"] if w)}
+
+
+async def test_tokenize_chat_flags_ids_and_errors(sim: SimServer) -> None:
+    chat = [{"role": "user", "content": "the quick brown fox"}]
+    async with httpx.AsyncClient(base_url=sim.url) as c:
+        plain = (await c.post("/tokenize", json={"messages": chat})).json()
+        flagged = await c.post(
+            "/tokenize",
+            json={
+                "messages": chat,
+                "add_generation_prompt": False,
+                "add_special_tokens": True,
+                "continue_final_message": True,
+            },
+        )
+        # The simulator's chat template and tokenizer add nothing: the flags change nothing.
+        assert flagged.json() == plain and plain["count"] == 4
+        # A word's id is stable (its CRC-32): the same word, the same id, wherever it is.
+        words = (await c.post("/tokenize", json={"prompt": "fox the fox"})).json()["tokens"]
+        assert words == [plain["tokens"][3], plain["tokens"][0], plain["tokens"][3]]
+        # The output words detokenize without having been tokenized here.
+        other = await _server()
+        try:
+            async with httpx.AsyncClient(base_url=other.url) as o:
+                back = await o.post("/detokenize", json={"tokens": words})
+                assert back.json() == {"prompt": "fox the fox"}
+                unseen = (await c.post("/tokenize", json={"prompt": "zebra"})).json()["tokens"]
+                refused = await o.post("/detokenize", json={"tokens": unseen})
+                assert refused.status_code == 400
+                assert f"Token id {unseen[0]} is out of vocabulary" in refused.text
+        finally:
+            await other.stop()
+
+        errors = [
+            (await c.post("/tokenize", json={"model": "nope", "prompt": "x"}), 404),
+            (await c.post("/tokenize", json={"model": MODEL}), 400),
+            (await c.post("/tokenize", json={"prompt": ["x"]}), 400),
+            (await c.post("/tokenize", json={"messages": []}), 400),
+            (
+                await c.post(
+                    "/tokenize",
+                    json={
+                        "messages": chat,
+                        "add_generation_prompt": True,
+                        "continue_final_message": True,
+                    },
+                ),
+                400,
+            ),
+            (await c.post("/detokenize", json={"tokens": [-1]}), 400),
+            (await c.post("/detokenize", json={"tokens": "1 2"}), 400),
+            (await c.get("/tokenize"), 405),
+        ]
+        for r, status in errors:
+            assert r.status_code == status, (r.request.url, r.text)
+            assert r.json()["error"]["code"] == status
+        assert "Cannot set both" in errors[4][0].text
+
+
+def test_vocab_is_bounded_and_counted_words_match_the_usage() -> None:
+    from simulator.tokens import Vocab, counted_words, word_id
+    from simulator.wire import count_words
+
+    vocab = Vocab(["the"], capacity=2)
+    ids = vocab.ids(["a", "b", "the", "c"])  # "a" falls out; "the" is kept for good
+    assert ids == [word_id(w) for w in ("a", "b", "the", "c")]
+    assert [vocab.word(i) for i in ids] == [None, "b", "the", "c"]
+    assert vocab.ids([]) == [0] and vocab.word(0) == ""
+    shapes: list[object] = [
+        "a  b\tc",
+        "",
+        [1, 2, 3],
+        [],
+        {"content": "x y", "text": "z", "role": "user"},
+        [{"role": "user", "content": [{"type": "text", "text": "p q"}, {"type": "image_url"}]}],
+        [{"content": [5, 6]}, None, 7, "w"],
+    ]
+    for shape in shapes:
+        assert len(counted_words(shape)) == count_words(shape), shape
