@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from engines.base import GenerateRequest, ServingError, Usage
-from gateway.access_log import AccessEntry
 from gateway.errors import InvalidRequest, PayloadTooLarge, error_body, error_headers
 from gateway.metrics import RouteMetrics, observe_many
 from gateway.streaming import StreamObserver
@@ -191,8 +190,19 @@ class RequestRecord(StreamObserver):
                 if status == 429:
                     m.rate_limited.labels(self.model).inc()
             m.requests.labels(self.model, self.route, f"{status // 100}xx").inc()
-        if self.gw.access_log.wanted(status != 200):
-            self.gw.access_log.emit(entry(self, status, usage, error))
+        log = self.gw.access_log
+        if log.wanted(status != 200):
+            req = self.req
+            worker = req.worker if req is not None else None
+            log.emit((
+                time.time(), self.rid, None if self.model == "_unknown" else self.model,
+                self.adapter, self.auth, self.route, self.stream, status,
+                usage.prompt_tokens if usage is not None else None,
+                usage.completion_tokens if usage is not None else None,
+                self.ttft, time.perf_counter() - self.start,
+                error.type if error is not None else None, self.tails, worker,
+                req.retries if req is not None and worker is not None else None,
+            ))  # fmt: skip
 
 
 def error_response(exc: ServingError, rid: str) -> RawResponse:
@@ -215,26 +225,3 @@ class RawResponse:
         headers = [*self.headers, (b"content-length", str(len(self.body)).encode())]
         await send({"type": "http.response.start", "status": self.status, "headers": headers})
         await send({"type": "http.response.body", "body": self.body})
-
-
-def entry(
-    r: RequestRecord, status: int, usage: Usage | None, err: ServingError | None
-) -> AccessEntry:
-    """The access-log entry of a finished request."""
-    return AccessEntry(
-        request_id=r.rid,
-        model=None if r.model == "_unknown" else r.model,
-        adapter=r.adapter,
-        authorization=r.auth,
-        route=r.route,
-        stream=r.stream,
-        status=status,
-        prompt_tokens=usage.prompt_tokens if usage is not None else None,
-        completion_tokens=usage.completion_tokens if usage is not None else None,
-        ttft_s=r.ttft,
-        duration_s=time.perf_counter() - r.start,
-        error_type=err.type if err is not None else None,
-        tails=r.tails,
-        worker=r.req.worker if r.req is not None else None,
-        retries=r.req.retries if r.req is not None and r.req.worker is not None else None,
-    )
