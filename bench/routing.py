@@ -17,11 +17,19 @@ loopback, each with its own prefix cache and adapter slots (`simulator.costs`):
    with on-demand placement). Reports the share of adapter
    requests that found their worker already holding the adapter, and adapter loads per
    1,000 requests.
-3. Routing decision cost: `Router.pick` over 16 endpoints (random outstanding counts,
+3. Fresh layouts (`--layouts N`, only this section): prefix-aware (`prefix_affinity: 2,
+   least_outstanding: 1`) against least-outstanding on N fresh deployments, each new
+   simulator workers (new ports, so a new hash ring) and new system prompts: 16 system
+   prompts × 256 sessions of 4 turns (each turn the whole conversation so far), sessions
+   arriving in an open loop (the same arrival times for both policies, so throughput is
+   equal by construction). Reports per layout and policy the mean and p99 TTFT, the
+   workers' prefix-cache hit rate, requests/s and max/min requests per worker.
+4. Routing decision cost: `Router.pick` over 16 endpoints (random outstanding counts,
    random keys), each call timed alone, in wall time and in the thread's CPU time (which
    leaves out preemption by other processes on a shared machine); p50/p99 per policy.
 
     .venv/bin/python bench/routing.py [--requests 800] [--concurrency 8] [--pick-only]
+    .venv/bin/python bench/routing.py --layouts 20     # section 3 alone
 
 A benchmark, not a test: read the ratios between policies measured in the same run.
 """
@@ -63,9 +71,9 @@ class Uniform:
         return [1.0] * len(candidates)
 
 
-def pct(xs: list[float], p: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(p * len(xs)))]
+def pct(xs: Sequence[float], p: float) -> float:
+    ys = sorted(xs)
+    return ys[min(len(ys) - 1, int(p * len(ys)))]
 
 
 async def fleet(**cfg: Any) -> list[SimServer]:
@@ -88,13 +96,15 @@ async def engine_for(
     from engines.spec import ModelSpec
     from engines.upstream.engine import OpenAIEngine
 
-    spec = ModelSpec(
-        name=MODEL,
-        engine="openai",
-        endpoints=[s.url for s in servers],
-        routing={"scorers": scorers, "load_factor": load_factor},
-        lora=lora,
-        options={"health_interval_s": 0.5},
+    spec = ModelSpec.model_validate(
+        {
+            "name": MODEL,
+            "engine": "openai",
+            "endpoints": [s.url for s in servers],
+            "routing": {"scorers": scorers, "load_factor": load_factor},
+            "lora": lora,
+            "options": {"health_interval_s": 0.5},
+        }
     )
     e = OpenAIEngine(spec)
     await e.start()
@@ -146,7 +156,7 @@ async def shared_prefix(n: int, concurrency: int) -> None:
         )
         for _ in range(n)
     ]
-    prefix = {"prefix_affinity": 2, "least_outstanding": 1}
+    prefix = {"prefix_affinity": 2.0, "least_outstanding": 1.0}
     policies: list[tuple[str, dict[str, float] | None, float]] = [
         ("prefix-aware c=1.25", prefix, 1.25),
         ("prefix-aware c=2", prefix, 2.0),
@@ -177,6 +187,116 @@ async def shared_prefix(n: int, concurrency: int) -> None:
                 await s.stop()
 
 
+def session_turns(
+    rng: random.Random, vocab: list[str], systems: list[str], sessions: int, turns: int
+) -> list[list[list[dict[str, str]]]]:
+    """Per session, the messages of each turn: one of `systems` (uniformly), then per turn a
+    fresh user line, the previous turns and their replies (a fixed-length stand-in for the
+    answer: the prefix cache sees prompts only)."""
+    out = []
+    for _ in range(sessions):
+        msgs = [{"role": "system", "content": rng.choice(systems)}]
+        session: list[list[dict[str, str]]] = []
+        for t in range(turns):
+            user = " ".join(rng.choice(vocab) for _ in range(12))
+            msgs = [*msgs, {"role": "user", "content": f"turn {t}: {user}"}]
+            session.append(msgs)
+            reply = " ".join(rng.choice(vocab) for _ in range(16))
+            msgs = [*msgs, {"role": "assistant", "content": reply}]
+        out.append(session)
+    return out
+
+
+async def open_loop(
+    engine: OpenAIEngine, sessions: list[list[list[dict[str, str]]]], starts: list[float]
+) -> tuple[list[float], float]:
+    """Start each session at its time (seconds from now, an open loop: the same arrivals
+    for every policy, so throughput is equal by construction); its turns run back to back.
+    TTFT of every request, and the wall time until the last one ended."""
+    ttfts: list[float] = []
+    t_start = time.perf_counter()
+
+    async def run(session: list[list[dict[str, str]]], at: float) -> None:
+        await asyncio.sleep(max(0.0, t_start + at - time.perf_counter()))
+        for msgs in session:
+            t0 = time.perf_counter()
+            first = True
+            async for _ in engine.stream(request(msgs)):
+                if first:
+                    ttfts.append(time.perf_counter() - t0)
+                    first = False
+
+    await asyncio.gather(*(run(s, at) for s, at in zip(sessions, starts, strict=True)))
+    return ttfts, time.perf_counter() - t_start
+
+
+async def layouts(args: argparse.Namespace) -> None:
+    """Prefix-aware against least-outstanding over `--layouts` fresh deployments: each one
+    new simulator workers (new ports, so a new hash ring) and new system prompts."""
+    n_sys, n_sess, turns = args.prompts, args.sessions, 4
+    policies: list[tuple[str, dict[str, float]]] = [
+        ("prefix-aware", {"prefix_affinity": 2, "least_outstanding": 1}),
+        ("least-outstanding", {"least_outstanding": 1}),
+    ]
+    print(
+        f"\n## {args.layouts} fresh layouts: {n_sys} system prompts ({args.system_words} words)"
+        f" × {n_sess} sessions of {turns} turns, sessions arriving at {args.rate:g}/s"
+        f" (open loop), {WORKERS} workers"
+    )
+    print(
+        "layout  policy              TTFT mean ms  TTFT p99 ms  hit rate   req/s  max/min"
+        "  per worker"
+    )
+    summary: dict[str, list[tuple[float, float, float, float]]] = {n: [] for n, _ in policies}
+    for k in range(args.layouts):
+        rng = random.Random(1000 + k)
+        vocab = [f"w{i}" for i in range(5000)]
+        systems = [
+            " ".join(rng.choice(vocab) for _ in range(args.system_words)) for _ in range(n_sys)
+        ]
+        sessions = session_turns(rng, vocab, systems, n_sess, turns)
+        t, starts = 0.0, []
+        for _ in range(n_sess):
+            t += rng.expovariate(args.rate)
+            starts.append(t)
+        for name, scorers in policies:
+            servers = await fleet(
+                ttft_ms=2,
+                itl_ms=1,
+                prefix_cache_tokens=args.cache_tokens,
+                prefill_ms_per_token=args.prefill_ms,
+            )
+            engine = await engine_for(servers, scorers)
+            try:
+                ttfts, wall = await open_loop(engine, sessions, starts)
+                hit = sum(s.prefix_cache.hit_tokens for s in servers if s.prefix_cache)
+                query = sum(s.prefix_cache.query_tokens for s in servers if s.prefix_cache)
+                loads = [s.requests_total for s in servers]
+                ratio = max(loads) / max(1, min(loads))
+                mean = sum(ttfts) / len(ttfts)
+                summary[name].append((mean, hit / query, ratio, len(ttfts) / wall))
+                print(
+                    f"{k:6d}  {name:<18}  {mean * 1e3:12.2f}  {pct(ttfts, 0.99) * 1e3:11.2f}"
+                    f"  {hit / query:8.1%}  {len(ttfts) / wall:6.0f}  {ratio:7.2f}  {loads}"
+                )
+            finally:
+                await engine.stop()
+                for s in servers:
+                    await s.stop()
+    print(
+        "\npolicy              TTFT mean ms (mean of layouts)  hit rate  req/s"
+        "  max/min: worst, median"
+    )
+    for name, rows in summary.items():
+        ratios = sorted(r[2] for r in rows)
+        n = len(rows)
+        print(
+            f"{name:<18}  {sum(r[0] for r in rows) / n * 1e3:30.2f}"
+            f"  {sum(r[1] for r in rows) / n:8.1%}  {sum(r[3] for r in rows) / n:5.0f}"
+            f"  {ratios[-1]:.2f}, {ratios[n // 2]:.2f}"
+        )
+
+
 async def lora(n: int, concurrency: int, count: int) -> None:
     rng = random.Random(2)
     adapters = [f"ad{i}" for i in range(count)]
@@ -187,8 +307,8 @@ async def lora(n: int, concurrency: int, count: int) -> None:
     )
     print("policy                     on holder  loads/1000 req  TTFT p50 ms  TTFT p99 ms")
     for name, scorers in (
-        ("lora-affinity", {"lora_affinity": 2, "least_outstanding": 1}),
-        ("least-outstanding", {"lora_affinity": 0, "least_outstanding": 1}),
+        ("lora-affinity", {"lora_affinity": 2.0, "least_outstanding": 1.0}),
+        ("least-outstanding", {"lora_affinity": 0.0, "least_outstanding": 1.0}),
     ):
         servers = await fleet(ttft_ms=5, itl_ms=2, max_loras=4, lora_load_ms=50)
         engine = await engine_for(servers, scorers, lora={"max_adapters": 4})
@@ -220,7 +340,7 @@ def decision_cost(calls: int) -> None:
     print(f"\n## Router.pick over 16 endpoints, {calls} calls per policy")
     # Wall time includes being preempted by other processes; thread CPU time does not.
     print("policy                                  wall p50  wall p99   CPU p50   CPU p99 (µs)")
-    policies = {
+    policies: dict[str, dict[str, float]] = {
         "least_outstanding": {"least_outstanding": 1},
         "prefix_affinity + least_outstanding": {"prefix_affinity": 2, "least_outstanding": 1},
         "session_affinity + least_outstanding": {"session_affinity": 2, "least_outstanding": 1},
@@ -295,9 +415,19 @@ async def main() -> None:
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--calls", type=int, default=20000)
     ap.add_argument("--pick-only", action="store_true", help="only the Router.pick cost")
+    ap.add_argument("--layouts", type=int, default=0, help="only the fresh-layouts section")
+    ap.add_argument("--prompts", type=int, default=16, help="system prompts (--layouts)")
+    ap.add_argument("--sessions", type=int, default=256, help="sessions per layout")
+    ap.add_argument("--system-words", type=int, default=300)
+    ap.add_argument("--rate", type=float, default=100.0, help="sessions started per second")
+    ap.add_argument("--cache-tokens", type=int, default=1500, help="prefix cache per worker")
+    ap.add_argument("--prefill-ms", type=float, default=0.1, help="per uncached token")
     args = ap.parse_args()
     if args.pick_only:
         decision_cost(args.calls)
+        return
+    if args.layouts:
+        await layouts(args)
         return
     await shared_prefix(args.requests, args.concurrency)
     await lora(args.requests, args.concurrency, 16)

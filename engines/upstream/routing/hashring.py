@@ -1,12 +1,36 @@
-"""Consistent hashing with bounded load, shared by the affinity scorers.
+"""Consistent hashing with two load bounds, shared by the affinity scorers.
 
 Owns the ring (40 virtual points per endpoint, placed by a stable hash of its URL, so every
-gateway process and replica agrees on it) and the bounded-load walk of Mirrokni, Thorup and
-Zadimoghaddam ("Consistent Hashing with Bounded Loads", 2018): a key goes to the first
-endpoint clockwise from its hash whose outstanding requests are below
-`ceil(load_factor × (total outstanding + 1) / n)`; a full endpoint passes the key on to the
-next. So one hot key fills its worker up to the bound and then spills over instead of
-pinning it. Does not own what the key is (each scorer) or any send.
+gateway process and replica agrees on it), the load bounds and where a key spills. A key
+goes to the first endpoint clockwise from its hash — its owner — while the owner is under
+both bounds (`load_factor` = c, m candidates):
+
+    in flight   outstanding(owner) < ceil(c × (total outstanding + 1) / m)
+                (Mirrokni, Thorup and Zadimoghaddam, "Consistent Hashing with Bounded
+                Loads", 2018: a hot key fills its worker up to the bound, not beyond)
+    share       picks(owner) < c × max(least picks, mean picks / c, 24) + 1
+                (picks: the endpoints this ring chose recently, halved every 256 × m
+                picks, so about the last 256 × m requests)
+
+Otherwise the key spills: to the endpoint it spilled to last time if that one is under
+both bounds (so a spilled key's prompts warm one more cache, not every cache), else to the
+endpoint with the fewest recent picks that is under the in-flight bound, which then is
+the key's spill target.
+
+Why the share bound: with few keys (16 system prompts on 4 workers) the ring's ownership
+is uneven whatever the virtual nodes (16 keys fall 7/5/3/1 as often as 4/4/4/4), and the
+in-flight bound only acts when workers are busy; at moderate load the owners of many keys
+took up to 2.6 × the requests of the owner of few (bench/routing.py --layouts). The share
+bound caps a worker's recent picks at c × the least-picked worker's (the mean / c and the
+floor of 8 keep a worker that just joined, or a fleet just started, from drawing every
+key at once). Measured over 20 fresh layouts (docs/benchmarks.md): max/min requests per
+worker ≤ 1.3 in each, the prefix-cache hit rate of the ring alone kept. Spilling to the
+ring's next node instead (the bounded-loads paper's walk) moved the imbalance one node on;
+more virtual nodes do not help few keys.
+
+Replicas agree on owners; which key spills where is each router's own (its picks), so
+with several gateway replicas a spilled key may warm one cache per replica. Does not own
+what the key is (each scorer) or any send.
 
 Rings are cached per candidate set (the set changes only when a worker is filtered out),
 keyed by (count, sum of the endpoints' ids): measured 5 µs for a frozenset of 16 ids on
@@ -25,6 +49,13 @@ from engines.upstream.endpoints import Endpoint
 __all__ = ["HashRing", "stable_hash"]
 
 _VNODES = 40
+# Picks are halved every _WINDOW × (candidates) picks: the share bound looks at about the
+# last that many requests.
+_WINDOW = 256
+# The share bound never falls below c × _FLOOR + 1 picks (a fresh fleet keeps affinity).
+_FLOOR = 24.0
+# Spill targets remembered per key (cleared when full; sessions make many keys).
+_SPILLS = 4096
 
 
 def stable_hash(text: str) -> int:
@@ -33,13 +64,17 @@ def stable_hash(text: str) -> int:
 
 
 class HashRing:
-    """Key → endpoint by consistent hashing with bounded load."""
+    """Key → endpoint by consistent hashing with bounded load and share."""
 
     def __init__(self, load_factor: float = 1.25) -> None:
         self.load_factor = load_factor
         self._rings: dict[tuple[int, int], tuple[list[int], list[Endpoint]]] = {}
-        # Whether the last `owner` call passed the key on (its owner was full): the
-        # routing decision's reason `bounded_load_overflow`.
+        # Recent picks per endpoint (decayed), and each spilled key's last spill target.
+        self._picks: dict[Endpoint, float] = {}
+        self._count = 0
+        self._spills: dict[int, Endpoint] = {}
+        # Whether the last `owner` call passed the key on (its owner was over a bound):
+        # the routing decision's reason `bounded_load_overflow`.
         self.spilled = False
 
     def _ring(self, candidates: Sequence[Endpoint]) -> tuple[list[int], list[Endpoint]]:
@@ -58,21 +93,56 @@ class HashRing:
         return ring
 
     def owner(self, key: int, candidates: Sequence[Endpoint]) -> Endpoint:
+        """The endpoint for `key` now (see the module docstring); counts it as picked."""
         points, owners = self._ring(candidates)
-        n = len(points)
-        i = bisect(points, key) % n
-        e = owners[i]
-        # The common case first: the key's own endpoint is under any bound it could have
-        # (below the mean, a fortiori below load_factor × the mean): no sum needed.
-        if e.outstanding == 0:
+        e = owners[bisect(points, key) % len(points)]
+        picks = self._picks
+        get = picks.get
+        m = len(candidates)
+        c = self.load_factor
+        counts = [get(x, 0.0) for x in candidates]
+        least = min(counts)
+        h = 1.0 + (c - 1.0) / 2  # the share's tolerance: half the in-flight one
+        share = h * max(least, sum(counts) / (m * h), _FLOOR) + 1.0
+        # The common case first: an idle owner is under any in-flight bound (no sum).
+        if e.outstanding:
+            total = sum([x.outstanding for x in candidates])
+            busy = math.ceil(c * (total + 1) / m)
+        else:
+            busy = 1 << 62
+        if get(e, 0.0) < share and e.outstanding < busy:
             self.spilled = False
-            return e
-        total = sum([c.outstanding for c in candidates])
-        bound = math.ceil(self.load_factor * (total + 1) / len(candidates))
-        for step in range(n):
-            e = owners[(i + step) % n]
-            if e.outstanding < bound:
-                self.spilled = step > 0
-                return e
-        self.spilled = False
-        return owners[i]  # unreachable: the mean is below the bound
+        else:
+            self.spilled = True
+            if not e.outstanding:  # the in-flight bound was skipped above
+                total = sum([x.outstanding for x in candidates])
+                busy = math.ceil(c * (total + 1) / m)
+            spills = self._spills
+            last = spills.get(key)
+            if (
+                last is not None
+                and last is not e
+                and last in candidates
+                and get(last, 0.0) < share
+                and last.outstanding < busy
+            ):
+                e = last
+            else:
+                # Fewest recent picks among those under the in-flight bound (the least
+                # outstanding always is: the bound exceeds the mean).
+                best = None
+                for x, n in zip(candidates, counts, strict=True):
+                    if x.outstanding < busy and (best is None or n < best[0]):
+                        best = (n, x)
+                if best is not None:
+                    e = best[1]
+                if len(spills) >= _SPILLS:
+                    spills.clear()
+                spills[key] = e
+        picks[e] = get(e, 0.0) + 1.0
+        self._count += 1
+        if self._count >= _WINDOW * m:
+            self._count = 0
+            for x in picks:
+                picks[x] *= 0.5
+        return e

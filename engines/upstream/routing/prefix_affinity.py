@@ -3,12 +3,14 @@ prefix (KV) cache then already holds their common start.
 
     key      = stable hash of the prompt's first `routing.prefix_chars` characters (chat:
                the messages' text in order; completions: the prompt)
-    owner    = consistent-hash owner of key with bounded load (`hashring`)
+    owner    = consistent-hash owner of key, under two load bounds (`hashring`)
     score(e) = 1 if e is owner else 0
 
-Bounded load keeps one hot prefix from pinning one worker: once the owner holds more than
-`load_factor` × the mean outstanding, the key spills to the next worker on the ring (which
-then warms up too). Combine with `least_outstanding` at a lower weight to break the rest.
+The bounds keep the ring's uneven ownership of few prefixes from becoming uneven load: a
+key's worker is passed over while it has more than `load_factor` × the mean outstanding,
+or more than (1 + (load_factor − 1) / 2) × the recent requests of the least busy worker;
+the key then spills to its last spill target or the least busy worker (which warms up
+too). Combine with `least_outstanding` at a lower weight to break the rest.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ rule decided each pick.
     <scorer's>    the weighted scorer that contributed most to the winner's lead over the
                   runner-up: `least_loaded` (least_outstanding, queue_depth, kv_cache),
                   `prefix_affinity` / `session_affinity` (or `bounded_load_overflow` when
-                  the key's owner was full and the ring passed it on), `lora_held` /
+                  the key's owner was over a load bound and the key spilled), `lora_held` /
                   `lora_placed` (the winner holds the adapter / will load it)
 
 The dominant one-hot short cut: a scorer that rates exactly one endpoint 1 and the rest 0
@@ -93,8 +93,10 @@ class Router:
         self.random_ties = ties == "random"
         # The request keys some scorer needs (the engine computes only these).
         self.needs = frozenset(getattr(s, "needs", "") for s, _w in self.scorers) - {""}
-        # Decisions so far by reason (monotonic; read at scrape time).
+        # Decisions so far by reason (monotonic; read at scrape time), and the last pick's
+        # (read right after `pick` by a traced request: one store per pick).
         self.decisions: dict[str, int] = {}
+        self.last = ""
         # A one-hot scorer that outweighs all others together decides alone (see above).
         self._dominant: tuple[Callable[..., Endpoint | None], str | Why] | None = None
         total = sum(self._weights)
@@ -115,6 +117,7 @@ class Router:
         return cls(scorers, routing.ties)
 
     def _count(self, reason: str) -> None:
+        self.last = reason
         d = self.decisions
         d[reason] = d.get(reason, 0) + 1
 
@@ -197,6 +200,7 @@ class Router:
         else:
             decider = self._why[0] if len(score) == 1 else self._decider(columns, totals, i)
             reason = decider if isinstance(decider, str) else decider(winner, req)
+        self.last = reason
         d = self.decisions
         d[reason] = d.get(reason, 0) + 1
         return winner

@@ -3,11 +3,12 @@ finds the previous turns in that worker's prefix cache.
 
     key      = stable hash of the session: the header `routing.session_header` (default
                `x-session-id`), else the body's `user` field
-    owner    = consistent-hash owner of key with bounded load (`hashring`)
+    owner    = consistent-hash owner of key, under two load bounds (`hashring`)
     score(e) = 1 if e is owner else 0          (0 for all when the request has no session)
 
-Consistent hashing moves only the sessions of a worker that leaves; bounded load stops a
-burst of one session's requests from overloading its worker.
+Consistent hashing moves only the sessions of a worker that leaves; the bounds stop a
+burst of one session's requests from overloading its worker (a spilled session keeps its
+spill target while that one is under the bounds).
 """
 
 from __future__ import annotations

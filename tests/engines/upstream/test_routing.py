@@ -4,6 +4,7 @@ key."""
 
 from __future__ import annotations
 
+from bisect import bisect
 from collections import Counter
 
 from engines.spec import RoutingSpec
@@ -60,6 +61,45 @@ def test_bounded_load_spills_a_hot_prefix() -> None:
         counts[eps.index(e)] += 1
     # The owner takes up to ceil(1.25 × mean) and the rest spill over the ring.
     assert max(counts.values()) <= 13 and len(counts) == 4
+
+
+def test_share_bound_balances_few_prefixes_in_every_layout() -> None:
+    """16 system prompts on 4 workers: the ring alone gives some worker several times the
+    prefixes of another in many layouts; the share bound keeps every worker's requests
+    within 1.3 × the least busy one's in each of 20 layouts, at no load at all (no
+    in-flight bound acts), while each prefix stays on its owner and few spill targets."""
+    import random
+    from collections import defaultdict
+
+    from engines.upstream.routing.hashring import HashRing
+
+    uneven = 0
+    for layout in range(20):
+        eps = [Endpoint.make(f"http://10.1.{layout}.{i}:{8000 + layout}") for i in range(4)]
+        for e in eps:
+            e.healthy = True
+        keys = [stable_hash(f"layout {layout} system prompt {k}") for k in range(16)]
+        points, owners = HashRing()._ring(eps)
+        owned = Counter(owners[bisect(points, k) % len(points)] for k in keys)
+        uneven += max(owned.values()) >= 2 * min(owned.get(e, 0) for e in eps)
+        r = router(scorers={"prefix_affinity": 2, "least_outstanding": 1})
+        rng = random.Random(layout)
+        picks: Counter[Endpoint] = Counter()
+        homes: dict[int, set[Endpoint]] = defaultdict(set)
+        for _ in range(2000):
+            k = rng.randrange(16)
+            e = r.pick(eps, RoutingRequest(prefix=keys[k]))
+            assert e is not None
+            picks[e] += 1
+            homes[k].add(e)
+        assert max(picks.values()) <= 1.3 * min(picks[e] for e in eps), (layout, picks)
+        # Affinity kept: a prefix lives on its owner and one spill target or two, and
+        # no more requests spill than the ring's uneven ownership makes necessary (what
+        # the owners of more than a quarter of the prefixes hold beyond a quarter) + 10 %.
+        assert sum(len(h) for h in homes.values()) <= 2.5 * 16, layout
+        must = sum(max(0.0, owned[e] / 16 - 0.25) for e in eps)
+        assert r.decisions["prefix_affinity"] >= (1 - must - 0.1) * 2000, layout
+    assert uneven >= 5  # what the share bound is for
 
 
 def test_session_affinity_keeps_a_session_on_one_worker() -> None:
