@@ -42,6 +42,7 @@ from engines.errors import (
 from engines.spec import ModelSpec, SpecIssue
 
 __all__ = [
+    "MISCONFIGURED",
     "AdapterError",
     "AdapterNotFound",
     "Completed",
@@ -124,6 +125,12 @@ class Completed:
 
 # An async generator, so the gateway can close it (`aclose`) when the client leaves.
 EngineStream = AsyncGenerator[bytes, None]
+
+
+# How `WorkerStatus.detail` starts for a worker that answers but cannot serve the model as
+# configured (e.g. it serves another model name): not healthy, not routed to; `/health`
+# and the status page call it "misconfigured" rather than "down".
+MISCONFIGURED = "misconfigured: "
 
 
 @dataclass(slots=True)

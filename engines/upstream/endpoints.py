@@ -38,6 +38,9 @@ class Endpoint:
     outstanding: int = 0
     healthy: bool = False
     detail: str = "not checked yet"
+    # Why the worker answers but cannot serve the model as configured (its /v1/models does
+    # not list the name the gateway sends; `engines.upstream.health`), "" when it can.
+    misconfigured: str = ""
     # Outlier state (`engines.upstream.outliers`): consecutive failures, taken out of
     # routing until `ejected_until` (loop time), half-open after re-admission (one request
     # at a time until one succeeds), ejections in a row (the next ejection's length) and

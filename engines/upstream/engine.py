@@ -176,6 +176,7 @@ class OpenAIEngine(Sender, EngineBase):
             self.outliers,
             self.budget,
             self._metrics_every(opts),
+            spec.upstream_name,
         )
         # The name to write into responses when the upstream serves under another one.
         self._rename: str | None = (
@@ -316,11 +317,15 @@ class OpenAIEngine(Sender, EngineBase):
             await self._probe_all()
             if all(ep.healthy for ep in self._endpoints):
                 return
-            if loop.time() >= deadline:
+            # A misconfigured worker answered (`engines.upstream.health`): no use waiting
+            # for it; the model starts, not ready without a serving worker, and the health
+            # loop admits it once it serves the name.
+            settled = all(ep.healthy or ep.misconfigured for ep in self._endpoints)
+            if settled or loop.time() >= deadline:
                 down = "; ".join(
                     f"{ep.url}: {ep.detail}" for ep in self._endpoints if not ep.healthy
                 )
-                if any(ep.healthy for ep in self._endpoints):
+                if settled or any(ep.healthy for ep in self._endpoints):
                     self.progress(f"model {self.spec.name!r}: starting without {down}")
                     return
                 raise EngineUnavailable(

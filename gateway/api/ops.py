@@ -19,6 +19,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from engines.base import MISCONFIGURED, WorkerStatus
+
 if TYPE_CHECKING:
     from engines.base import EngineStatus
     from gateway.state import Gateway
@@ -47,10 +49,14 @@ def _ready(gw: Gateway, statuses: dict[str, EngineStatus]) -> tuple[bool, str]:
     return False, f"not ready: {', '.join(down) or 'no models'}"
 
 
-def _worker_state(healthy: bool, ejected: bool) -> str:
-    if ejected:
+def worker_state(w: WorkerStatus) -> str:
+    """healthy, ejected, misconfigured (answers, but cannot serve the model as configured)
+    or down."""
+    if w.ejected:
         return "ejected"
-    return "healthy" if healthy else "down"
+    if w.healthy:
+        return "healthy"
+    return "misconfigured" if w.detail.startswith(MISCONFIGURED) else "down"
 
 
 def _is_admin(gw: Gateway, request: Request) -> bool:
@@ -72,7 +78,7 @@ async def health(request: Request) -> Any:
         for i, w in enumerate(st.workers):
             row: dict[str, Any] = {
                 "id": i,
-                "state": _worker_state(w.healthy, w.ejected),
+                "state": worker_state(w),
                 "healthy": w.healthy,
                 "restarts": w.restarts,
                 "ejections": w.ejections,

@@ -19,6 +19,7 @@ from starlette.responses import JSONResponse
 
 from engines.base import ServingError
 from gateway.api.auth import check_admin_key, check_client_key
+from gateway.api.ops import worker_state
 from gateway.api.requests import Incoming
 
 if TYPE_CHECKING:
@@ -86,6 +87,7 @@ async def status(request: Request) -> Any:
                     {
                         "url": w.url if admin else f"worker {i + 1}",
                         "healthy": w.healthy,
+                        "state": worker_state(w),
                         "detail": w.detail if admin else "",
                         "running": w.running,
                         "waiting": w.waiting,

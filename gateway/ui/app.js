@@ -96,7 +96,7 @@ function showModels(models) {
   const workers = models.flatMap((m) => m.workers.map((w) => [
     cell(m.name),
     cell(w.url),
-    cell(w.healthy ? "healthy" : "down" + (w.detail ? ": " + w.detail : ""), w.healthy ? "ok" : "bad"),
+    cell(w.healthy ? "healthy" : (w.state || "down") + (w.detail ? ": " + w.detail : ""), w.healthy ? "ok" : "bad"),
     cell(orDash(w.running)),
     cell(orDash(w.waiting)),
     cell(w.kv_cache_usage === null ? "–" : (w.kv_cache_usage * 100).toFixed(1) + " %"),
