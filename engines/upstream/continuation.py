@@ -16,12 +16,17 @@ each spends one of `max_retries` and of the retry budget, and needs a worker not
 tried; without one the stream ends with an error event and no `[DONE]`, as without the
 option.
 
-Usage, with `k` = the text deltas streamed before the last attempt (one per token on
-vLLM; a delta that carries several tokens, as with speculative decoding, counts once) and
-the last attempt's usage `(p, c)`: completion_tokens = k + c; prompt_tokens = the sum of
-every attempt's prompt, where each attempt's prompt is the original prompt P plus the
-partial answer it was given, and P = p − k (exact when the partial answer re-tokenizes to
-its k tokens). One continuation after k tokens: prompt_tokens = 2·P + k.
+Tokens, never deltas: `k`, the tokens streamed before an attempt, is the worker's own
+count where the client's chunks carried it (vLLM's `stream_options.continuous_usage_stats`,
+when the client asked for it), else the next worker's `POST /tokenize` of the text streamed
+so far (vLLM's tokenizer API: `count`). vLLM puts several tokens in one delta under load
+and with speculative decoding, so counting deltas over-runs `max_tokens`. When neither
+answers, the stream is not continued (its `max_tokens` and usage could not be kept).
+Usage, with the last attempt's usage `(p, c)`: completion_tokens = k + c; prompt_tokens =
+the sum of every attempt's prompt, where each attempt's prompt is the original prompt P
+plus the partial answer it was given, and P = p − k (exact when the partial answer
+re-tokenizes to its k tokens, which is what /tokenize counts). One continuation after k
+tokens: prompt_tokens = 2·P + k.
 
 Does not own sending (`engines.upstream.send`: picking, retries before the first byte,
 ejection accounting) nor the relay of a stream that is not continued
@@ -37,6 +42,7 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import aiohttp
 import orjson
 
 from engines.base import (
@@ -111,7 +117,8 @@ class _Seen:
 
     head: dict[str, Any]
     text: str
-    tokens: int
+    # The worker's own count of the tokens streamed (per-chunk usage), when it sent one.
+    tokens: int | None
     role: bool
     # A finish reason, a tool-call or reasoning delta, or a second choice was streamed.
     final: bool
@@ -152,10 +159,11 @@ class Continuation:
         self.appended = False
         self.extra = 0
 
-    def _seen(self) -> _Seen:
+    def seen(self) -> _Seen:
+        """What the client has received so far, parsed from the forwarded runs."""
         head: dict[str, Any] = {}
         parts: list[str] = []
-        tokens = 0
+        tokens: int | None = None
         role = final = False
         for event in split_events(b"".join(self.runs)):
             data = event_data(event)
@@ -169,6 +177,9 @@ class Continuation:
                 continue
             if not head:
                 head = {k: obj[k] for k in _HEAD if k in obj}
+            usage = obj.get("usage")
+            if isinstance(usage, dict) and isinstance(usage.get("completion_tokens"), int):
+                tokens = usage["completion_tokens"]
             for choice in obj.get("choices") or ():
                 if not isinstance(choice, dict):
                     continue
@@ -188,14 +199,13 @@ class Continuation:
                     text = choice.get("text")
                 if isinstance(text, str) and text:
                     parts.append(text)
-                    tokens += 1
         return _Seen(head, "".join(parts), tokens, role, final)
 
-    def next_body(self) -> dict[str, Any] | None:
-        """The body of a continuation after a failure, or None when the stream cannot be
-        continued (it had finished, streamed a tool call, reasoning or a second choice, or
-        has no tokens left)."""
-        seen = self._seen()
+    def next_body(self, seen: _Seen, tokens: int) -> dict[str, Any] | None:
+        """The body of a continuation after a failure, given what the client saw (`seen`)
+        and the `tokens` it holds, or None when the stream cannot be continued (it had
+        finished, streamed a tool call, reasoning or a second choice, or has no tokens
+        left)."""
         if seen.final:
             return None
         body = dict(self.body)
@@ -223,20 +233,20 @@ class Continuation:
         for key in ("max_tokens", "max_completion_tokens"):
             limit = body.get(key)
             if isinstance(limit, int):
-                if limit - seen.tokens < 1:
+                if limit - tokens < 1:
                     return None
-                body[key] = limit - seen.tokens
+                body[key] = limit - tokens
         floor = body.get("min_tokens")
         if isinstance(floor, int):
-            body["min_tokens"] = max(0, floor - seen.tokens)
+            body["min_tokens"] = max(0, floor - tokens)
         if not self.head:
             self.head = seen.head
         self.role_sent = self.role_sent or seen.role
         self.attempts += 1
-        self.streamed = seen.tokens
+        self.streamed = tokens
         self.appended = bool(seen.text)
         if self.appended:
-            self.extra += seen.tokens
+            self.extra += tokens
         return body
 
     def rewrite(self, run: bytes, error_of: ErrorOf) -> tuple[bytes, bool, ServingError | None]:
@@ -293,6 +303,32 @@ class Continuation:
             "completion_tokens": completion,
             "total_tokens": prompt + completion,
         }
+
+
+async def count_tokens(
+    session: aiohttp.ClientSession | None, url: str, model: str, text: str
+) -> int | None:
+    """The tokens of `text` by the worker at `url` (vLLM's `POST /tokenize`, no special
+    tokens), or None when it cannot say (no such API, an error, a timeout)."""
+    if not text:
+        return 0
+    if session is None:
+        return None
+    body = {"model": model, "prompt": text, "add_special_tokens": False}
+    try:
+        async with session.post(url + "/tokenize", json=body) as r:
+            if r.status != 200:
+                return None
+            obj = orjson.loads(await r.read())
+    except (aiohttp.ClientError, TimeoutError, orjson.JSONDecodeError):
+        return None
+    if not isinstance(obj, dict):
+        return None
+    count = obj.get("count")
+    if isinstance(count, int) and count >= 0:
+        return count
+    tokens = obj.get("tokens")
+    return len(tokens) if isinstance(tokens, list) else None
 
 
 def _role_only(choice: Any) -> bool:
@@ -385,13 +421,24 @@ async def continued_stream(
             "request %s: upstream %s failed mid-stream: %s", req.request_id, ep.url, broke.message
         )
         tried.append(ep)
-        body = cont.next_body()
-        if (
-            body is None
-            or len(tried) > engine.opts.max_retries
-            or engine._pick(rreq, tried) is None
-            or not engine.budget.try_retry()
-        ):
+        seen = cont.seen()
+        nxt = engine._pick(rreq, tried)
+        if seen.final or len(tried) > engine.opts.max_retries or nxt is None:
+            raise broke
+        tokens = seen.tokens
+        if tokens is None:
+            target = req.adapter or engine.spec.upstream_name
+            tokens = await count_tokens(engine._session, nxt.url, target, seen.text)
+            if tokens is None:
+                log.warning(
+                    "request %s: not continued: %s could not count the tokens streamed so far "
+                    "(POST /tokenize)",
+                    req.request_id,
+                    nxt.url,
+                )
+                raise broke
+        body = cont.next_body(seen, tokens)
+        if body is None or not engine.budget.try_retry():
             raise broke
         req.retries = len(tried)
         try:

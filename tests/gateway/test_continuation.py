@@ -17,6 +17,7 @@ import httpx
 import openai
 import pytest
 
+from engines.upstream.continuation import Continuation
 from gateway.catalog import CatalogError, parse_catalog
 from simulator import SimServer
 from tests.conftest import start_pool
@@ -161,6 +162,57 @@ def test_completions_worker_dropping_mid_stream_is_continued_to_its_natural_stop
         assert _continuations(gw) == 1
     finally:
         _close(sims, gw, workers)
+
+
+@pytest.mark.parametrize("chat", [True, False])
+def test_multi_token_deltas_are_continued_within_max_tokens_with_exact_usage(
+    sims: SimThread, reference: SimServer, tmp_path: Path, chat: bool
+) -> None:
+    # Two tokens in every delta (vLLM under load); every worker closes after 5 deltas.
+    # 21 tokens: 10 + 10 + 1, each continuation told the tokens left, not the deltas.
+    gw, workers = _gateway(sims, tmp_path, 3, tokens_per_chunk=2, drop_after=5)
+    try:
+        call = _chat if chat else _completion
+        want = call(reference.url + "/v1", max_tokens=21, temperature=0)
+        got = call(f"{gw.url}/v1", max_tokens=21, temperature=0)
+        text = _chat_text(got) if chat else "".join(c.choices[0].text for c in got if c.choices)
+        want_text = (
+            _chat_text(want) if chat else "".join(c.choices[0].text for c in want if c.choices)
+        )
+        assert text == want_text
+        assert len(text.split()) == 21  # one word per simulator token: within max_tokens
+        _one_head(got)
+        assert _finish(got) == "length"
+        assert _continuations(gw) == 2
+        # Exact usage: what the workers generated, and each attempt's prompt.
+        assert got[-1].usage.completion_tokens == 21
+        assert sum(w.generation_tokens_total for w in workers) == 21
+        prompt = want[-1].usage.prompt_tokens
+        assert got[-1].usage.prompt_tokens == 3 * prompt + 10 + 20
+        assert sum(w.prompt_tokens_total for w in workers) == got[-1].usage.prompt_tokens
+    finally:
+        _close(sims, gw, workers)
+
+
+def test_per_chunk_usage_is_the_count_when_the_worker_sends_it() -> None:
+    """With vLLM's `continuous_usage_stats` (asked by the client) every chunk carries the
+    worker's own count: that is the tokens streamed, whatever the deltas."""
+    cont = Continuation(True, {"messages": CHAT, "max_tokens": 20, "min_tokens": 12})
+    head = (
+        '{"id":"c1","created":1,"model":"m","choices":[{"index":0,"delta":%s,"finish_reason":null}]'
+    )
+    usage = ',"usage":{"prompt_tokens":4,"completion_tokens":%d,"total_tokens":%d}}'
+    role = head % '{"role":"assistant","content":""}' + usage % (0, 4)
+    cont.runs.append(b"data: " + role.encode() + b"\n\n")
+    for k in range(1, 4):  # three deltas of three tokens each
+        chunk = head % '{"content":" a b c"}' + usage % (3 * k, 4 + 3 * k)
+        cont.runs.append(b"data: " + chunk.encode() + b"\n\n")
+    seen = cont.seen()
+    assert (seen.text, seen.tokens, seen.final) == (" a b c" * 3, 9, False)
+    body = cont.next_body(seen, 9)
+    assert body is not None
+    assert (body["max_tokens"], body["min_tokens"]) == (11, 3)
+    assert body["messages"][-1] == {"role": "assistant", "content": " a b c" * 3}
 
 
 def test_stall_mid_stream_is_continued(
