@@ -18,6 +18,7 @@ from engines.options import EngineOptions
 from engines.spec import ModelSpec
 from engines.upstream.engine import OpenAIEngine
 from engines.upstream.options import UpstreamOptions
+from engines.upstream.routing.kv_events import EventSource
 from simulator.config import SimConfig, config_problems
 from simulator.server import SimServer
 
@@ -51,6 +52,9 @@ class SimEngine(OpenAIEngine):
     spec-decode counters."""
 
     options_model: ClassVar[type[EngineOptions]] = SimOptions
+    # With `kv_cache_hit` on, every server publishes its prefix cache's events.
+    kv_events_mode: ClassVar[str] = "launch"
+    kv_tokenizer: ClassVar[str] = "words"
 
     def __init__(self, spec: ModelSpec, context: EngineContext | None = None) -> None:
         super().__init__(spec, context)
@@ -67,6 +71,8 @@ class SimEngine(OpenAIEngine):
             kw["spec_tokens"] = spec.speculative.num_speculative_tokens
         if "max_model_len" not in kw:
             kw["max_model_len"] = spec.max_model_len
+        if "kv_events_port" not in kw and spec.routing.scorers.get("kv_cache_hit"):
+            kw["kv_events_port"] = 0  # each server on free ports
         return SimConfig(model=spec.upstream_name, **kw)
 
     @classmethod
@@ -112,6 +118,15 @@ class SimEngine(OpenAIEngine):
             + ", ".join(s.url for s in self._servers)
         )
         return [s.url for s in self._servers]
+
+    def kv_event_sources(self, urls: list[str]) -> list[EventSource | None]:
+        """Each server's KV-event publisher (None when it publishes none)."""
+        return [
+            EventSource(s.kv_events.endpoint, s.kv_events.replay_endpoint)
+            if s.kv_events is not None
+            else None
+            for s in self._servers
+        ]
 
     async def stop(self) -> None:
         try:

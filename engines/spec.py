@@ -185,6 +185,38 @@ class MediaSpec(_Strict):
         return self
 
 
+_ZMQ_ADDR = r"^(tcp://[^\s]+:[0-9]{1,5}|ipc://[^\s]+)$"
+
+
+class KVEventSourceSpec(_Strict):
+    """Where one attached worker publishes its KV-cache events (vLLM's `--kv-events-config`
+    `endpoint` / `replay_endpoint` / `topic`, as the gateway reaches them)."""
+
+    endpoint: str = Field(pattern=_ZMQ_ADDR)
+    replay: str | None = Field(default=None, pattern=_ZMQ_ADDR)
+    topic: str = Field(default="", max_length=256)
+
+
+class KVEventsSpec(_Strict):
+    """The `kv_cache_hit` scorer's settings (`engines.upstream.routing.kv_cache_hit`)."""
+
+    # How the gateway tokenizes a prompt the way the worker will: `hf` (the model's
+    # tokenizer and chat template) or `words` (the simulator's tokens); default: the
+    # engine's (`words` for sim, else `hf`).
+    tokenizer: Literal["hf", "words"] | None = None
+    # Where `hf` reads the tokenizer (default: the model's path).
+    tokenizer_path: str | None = None
+    # Attach mode: each endpoint's event source, keyed by the endpoint's URL as listed in
+    # `endpoints`. Launched workers (vllm, sim) get theirs from the engine.
+    sources: dict[str, KVEventSourceSpec] = Field(default_factory=dict)
+    # Launched vLLM workers: replica i publishes on base_port + 2i, replays on + 2i + 1.
+    base_port: int = Field(default=5557, ge=1024, le=65000)
+    # Blocks the index keeps per worker before it clears that worker (memory bound).
+    max_blocks: int = Field(default=1 << 19, ge=1024, le=1 << 24)
+    # Prompts longer than this many characters are tokenized in a thread.
+    thread_above_chars: int = Field(default=2048, ge=0)
+
+
 class RoutingSpec(_Strict):
     """How a request picks one of the model's workers (`engines.upstream.routing`):
     scorer name → weight, and what the affinity scorers key on. The default is fewest
@@ -201,6 +233,8 @@ class RoutingSpec(_Strict):
     # session_affinity: the request header that names the session (the body's `user` field
     # is the fallback).
     session_header: str = Field(default="x-session-id", pattern=r"^[A-Za-z0-9-]+$")
+    # kv_cache_hit: the tokenizer and the workers' event sources.
+    kv_events: KVEventsSpec = Field(default_factory=KVEventsSpec)
 
     @field_validator("scorers")
     @classmethod

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from simulator.config import FINGERPRINT
-from simulator.costs import prompt_words
+from simulator.costs import prompt_words, token_ids
 from simulator.wire import HttpError, count_words
 
 if TYPE_CHECKING:
@@ -194,10 +194,18 @@ def parse_gen(s: SimState, chat: bool, body: bytes) -> Gen:
     g = Gen(
         chat, bool(req.get("stream")), model, n, n_out, prompt_tokens, include_usage, finish, start
     )
-    if c.prefill_ms_per_token:
+    cache = s.prefix_cache
+    if c.prefill_ms_per_token or cache is not None:
         words = prompt_words(req.get("messages") if chat else req.get("prompt"))
-        cache = s.prefix_cache
-        cached = cache.lookup_insert(words) if cache is not None else 0
+        cached = 0
+        if cache is not None:
+            # Keyed as vLLM keys blocks: the adapter's name and the tenant's cache_salt.
+            salt = req.get("cache_salt")
+            cached = cache.lookup_insert(
+                token_ids(words),
+                model if model != c.model else None,
+                salt if isinstance(salt, str) and salt else None,
+            )
         g.prefill_s = c.prefill_ms_per_token * max(0, len(words) - cached) / 1000
     return g
 

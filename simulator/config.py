@@ -86,6 +86,13 @@ class SimConfig:
     # prompt token: TTFT = ttft_ms + prefill_ms_per_token × uncached prompt tokens.
     prefix_cache_tokens: int = 0
     prefill_ms_per_token: float = 0.0
+    # KV-cache events on vLLM's wire (`simulator.kv_events`): the PUB port (0 = any free
+    # one; the replay socket then takes another free one, else this port + 1), None = off.
+    # What they describe is the prefix cache above, so they need prefix_cache_tokens.
+    kv_events_port: int | None = None
+    # Fault: the share of event batches numbered and buffered but never sent (a subscriber
+    # sees the gap and may replay it).
+    kv_events_drop_rate: float = 0.0
     # Adapters one worker holds at once (0 = unlimited; a load beyond it is refused, as
     # vLLM's --max-loras), and how long a load takes.
     max_loras: int = 0
@@ -117,7 +124,7 @@ def config_problems(c: SimConfig) -> list[tuple[str, str]]:
     ):
         if getattr(c, key) < 0:
             out.append((key, "must be ≥ 0"))
-    for key in ("error_rate", "stall_rate", "drop_rate", "spec_acceptance"):
+    for key in ("error_rate", "stall_rate", "drop_rate", "spec_acceptance", "kv_events_drop_rate"):
         if not 0.0 <= getattr(c, key) <= 1.0:
             out.append((key, "must be between 0 and 1"))
     for key in (
@@ -136,6 +143,11 @@ def config_problems(c: SimConfig) -> list[tuple[str, str]]:
         out.append(("drop_after", "must be ≥ 0"))
     if not 400 <= c.error_status <= 599:
         out.append(("error_status", "must be an HTTP error status (400-599)"))
+    if c.kv_events_port is not None:
+        if not 0 <= c.kv_events_port <= 65534:
+            out.append(("kv_events_port", "must be a port (0 = any free one)"))
+        if not c.prefix_cache_tokens:
+            out.append(("kv_events_port", "needs prefix_cache_tokens (the cache they describe)"))
     if c.metrics_family not in ("vllm", "lmdeploy"):
         out.append(("metrics_family", "must be vllm or lmdeploy"))
     if c.jitter_dist not in ("uniform", "lognormal"):
@@ -171,6 +183,8 @@ _FLAGS: dict[str, tuple[Callable[[str], Any], str]] = {
     "startup_s": (float, "/health answers 503 for this long"),
     "prefix_cache_tokens": (int, "per-worker prefix cache size in tokens (0 = off)"),
     "prefill_ms_per_token": (float, "TTFT added per uncached prompt token (ms)"),
+    "kv_events_port": (int, "publish KV-cache events on this ZMQ port (0 = any free one)"),
+    "kv_events_drop_rate": (float, "fraction of KV-event batches never sent (replayable)"),
     "max_loras": (int, "adapters held at once (0 = unlimited)"),
     "lora_load_ms": (float, "time one adapter load takes (ms)"),
     "metrics_family": (str, "vllm | lmdeploy: the metric names /metrics exposes"),

@@ -33,11 +33,15 @@ class SimServer(SimState):
         bound_host, bound_port = sock.getsockname()[:2]
         shown = f"[{bound_host}]" if ":" in bound_host else bound_host
         self.url = f"http://{shown}:{bound_port}"
+        if self.kv_events is not None:
+            self.kv_events.start(bound_host)
         return self.url
 
     async def stop(self) -> None:
         if self._server is None:
             return
+        if self.kv_events is not None:
+            await self.kv_events.stop()
         self._server.close()
         for conn in list(self._conns):
             conn.abort()

@@ -24,6 +24,7 @@ import orjson
 
 from simulator.config import FINGERPRINT, SimConfig
 from simulator.costs import PrefixCache
+from simulator.kv_events import KVEventPublisher
 from simulator.tokens import Vocab
 
 
@@ -102,7 +103,20 @@ class SimState:
         self._auth = b"Bearer " + c.api_key.encode() if c.api_key else None
         self._zero_latency = c.ttft_ms == 0 and c.itl_ms == 0 and c.prefill_ms_per_token == 0
         self._faulty = bool(c.error_rate or c.stall_ms or c.drop_after is not None)
-        self.prefix_cache = PrefixCache(c.prefix_cache_tokens) if c.prefix_cache_tokens else None
+        # vLLM's KV-cache events of the prefix cache, when asked for (sockets bound at start).
+        self.kv_events = (
+            KVEventPublisher(c.kv_events_port, c.kv_events_drop_rate, c.seed)
+            if c.kv_events_port is not None
+            else None
+        )
+        self.prefix_cache = (
+            PrefixCache(
+                c.prefix_cache_tokens,
+                self.kv_events.publish if self.kv_events is not None else None,
+            )
+            if c.prefix_cache_tokens
+            else None
+        )
         self.adapter_loads = 0
         # Metrics.
         self.prompt_tokens_total = 0
@@ -124,6 +138,8 @@ class SimState:
         self.config = c = replace(self.config, **changes)
         self._zero_latency = c.ttft_ms == 0 and c.itl_ms == 0 and c.prefill_ms_per_token == 0
         self._faulty = bool(c.error_rate or c.stall_ms or c.drop_after is not None)
+        if self.kv_events is not None:
+            self.kv_events.drop_rate = c.kv_events_drop_rate
 
     @property
     def running(self) -> int:

@@ -133,6 +133,8 @@ class LMDeployEngine(LaunchedEngine):
     label: ClassVar[str] = "lmdeploy"
     program: ClassVar[str] = "lmdeploy"
     options_model: ClassVar[type[EngineOptions]] = LMDeployOptions
+    # LMDeploy publishes no KV-cache events: `kv_cache_hit` is refused.
+    kv_events_mode: ClassVar[str] = "none"
     continuation_unsupported: ClassVar[str | None] = (
         "LMDeploy's chat API has no continue_final_message, and its stream chunks are "
         "rewritten (transform_chunk): mid-stream continuation needs vLLM-compatible workers"

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from typing import Any, ClassVar
 
 from engines.base import EngineContext, EngineUnavailable, ModelSpec, SpecIssue
@@ -26,6 +27,7 @@ from engines.launch.checkpoint_quant import read_checkpoint_quant
 from engines.launch.command import (
     LaunchOptions,
     ResolvedPaths,
+    WorkerCommand,
     adapter_paths,
     flag_args,
     flag_name,
@@ -33,6 +35,7 @@ from engines.launch.command import (
 )
 from engines.launch.engine import LaunchedEngine
 from engines.options import EngineOptions
+from engines.upstream.routing.kv_events import EventSource
 
 __all__ = ["VLLMEngine", "VLLMOptions", "quantization_flag"]
 
@@ -97,6 +100,8 @@ class VLLMEngine(LaunchedEngine):
     label: ClassVar[str] = "vllm"
     program: ClassVar[str] = "vllm"
     options_model: ClassVar[type[EngineOptions]] = VLLMOptions
+    # Launched workers publish KV-cache events when `kv_cache_hit` routes on them.
+    kv_events_mode: ClassVar[str] = "launch"
 
     # ------------------------------------------------------------------ config load
 
@@ -140,6 +145,14 @@ class VLLMEngine(LaunchedEngine):
             return issues
         for key in spec.engine_args:
             flag = flag_name(key)
+            if flag == "kv-events-config" and spec.routing.scorers.get("kv_cache_hit"):
+                issues.append(
+                    SpecIssue(
+                        path=f"engine_args.{key}",
+                        message="set by the gateway for kv_cache_hit (one port pair per "
+                        "replica from routing.kv_events.base_port); remove it",
+                    )
+                )
             if flag in MANAGED_FLAGS:
                 issues.append(
                     SpecIssue(
@@ -244,6 +257,57 @@ class VLLMEngine(LaunchedEngine):
                     argv.append(_lora_module(a.name, path))
         argv += flag_args(spec.engine_args, negate_false=True)
         return argv, port_index
+
+    @classmethod
+    def worker_commands(
+        cls, spec: ModelSpec, *, ports: list[int] | None = None, paths: ResolvedPaths | None = None
+    ) -> list[WorkerCommand]:
+        """The launch's commands; with `kv_cache_hit` on, each replica publishes its
+        KV-cache events (`kv_events_config`)."""
+        commands = super().worker_commands(spec, ports=ports, paths=paths)
+        if not spec.routing.scorers.get("kv_cache_hit"):
+            return commands
+        return [
+            replace(
+                c,
+                argv=[
+                    *c.argv,
+                    "--kv-events-config",
+                    json.dumps(cls.kv_events_config(spec, i), separators=(",", ":")),
+                ],
+            )
+            for i, c in enumerate(commands)
+        ]
+
+    @staticmethod
+    def kv_events_config(spec: ModelSpec, replica: int) -> dict[str, Any]:
+        """vLLM's `--kv-events-config` (vllm/config/kv_events.py, KVEventsConfig) for one
+        replica: ZMQ PUB on routing.kv_events.base_port + 2 × replica, its replay ROUTER on
+        the next port. `*`: vLLM's publisher binds an endpoint with a wildcard host and
+        connects to any other (kv_events.py, `_socket_setup`); the gateway connects to it
+        on loopback, where launched workers listen."""
+        port = spec.routing.kv_events.base_port + 2 * replica
+        return {
+            "enable_kv_cache_events": True,
+            "publisher": "zmq",
+            "endpoint": f"tcp://*:{port}",
+            "replay_endpoint": f"tcp://*:{port + 1}",
+            "topic": "kv-events",
+        }
+
+    def kv_event_sources(self, urls: list[str]) -> list[EventSource | None]:
+        """Launched replicas: where `kv_events_config` made each publish (in launch order,
+        which is the order of `urls`); attached workers: as models.yaml names them."""
+        if self.spec.attach:
+            return super().kv_event_sources(urls)
+        out: list[EventSource | None] = []
+        for i in range(len(urls)):
+            cfg = self.kv_events_config(self.spec, i)
+            pub, replay = (
+                c.replace("*", "127.0.0.1") for c in (cfg["endpoint"], cfg["replay_endpoint"])
+            )
+            out.append(EventSource(pub, replay, cfg["topic"]))
+        return out
 
     @staticmethod
     def speculative_config(spec: ModelSpec, *, draft_model: str | None = None) -> dict[str, Any]:

@@ -85,6 +85,12 @@ from engines.upstream.outliers import Outliers, RetryBudget
 from engines.upstream.relay import plain_run, process_run
 from engines.upstream.routing import SCORERS, Router, RoutingRequest
 from engines.upstream.routing.hashring import stable_hash
+from engines.upstream.routing.kv_cache_hit import (
+    KVCacheHitScorer,
+    attach_sources,
+    kv_events_issues,
+)
+from engines.upstream.routing.kv_events import EventSource
 from engines.upstream.routing.prefix import prompt_prefix
 from engines.upstream.send import Sender
 from engines.upstream.sse import SSEBuffer, cut_events, direct_run
@@ -142,6 +148,12 @@ class OpenAIEngine(Sender, EngineBase):
     # Why `options.continue_streams` cannot apply to this engine's workers (None: it can;
     # they take vLLM's `continue_final_message`).
     continuation_unsupported: ClassVar[str | None] = None
+    # Where the `kv_cache_hit` scorer's event sources come from: "attach" (models.yaml's
+    # `routing.kv_events.sources`), "launch" (the engine starts its workers publishing:
+    # `kv_event_sources`) or "none" (its workers publish no KV-cache events).
+    kv_events_mode: ClassVar[str] = "attach"
+    # The tokenizer `kv_cache_hit` reads prompts with unless models.yaml names one.
+    kv_tokenizer: ClassVar[str] = "hf"
     # Streams continued on another worker after a mid-stream failure.
     continuations: int = 0
 
@@ -155,6 +167,11 @@ class OpenAIEngine(Sender, EngineBase):
         self.router = Router.from_spec(spec.routing, SCORERS)
         self._needs_prefix = "prefix" in self.router.needs
         self._needs_session = "session" in self.router.needs
+        # The KV-cache-event scorer, when on: it owns the index, the event subscribers and
+        # the tokenizer, started and stopped with the engine.
+        self._kv: KVCacheHitScorer | None = next(
+            (sc for sc, _w in self.router.scorers if isinstance(sc, KVCacheHitScorer)), None
+        )
         on_demand = "lora_affinity" in spec.routing.scorers and spec.lora is not None
         self._slots = spec.lora.max_adapters if spec.lora is not None else 0
         self.adapter_state = AdapterFanout(
@@ -194,6 +211,7 @@ class OpenAIEngine(Sender, EngineBase):
         scorers this engine knows, and where `continue_streams` cannot apply."""
         issues = options_issues(spec, cls.options_model)
         issues += continuation_issues(spec, cls.continuation_unsupported)
+        issues += kv_events_issues(spec, cls.kv_events_mode, cls.kv_tokenizer)
         for name in spec.routing.scorers:
             if name not in SCORERS:
                 issues.append(
@@ -233,6 +251,11 @@ class OpenAIEngine(Sender, EngineBase):
         """Base URLs of the workers to relay to. Subclasses that launch workers override
         this (launch, then return their URLs); `start()` then waits for their health."""
         return list(self.spec.endpoints)
+
+    def kv_event_sources(self, urls: list[str]) -> list[EventSource | None]:
+        """Each worker's KV-cache event source, for `kv_cache_hit` (default: as models.yaml
+        names them). Engines that launch publishing workers override this."""
+        return attach_sources(self.spec, urls)
 
     def _metrics_every(self, opts: UpstreamOptions) -> float:
         """How often the health loop scrapes a worker's /metrics: at every probe when a
@@ -287,6 +310,10 @@ class OpenAIEngine(Sender, EngineBase):
             for ep in self._endpoints:
                 ep.connect(headers, connect_s, read_s)
                 ep.adapter_slots = self._slots
+            if self._kv is not None:
+                await self._kv.start(
+                    self._endpoints, self.kv_event_sources(urls), self.spec.model, self.kv_tokenizer
+                )
             await self._wait_healthy(self.opts.start_timeout_s)
             await self.apply_start_adapters()
             self._health_task = asyncio.create_task(
@@ -299,6 +326,8 @@ class OpenAIEngine(Sender, EngineBase):
 
     async def stop(self) -> None:
         task, self._health_task = self._health_task, None
+        if self._kv is not None:
+            await self._kv.stop()
         if task is not None:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
@@ -399,6 +428,8 @@ class OpenAIEngine(Sender, EngineBase):
     async def complete(self, req: GenerateRequest) -> Completed:
         route = "chat" if req.route == "chat" else "completions"
         rreq = self._routing_request(req)
+        if self._kv is not None:
+            rreq = await self._kv.with_blocks(rreq, req.route, req.body, req.adapter)
         body = await self._request(
             route, self._encode(req.body, req.adapter), req.request_id, rreq, req
         )
@@ -431,13 +462,11 @@ class OpenAIEngine(Sender, EngineBase):
             finally:
                 await continued.aclose()
             return
+        rreq = self._routing_request(req)
+        if self._kv is not None:
+            rreq = await self._kv.with_blocks(rreq, req.route, req.body, req.adapter)
         ep, resp, data = await self._send(
-            route,
-            self._encode(req.body, req.adapter),
-            req.request_id,
-            True,
-            self._routing_request(req),
-            req,
+            route, self._encode(req.body, req.adapter), req.request_id, True, rreq, req
         )
         try:
             rename = self._rename if req.adapter is None else None
@@ -595,5 +624,6 @@ class OpenAIEngine(Sender, EngineBase):
                 "adapter_evictions": self.adapter_state.evictions,
                 "adapter_hits": self.adapter_state.hits,
                 "adapter_misses": self.adapter_state.misses,
+                **(self._kv.counters() if self._kv is not None else {}),
             },
         )

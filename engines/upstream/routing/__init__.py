@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from engines.upstream.routing.base import RoutingRequest, Scorer
 from engines.upstream.routing.kv_cache import KVCacheScorer
+from engines.upstream.routing.kv_cache_hit import KVCacheHitScorer
 from engines.upstream.routing.least_outstanding import LeastOutstandingScorer
 from engines.upstream.routing.lora_affinity import LoraAffinityScorer
 from engines.upstream.routing.prefix_affinity import PrefixAffinityScorer
@@ -34,6 +35,7 @@ SCORERS: dict[str, type[Scorer]] = {
     "least_outstanding": LeastOutstandingScorer,
     "queue_depth": QueueDepthScorer,
     "kv_cache": KVCacheScorer,
+    "kv_cache_hit": KVCacheHitScorer,
     "prefix_affinity": PrefixAffinityScorer,
     "session_affinity": SessionAffinityScorer,
     "lora_affinity": LoraAffinityScorer,
