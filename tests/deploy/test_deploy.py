@@ -28,7 +28,7 @@ from tests.conftest import REPO
 
 K8S_VERSION = "1.33.0"
 KUSTOMIZE = REPO / "deploy" / "kustomize"
-OVERLAYS = ("cpu", "gpu")
+OVERLAYS = ("cpu", "gpu", "redis-persistent", "redis-sentinel")
 
 
 def _kubectl() -> str:
@@ -84,13 +84,14 @@ def _pre_stop_s(container: dict[str, Any]) -> int:
     return int(command[1])
 
 
-def _assert_restricted(pod: dict[str, Any], where: str) -> None:
+def _assert_restricted(pod: dict[str, Any], where: str, claims: tuple[str, ...] = ()) -> None:
     sc = pod["securityContext"]
     assert sc["runAsNonRoot"] is True and sc.get("runAsUser", 1) != 0, where
     assert sc["seccompProfile"] == {"type": "RuntimeDefault"}, where
     assert not pod.get("hostNetwork") and not pod.get("hostPID"), where
     assert not any("hostPath" in v for v in pod.get("volumes", [])), where
     writable = {v["name"] for v in pod.get("volumes", []) if "emptyDir" in v}
+    writable |= set(claims)  # a StatefulSet's own PersistentVolumeClaims (Redis data)
     for c in pod["containers"]:
         csc = c["securityContext"]
         assert csc["allowPrivilegeEscalation"] is False, where
@@ -106,9 +107,13 @@ def _assert_restricted(pod: dict[str, Any], where: str) -> None:
 
 def test_restricted_pod_security_and_resources(objects: list[dict[str, Any]]) -> None:
     deployments = _by_kind(objects, "Deployment")
-    assert len(deployments) >= 2
+    assert len(deployments) >= 1
     for d in deployments:
         _assert_restricted(d["spec"]["template"]["spec"], d["metadata"]["name"])
+    for s in _by_kind(objects, "StatefulSet"):
+        claims = tuple(c["metadata"]["name"] for c in s["spec"].get("volumeClaimTemplates", []))
+        _assert_restricted(s["spec"]["template"]["spec"], s["metadata"]["name"], claims)
+    assert len(deployments) + len(_by_kind(objects, "StatefulSet")) >= 2
 
 
 def test_gateway_probes_shutdown_order_secret_and_image(objects: list[dict[str, Any]]) -> None:
@@ -130,8 +135,11 @@ def test_gateway_probes_shutdown_order_secret_and_image(objects: list[dict[str, 
     assert dep["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
     image = c["image"]
     assert ":" in image.rsplit("/", 1)[-1] and not image.endswith(":latest")
-    assert env["GATEWAY_REDIS_URL"] == "redis://llm-gateway-redis:6379/0"
-    _named(objects, "Service", "llm-gateway-redis")
+    if "GATEWAY_REDIS_SENTINELS" in env:  # test_redis_sentinel_overlay
+        assert env["GATEWAY_REDIS_URL"] == "redis://mymaster/0"
+    else:
+        assert env["GATEWAY_REDIS_URL"] == "redis://llm-gateway-redis:6379/0"
+        _named(objects, "Service", "llm-gateway-redis")
 
 
 def test_scaling_and_monitoring(objects: list[dict[str, Any]]) -> None:
@@ -166,6 +174,84 @@ def test_cpu_overlay_ships_the_repository_models_yaml() -> None:
     source = (REPO / "models.yaml").read_text()
     assert _models_file(objects) == source
     assert (KUSTOMIZE / "base" / "models.yaml").read_text() == source
+
+
+def _argv(container: dict[str, Any]) -> list[str]:
+    return [*container.get("command", []), *container.get("args", [])]
+
+
+def test_redis_persistent_overlay_keeps_its_data_on_a_claim() -> None:
+    objects = render(KUSTOMIZE / "overlays" / "redis-persistent")
+    assert [d["metadata"]["name"] for d in _by_kind(objects, "Deployment")] == ["llm-gateway"]
+    sts = _named(objects, "StatefulSet", "llm-gateway-redis")
+    (c,) = sts["spec"]["template"]["spec"]["containers"]
+    argv = _argv(c)
+    assert argv[argv.index("--appendonly") + 1] == "yes"
+    assert argv[argv.index("--maxmemory-policy") + 1] == "noeviction"  # never drop a ledger
+    (claim,) = sts["spec"]["volumeClaimTemplates"]
+    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+    assert mounts[argv[argv.index("--dir") + 1]] == claim["metadata"]["name"]
+    svc = _named(objects, "Service", "llm-gateway-redis")  # the URL in the base reaches it
+    assert svc["spec"]["selector"] == sts["spec"]["selector"]["matchLabels"]
+
+
+def test_redis_sentinel_overlay(tmp_path: Path) -> None:
+    from gateway.settings import Settings
+    from gateway.state_store.target import RedisTarget
+
+    objects = render(KUSTOMIZE / "overlays" / "redis-sentinel")
+    (gw,) = _named(objects, "Deployment", "llm-gateway")["spec"]["template"]["spec"]["containers"]
+    env = _env(gw)
+    target = RedisTarget.from_settings(
+        Settings(
+            redis_url=env["GATEWAY_REDIS_URL"],
+            redis_sentinels=env["GATEWAY_REDIS_SENTINELS"],
+            redis_sentinel_master=env["GATEWAY_REDIS_SENTINEL_MASTER"],
+        )
+    )
+    # The gateway lists every sentinel pod by its stable name under a headless Service.
+    sentinels = _named(objects, "StatefulSet", "llm-gateway-redis-sentinel")
+    spec = sentinels["spec"]
+    headless = _named(objects, "Service", spec["serviceName"])
+    assert headless["spec"]["clusterIP"] == "None"
+    assert headless["spec"]["selector"] == spec["selector"]["matchLabels"]
+    (sc,) = spec["template"]["spec"]["containers"]
+    (port,) = [p["containerPort"] for p in sc["ports"]]
+    name = sentinels["metadata"]["name"]
+    assert target.sentinels == tuple(
+        (f"{name}-{i}.{spec['serviceName']}", port) for i in range(spec["replicas"])
+    )
+    assert spec["replicas"] == 3
+    # Two data nodes on claims, reachable only by their own names (no Service that
+    # would also send the gateway to the replica).
+    data = _named(objects, "StatefulSet", "llm-gateway-redis")
+    assert data["spec"]["replicas"] == 2 and data["spec"]["volumeClaimTemplates"]
+    data_headless = _named(objects, "Service", data["spec"]["serviceName"])
+    assert data_headless["spec"]["clusterIP"] == "None"
+    labels = data["spec"]["selector"]["matchLabels"]
+    assert [s for s in _by_kind(objects, "Service") if s["spec"]["selector"] == labels] == [
+        data_headless
+    ]
+    (cm,) = [
+        o
+        for o in _by_kind(objects, "ConfigMap")
+        if o["metadata"]["name"].startswith("llm-gateway-redis-scripts")
+    ]
+    scripts = cm["data"]
+    primary0 = f"llm-gateway-redis-0.{data['spec']['serviceName']}"
+    quorum = 2
+    assert (
+        f"sentinel monitor {target.sentinel_master} $primary 6379 {quorum}\n"
+        in (scripts["start-sentinel.sh"])
+    )
+    assert quorum > spec["replicas"] // 2
+    assert "--min-replicas-to-write 1" in scripts["start-redis.sh"]
+    for script in ("start-redis.sh", "start-sentinel.sh"):
+        assert primary0 in scripts[script]
+        assert f"get-master-addr-by-name {target.sentinel_master}" in scripts[script]
+        (tmp_path / script).write_text(scripts[script])
+        done = subprocess.run(["sh", "-n", str(tmp_path / script)], capture_output=True)
+        assert done.returncode == 0, done.stderr
 
 
 def _render_gpu_module() -> Any:
