@@ -111,7 +111,15 @@ class RedisNode:
         log = (self.dir / "redis.log").open("ab")
         self.proc = subprocess.Popen([*argv, *self.args], stdout=log, stderr=subprocess.STDOUT)
         log.close()
-        _wait(f"redis-server on {self.port}", lambda: self.client().ping())
+
+        def up() -> bool:
+            # A build without TLS exits at once: say why rather than time out.
+            assert self.proc is not None and self.proc.poll() is None, (
+                self.dir / "redis.log"
+            ).read_text()[-1500:]
+            return bool(self.client().ping())
+
+        _wait(f"redis-server on {self.port}", up)
         return self
 
     def client(self, **kw: Any) -> redis.Redis:

@@ -100,7 +100,6 @@ def _scripts_run(node: RedisNode) -> int:
 def test_sentinel_failover_under_load(
     policy: str, models: list[dict[str, Any]], tmp_path: Path
 ) -> None:
-    began = time.monotonic()
     # With one replica, min-replicas-to-write 1 makes the old primary refuse writes the
     # moment its replica is promoted (its replica link closes): nothing it acknowledges
     # is lost when Sentinel turns it into a replica of the new one.
@@ -184,7 +183,6 @@ def test_sentinel_failover_under_load(
         with second.client() as r:
             (key,) = r.keys(f"{PREFIX}:use:{made['id']}:*")
             assert int(r.hget(key, "m\x1frequests_full") or 0) == ok
-        assert time.monotonic() - began < 60
     finally:
         if server is not None:
             server.stop()
