@@ -233,6 +233,18 @@ class Engine(Protocol):
 
     async def embed(self, req: EmbedRequest) -> Completed: ...
 
+    async def tokenize(self, body: dict[str, Any]) -> dict[str, Any]:
+        """vLLM's `POST /tokenize`: `body` has `prompt` (a string) or chat `messages`
+        (+ `add_generation_prompt`, `continue_final_message`, `tools`),
+        `add_special_tokens`, `return_token_strs`; the answer is `{"count",
+        "max_model_len", "tokens", "token_strs"}` with the model's own tokenizer (and chat
+        template). Optional: `EngineBase` refuses it."""
+        ...
+
+    async def detokenize(self, body: dict[str, Any]) -> dict[str, Any]:
+        """vLLM's `POST /detokenize`: `body["tokens"]` → `{"prompt": text}`."""
+        ...
+
     async def load_adapter(self, name: str, path: str) -> None: ...
 
     async def unload_adapter(self, name: str) -> None: ...
@@ -260,9 +272,9 @@ def _no_progress(*_args: Any, **_kw: Any) -> None:
 
 class EngineBase:
     """Default behaviour for the `Engine` contract: accepts every spec, launches and
-    prefetches nothing, serves no embeddings and no adapters (each refused with a clear
-    error). Subclasses override what they do; `complete`, `stream` and `status` have no
-    sensible default and must be written."""
+    prefetches nothing, serves no embeddings, no adapters and no /tokenize (each refused
+    with a clear error). Subclasses override what they do; `complete`, `stream` and
+    `status` have no sensible default and must be written."""
 
     def __init__(self, spec: ModelSpec, context: EngineContext | None = None) -> None:
         self.spec = spec
@@ -296,6 +308,20 @@ class EngineBase:
     async def embed(self, req: EmbedRequest) -> Completed:
         raise InvalidRequest(
             f"The model `{self.spec.name}` does not serve embeddings.", param="model"
+        )
+
+    async def tokenize(self, body: dict[str, Any]) -> dict[str, Any]:
+        raise InvalidRequest(
+            f"The model `{self.spec.name}` does not serve /tokenize (its engine has no "
+            "tokenizer the gateway can reach).",
+            param="model",
+        )
+
+    async def detokenize(self, body: dict[str, Any]) -> dict[str, Any]:
+        raise InvalidRequest(
+            f"The model `{self.spec.name}` does not serve /detokenize (its engine has no "
+            "tokenizer the gateway can reach).",
+            param="model",
         )
 
     async def load_adapter(self, name: str, path: str) -> None:

@@ -20,7 +20,7 @@ from typing import Any, Literal
 from engines.errors import InvalidRequest
 from engines.spec import ModelSpec, RequestFieldsSpec
 
-Route = Literal["chat", "completions", "embeddings"]
+Route = Literal["chat", "completions", "embeddings", "responses"]
 
 # openai 3.57: openai/types/chat/completion_create_params.py (CompletionCreateParamsBase
 # and its streaming / non-streaming subclasses' `stream`).
@@ -90,10 +90,50 @@ COMPLETION_FIELDS = frozenset(
 )
 # openai/types/embedding_create_params.py
 EMBEDDING_FIELDS = frozenset({"dimensions", "encoding_format", "input", "model", "user"})
+# openai 3.63: ResponseCreateParamsBase and its subclasses' `stream`.
+RESPONSES_FIELDS = frozenset(
+    {
+        "access_programs",
+        "background",
+        "background_options",
+        "context_management",
+        "conversation",
+        "image",
+        "include",
+        "input",
+        "instructions",
+        "max_output_tokens",
+        "max_tool_calls",
+        "metadata",
+        "model",
+        "moderation",
+        "parallel_tool_calls",
+        "previous_response_id",
+        "prompt",
+        "prompt_cache_key",
+        "prompt_cache_options",
+        "prompt_cache_retention",
+        "reasoning",
+        "safety_identifier",
+        "service_tier",
+        "store",
+        "stream",
+        "stream_options",
+        "temperature",
+        "text",
+        "tool_choice",
+        "tools",
+        "top_logprobs",
+        "top_p",
+        "truncation",
+        "user",
+    }
+)
 ROUTE_FIELDS: dict[Route, frozenset[str]] = {
     "chat": CHAT_FIELDS,
     "completions": COMPLETION_FIELDS,
     "embeddings": EMBEDDING_FIELDS,
+    "responses": RESPONSES_FIELDS,
 }
 # The union of openai/types/chat/chat_completion_*_message_param.py.
 MESSAGE_FIELDS = frozenset(

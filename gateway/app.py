@@ -95,6 +95,7 @@ def create_app(settings: Settings | None = None, catalog: Catalog | None = None)
             await gateway.served.stop()
             gateway.access_log.flush()
             await gateway.tenancy.close()
+            await gateway.responses.close()
 
     app = FastAPI(
         title="LLM gateway",

@@ -16,6 +16,7 @@ from pydantic.json_schema import models_json_schema
 
 from gateway.keys import KeyPolicy
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from gateway.responses.protocol import ResponsesRequest
 
 REF = "#/components/schemas/{model}"
 
@@ -195,6 +196,76 @@ class ApiKeyUsage(_Doc):
     reserved_tokens: int
 
 
+class ResponseUsage(_Doc):
+    input_tokens: int
+    input_tokens_details: dict[str, int] = Field(description="cached_tokens, cache_write_tokens")
+    output_tokens: int
+    output_tokens_details: dict[str, int] = Field(description="reasoning_tokens")
+    total_tokens: int
+
+
+class ResponseObject(_Doc):
+    """A Response (`/v1/responses`); streamed, `event:`/`data:` pairs of its events
+    (response.created … response.completed, each with a `sequence_number`)."""
+
+    id: str
+    object: Literal["response"] = "response"
+    created_at: float
+    status: Literal["completed", "incomplete", "failed", "in_progress"]
+    model: str
+    output: list[dict[str, Any]] = Field(
+        description="`message` items (output_text parts) and `function_call` items"
+    )
+    previous_response_id: str | None = None
+    instructions: str | None = None
+    error: dict[str, Any] | None = None
+    incomplete_details: dict[str, Any] | None = None
+    usage: ResponseUsage | None = None
+    metadata: dict[str, str] = Field(default_factory=dict)
+
+
+class ResponseDeleted(_Doc):
+    id: str
+    object: Literal["response.deleted"] = "response.deleted"
+    deleted: bool
+
+
+class ResponseItemList(_Doc):
+    object: Literal["list"] = "list"
+    data: list[dict[str, Any]] = Field(description="input items: messages, function calls…")
+    first_id: str | None = None
+    last_id: str | None = None
+    has_more: bool
+
+
+class TokenizeRequest(_Doc):
+    """vLLM's: a `prompt` or chat `messages` (then the model's chat template applies)."""
+
+    model: str | None = Field(default=None, description="optional with one generate model")
+    prompt: str | None = None
+    messages: list[dict[str, Any]] | None = None
+    add_special_tokens: bool | None = None
+    add_generation_prompt: bool | None = None
+    continue_final_message: bool | None = None
+    return_token_strs: bool | None = None
+
+
+class TokenizeResponse(_Doc):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(_Doc):
+    model: str | None = None
+    tokens: list[int]
+
+
+class DetokenizeResponse(_Doc):
+    prompt: str
+
+
 class Status(_Doc):
     """What the status page (/ui) shows: per model its state, queue, adapters and workers;
     request counts and cumulative latency histograms."""
@@ -208,6 +279,14 @@ MODELS: list[type[BaseModel]] = [
     ChatCompletionRequest,
     CompletionRequest,
     EmbeddingRequest,
+    ResponsesRequest,
+    ResponseObject,
+    ResponseDeleted,
+    ResponseItemList,
+    TokenizeRequest,
+    TokenizeResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
     LoadLoraAdapterRequest,
     UnloadLoraAdapterRequest,
     ErrorResponse,
@@ -302,6 +381,22 @@ _KEY_ID = {
 }
 
 
+_RESPONSE_ID = {
+    "name": "response_id",
+    "in": "path",
+    "required": True,
+    "description": "a response id (`resp_…`) this key created",
+    "schema": {"type": "string"},
+}
+_PAGE = [
+    {"name": "order", "in": "query", "required": False,
+     "schema": {"type": "string", "enum": ["asc", "desc"], "default": "desc"}},
+    {"name": "limit", "in": "query", "required": False,
+     "schema": {"type": "integer", "minimum": 1, "maximum": 100, "default": 20}},
+    {"name": "after", "in": "query", "required": False, "schema": {"type": "string"}},
+]  # fmt: skip
+
+
 def _text(description: str, media: str = "text/plain") -> dict[str, Any]:
     return {"description": description, "content": {media: {"schema": {"type": "string"}}}}
 
@@ -334,6 +429,36 @@ def build_openapi(title: str, version: str) -> dict[str, Any]:
                 "responses": {"200": _json(EmbeddingList, "the embeddings"), **_ERRORS},
             }
         },
+        "/v1/responses": _generate(
+            "Create a response (chat completions underneath; stored per key unless "
+            "`store: false`)", ResponsesRequest, ResponseObject, ResponseObject,
+        ),
+        "/v1/responses/{response_id}": {
+            **_simple("get", "A stored response of this key", "OpenAI API",
+                      _json(ResponseObject, "the response"), parameters=[_RESPONSE_ID],
+                      **keyed),
+            **_simple("delete", "Delete a stored response of this key", "OpenAI API",
+                      _json(ResponseDeleted, "deleted"), parameters=[_RESPONSE_ID], **keyed),
+        },
+        "/v1/responses/{response_id}/input_items": _simple(
+            "get", "The items a stored response answered (its chain's, then its input)",
+            "OpenAI API", _json(ResponseItemList, "a page of items"),
+            parameters=[_RESPONSE_ID, *_PAGE], **keyed,
+        ),
+        "/tokenize": _simple(
+            "post", "Tokenize a prompt or chat messages with the model's tokenizer (vLLM's)",
+            "OpenAI API", _json(TokenizeResponse, "the tokens"),
+            requestBody={"required": True, "content": {"application/json": {
+                "schema": _ref(TokenizeRequest)}}},
+            **keyed,
+        ),
+        "/detokenize": _simple(
+            "post", "Token ids back to text (vLLM's)", "OpenAI API",
+            _json(DetokenizeResponse, "the text"),
+            requestBody={"required": True, "content": {"application/json": {
+                "schema": _ref(DetokenizeRequest)}}},
+            **keyed,
+        ),
         "/v1/models": _simple(
             "get", "List the served models and adapters", "OpenAI API",
             _json(ModelList, "base models, then adapters"), **keyed,

@@ -76,6 +76,11 @@ class Settings(BaseSettings):
     # connections evenly (gateway.server_limits.reuse_port_socket); false: one shared
     # socket, whose pending connections survive a front door's death.
     reuse_port: bool = True
+    # Stored responses of /v1/responses (gateway.responses.store), per API key: kept this
+    # long (OpenAI keeps them 30 days), and at most this many bytes per key, the oldest
+    # evicted first. In this process's memory, or in Redis when GATEWAY_REDIS_URL is set.
+    responses_ttl_s: int = Field(default=30 * 24 * 3600, ge=1)
+    responses_max_bytes_per_key: int = Field(default=64 * 1024 * 1024, ge=1024)
 
     # Request bounds, checked before anything reaches an engine.
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)

@@ -20,6 +20,7 @@ from gateway.catalog import Catalog
 from gateway.ids import RequestIds
 from gateway.limits import Tenancy
 from gateway.metrics import Metrics
+from gateway.responses.store import make_store
 from gateway.served import ServedModels
 from gateway.settings import Settings
 
@@ -57,3 +58,5 @@ class Gateway:
         self.tenancy = Tenancy(settings, self.metrics)
         # Adapter desired state shared with the other front doors (gateway.adapter_sync).
         self.adapter_sync = AdapterSync(self.served, self.tenancy, enabled=bool(settings.redis_url))
+        # Stored responses of /v1/responses, per key (gateway.responses.store).
+        self.responses = make_store(settings)

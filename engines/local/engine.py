@@ -415,6 +415,29 @@ class LocalEngine(EngineBase):
         assert self._grammar_tok is not None
         return self._grammar_tok
 
+    # ------------------------------------------------------------------ tokenize
+
+    def _tokenizer(self) -> Any:
+        if self.spec.task != "generate":
+            raise InvalidRequest(
+                f"The model `{self.spec.name}` is an embedding model; /tokenize serves "
+                "generate models.",
+                param="model",
+            )
+        if self._tok is None or not self._ready:
+            raise EngineUnavailable(f"model {self.spec.name!r} is not ready")
+        return self._tok
+
+    async def tokenize(self, body: dict[str, Any]) -> dict[str, Any]:
+        from engines.local.tokens import tokenize
+
+        return tokenize(self._tokenizer(), body, self._context_len)
+
+    async def detokenize(self, body: dict[str, Any]) -> dict[str, Any]:
+        from engines.local.tokens import detokenize
+
+        return detokenize(self._tokenizer(), body, self._vocab)
+
     # ------------------------------------------------------------------ embed
 
     async def embed(self, req: EmbedRequest) -> Completed:

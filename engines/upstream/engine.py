@@ -535,6 +535,31 @@ class OpenAIEngine(Sender, EngineBase):
         """An error sent with status 200 (in a stream, or a body): its own code decides."""
         return self.normalise_error(error_status_of_event(obj), raw)
 
+    # ------------------------------------------------------------------ tokenize
+
+    async def tokenize(self, body: dict[str, Any]) -> dict[str, Any]:
+        return await self._token_call("/tokenize", body)
+
+    async def detokenize(self, body: dict[str, Any]) -> dict[str, Any]:
+        return await self._token_call("/detokenize", body)
+
+    async def _token_call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """vLLM's /tokenize or /detokenize, relayed to the least busy serving worker (a
+        cold path: the aiohttp session; a worker without the route answers its own 404)."""
+        session = self._session
+        serving = [ep for ep in self._endpoints if ep.healthy and not ep.ejected]
+        if session is None or not serving:
+            raise self._no_worker()
+        ep = min(serving, key=lambda e: e.outstanding)
+        try:
+            async with session.post(ep.url + path, data=self._encode(body, None)) as resp:
+                status, raw = resp.status, await resp.read()
+        except (aiohttp.ClientError, TimeoutError) as e:
+            raise UpstreamError(f"model {self.spec.name!r}: a worker did not answer {path}") from e
+        if status != 200:
+            raise self.normalise_error(status, raw)
+        return self._decode(raw)
+
     # ------------------------------------------------------------------ hooks
 
     def transform_response(self, obj: dict[str, Any]) -> dict[str, Any]:

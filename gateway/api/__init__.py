@@ -15,7 +15,17 @@ from typing import TYPE_CHECKING, Any
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from gateway.api import adapters, admin, embeddings, generate, models, ops, status
+from gateway.api import (
+    adapters,
+    admin,
+    embeddings,
+    generate,
+    models,
+    ops,
+    responses,
+    status,
+    tokens,
+)
 
 if TYPE_CHECKING:
     from gateway.state import Gateway
@@ -27,6 +37,7 @@ HOT: dict[str, HotHandler] = {
     "/v1/chat/completions": generate.chat_completions,
     "/v1/completions": generate.completions,
     "/v1/embeddings": embeddings.embeddings,
+    "/v1/responses": responses.create,
 }
 
 # The status page: plain files, no build step.
@@ -35,6 +46,11 @@ UI_DIR = Path(__file__).resolve().parent.parent / "ui"
 COLD: list[BaseRoute] = [
     Route("/v1/models", models.list_models, methods=["GET"]),
     Route("/v1/models/{model_id:path}", models.get_model, methods=["GET"]),
+    Route("/v1/responses/{response_id}", responses.retrieve, methods=["GET"]),
+    Route("/v1/responses/{response_id}", responses.delete, methods=["DELETE"]),
+    Route("/v1/responses/{response_id}/input_items", responses.input_items, methods=["GET"]),
+    Route("/tokenize", tokens.tokenize, methods=["POST"]),
+    Route("/detokenize", tokens.detokenize, methods=["POST"]),
     Route("/v1/load_lora_adapter", adapters.load_lora_adapter, methods=["POST"]),
     Route("/v1/unload_lora_adapter", adapters.unload_lora_adapter, methods=["POST"]),
     Route("/health", ops.health, methods=["GET"]),

@@ -54,9 +54,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("gateway.api")
 
-# Screen a body for one route: (gateway, body, target) → the parsed request. May rewrite
-# the body in place (defaults, dropped fields) and may await (media host checks).
-Screen = Callable[["Gateway", dict[str, Any], "Target"], Awaitable[Any]]
+# Screen a body for one route: (gateway, the call so far: body, target, tenant) → the
+# parsed request. May rewrite `call.body` in place (defaults, dropped fields; a Responses
+# request becomes its chat body) and may await (media host checks, stored responses).
+Screen = Callable[["Gateway", "Call"], Awaitable[Any]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,7 +120,8 @@ async def admit(
         record.model = spec.name
         if spec.task != kind.task:
             raise InvalidRequest(_WRONG_TASK[kind.task].format(spec.name), param="model")
-        parsed = await kind.screen(gw, body, target)
+        call = Call(record, inc, body, None, target, tenant)
+        call.parsed = await kind.screen(gw, call)
         if tenant is not None:
             record.ticket = await gw.tenancy.admit(tenant, spec.name, body)
         if kind.salted:
@@ -138,7 +140,7 @@ async def admit(
         await error_response(exc, rid)(scope, receive, send)
         return None
     record.adapter = target.adapter
-    return Call(record, inc, body, parsed, target, tenant)
+    return call
 
 
 def engine_failure(exc: Exception, call: Call) -> ServingError:

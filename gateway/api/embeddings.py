@@ -8,18 +8,17 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from engines.base import EmbedRequest
-from gateway.api.admit import RouteKind, admit, answer_json, engine_failure
+from gateway.api.admit import Call, RouteKind, admit, answer_json, engine_failure
 from gateway.api.requests import Receive, Scope, error_response
 from gateway.protocol import embedding_inputs, validate_embedding
 from gateway.streaming import Send
 
 if TYPE_CHECKING:
-    from gateway.served import Target
     from gateway.state import Gateway
 
 
-async def _screen(gw: Gateway, body: dict[str, Any], target: Target) -> Any:
-    return validate_embedding(body, target.spec, gw.settings)
+async def _screen(gw: Gateway, call: Call) -> Any:
+    return validate_embedding(call.body, call.target.spec, gw.settings)
 
 
 EMBEDDINGS = RouteKind("embeddings", "embed", _screen)

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal
 
-from engines.base import EngineStream, GenerateRequest
+from engines.base import Completed, EngineStream, GenerateRequest, ServingError
 from gateway.api.admit import Call, RouteKind, admit, answer_json, engine_failure, server_timing
 from gateway.api.requests import Receive, Scope, error_response
 from gateway.media import check_hosts
@@ -28,7 +29,7 @@ if TYPE_CHECKING:
 # How long a request may run before a task starts watching for the client leaving.
 WATCH_DELAY_S = 0.02
 
-_SSE_HEADERS = [
+SSE_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
     (b"cache-control", b"no-cache"),
     (b"x-accel-buffering", b"no"),
@@ -51,7 +52,8 @@ def _defaults(gw: Gateway, body: dict[str, Any], target: Target) -> None:
         body["max_tokens"] = spec.max_tokens_default
 
 
-async def _screen_chat(gw: Gateway, body: dict[str, Any], target: Target) -> Any:
+async def _screen_chat(gw: Gateway, call: Call) -> Any:
+    body, target = call.body, call.target
     _defaults(gw, body, target)
     hosts: dict[str, str] = {}
     parsed = validate_chat(body, target.spec, gw.settings, hosts)
@@ -60,9 +62,9 @@ async def _screen_chat(gw: Gateway, body: dict[str, Any], target: Target) -> Any
     return parsed
 
 
-async def _screen_completion(gw: Gateway, body: dict[str, Any], target: Target) -> Any:
-    _defaults(gw, body, target)
-    return validate_completion(body, target.spec, gw.settings)
+async def _screen_completion(gw: Gateway, call: Call) -> Any:
+    _defaults(gw, call.body, call.target)
+    return validate_completion(call.body, call.target.spec, gw.settings)
 
 
 CHAT = RouteKind("chat", "generate", _screen_chat, salted=True)
@@ -99,20 +101,47 @@ def engine_request(call: Call, route: Literal["chat", "completions"]) -> Generat
     return req
 
 
-async def generate(
-    gw: Gateway, kind: RouteKind, scope: Scope, receive: Receive, send: Send
-) -> None:
-    call = await admit(gw, kind, scope, receive, send)
-    if call is None:
-        return
-    parsed, record = call.parsed, call.record
-    stream = record.stream = bool(parsed.stream)
-    want_usage = bool(stream and parsed.stream_options and parsed.stream_options.include_usage)
-    req = engine_request(call, "chat" if kind is CHAT else "completions")
-    engine = call.target.engine
+class Answer:
+    """What the engine gave an admitted call: a whole body (`done`), or a stream's first
+    block and the rest (`first`, `agen`), with the request's disconnect watch handed over
+    (a whole body's is closed already) and the time the engine took to it."""
+
+    __slots__ = ("agen", "done", "first", "upstream_s", "watch")
+
+    def __init__(
+        self,
+        done: Completed | None,
+        first: bytes,
+        agen: EngineStream | None,
+        watch: DisconnectWatch,
+        upstream_s: float,
+    ):
+        self.done = done
+        self.first = first
+        self.agen = agen
+        self.watch = watch
+        self.upstream_s = upstream_s
+
+
+async def call_engine(
+    call: Call,
+    req: GenerateRequest,
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    rename: Callable[[ServingError], None] | None = None,
+) -> Answer | None:
+    """Call the engine for an admitted generate call: the whole body, or the stream's
+    first block. None when the request is over already — the engine failed before its
+    first byte (answered here with the error, after `rename` adjusts it for the route) or
+    the client left — its record then finished."""
+    record, engine = call.record, call.target.engine
+    stream = record.stream
     watch = DisconnectWatch(receive, delay=WATCH_DELAY_S, send=send)
     upstream_start = time.perf_counter()
     agen: EngineStream | None = None
+    done: Completed | None = None
+    first = b""
     handed = False  # a stream's relay takes the watch over (one per request)
     try:
         if not stream:
@@ -132,31 +161,56 @@ async def generate(
             if not watch.absorb():
                 raise
             record.finished(None, None, True)
-            return
+            return None
         if not isinstance(exc, Exception):
             raise
         error = engine_failure(exc, call)
+        if rename is not None:
+            rename(error)
         record.finished(None, error, False)
         await error_response(error, call.rid)(scope, receive, send)
-        return
+        return None
     finally:
         if not handed:
             watch.close()
+    return Answer(done, first, agen, watch, upstream_s)
 
-    if not stream:
+
+async def generate(
+    gw: Gateway, kind: RouteKind, scope: Scope, receive: Receive, send: Send
+) -> None:
+    call = await admit(gw, kind, scope, receive, send)
+    if call is None:
+        return
+    parsed, record = call.parsed, call.record
+    stream = record.stream = bool(parsed.stream)
+    want_usage = bool(stream and parsed.stream_options and parsed.stream_options.include_usage)
+    req = engine_request(call, "chat" if kind is CHAT else "completions")
+    answer = await call_engine(call, req, scope, receive, send)
+    if answer is None:
+        return
+    upstream_s = answer.upstream_s
+    done = answer.done
+    if done is not None:
         record.tails = (done.body,)
         record.finished(done.usage, None, False)
         await answer_json(call, done.body, upstream_s)(scope, receive, send)
         return
     record.first_chunk(time.perf_counter())
-    assert agen is not None
+    assert answer.agen is not None
     headers = [
-        *_SSE_HEADERS,
+        *SSE_HEADERS,
         (b"x-request-id", call.rid.encode()),
         (b"server-timing", server_timing(call, upstream_s)),
     ]
     if record.ticket is not None:
         headers += record.ticket.headers
     await RelayResponse(
-        first, agen, want_usage=want_usage, headers=headers, observer=record, req=req, watch=watch
+        answer.first,
+        answer.agen,
+        want_usage=want_usage,
+        headers=headers,
+        observer=record,
+        req=req,
+        watch=answer.watch,
     )(scope, receive, send)
