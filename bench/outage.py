@@ -87,7 +87,13 @@ def main() -> None:
                 "name": "m",
                 "engine": "openai",
                 "endpoints": [f"http://127.0.0.1:{p}" for p in workers],
-                "options": {"eject_after_failures": 1, "eject_base_s": 600},
+                # panic_threshold null: the fast-fail 503, not panic routing to the
+                # ejected workers (the default when all are ejected).
+                "options": {
+                    "eject_after_failures": 1,
+                    "eject_base_s": 600,
+                    "panic_threshold": None,
+                },
             }
             cfg.write_text(json.dumps({"models": [model]}))  # JSON is YAML
             gw = free_port()

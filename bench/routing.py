@@ -92,6 +92,7 @@ async def engine_for(
     scorers: dict[str, float],
     lora: dict[str, Any] | None = None,
     load_factor: float = 1.25,
+    **options: Any,
 ) -> OpenAIEngine:
     from engines.spec import ModelSpec
     from engines.upstream.engine import OpenAIEngine
@@ -103,7 +104,7 @@ async def engine_for(
             "endpoints": [s.url for s in servers],
             "routing": {"scorers": scorers, "load_factor": load_factor},
             "lora": lora,
-            "options": {"health_interval_s": 0.5},
+            "options": {"health_interval_s": 0.5, **options},
         }
     )
     e = OpenAIEngine(spec)
@@ -384,7 +385,8 @@ async def fast_fail(calls: int) -> None:
     from engines.base import EngineUnavailable
 
     servers = await fleet()
-    engine = await engine_for(servers, {"least_outstanding": 1})
+    # panic_threshold null: the fast-fail, not panic routing to the ejected workers.
+    engine = await engine_for(servers, {"least_outstanding": 1}, panic_threshold=None)
     try:
         for ep in engine._endpoints:
             engine.outliers.eject(ep, asyncio.get_running_loop().time() + 600)

@@ -94,11 +94,13 @@ class _EngineCollector(Collector):
             labels=["model", "worker"],
         )
         # Failure handling and placement (engine counters, `EngineStatus.counters`): retries,
-        # retry_budget_exhausted, ejections, wedged, continuations (mid-stream),
+        # retry_budget_exhausted, ejections, wedged, fast_fails, panic_routes (attempts sent
+        # to ejected workers because too many were ejected), continuations (mid-stream),
         # adapter_loads / evictions / hits / misses, start_failures.
         events = CounterMetricFamily(
             "gateway_engine_events",
-            "Engine events by kind (retries, budget exhaustion, ejections, adapter loads...)",
+            "Engine events by kind (retries, budget exhaustion, ejections, panic routes, "
+            "adapter loads...)",
             labels=["model", "event"],
         )
         ejected = GaugeMetricFamily(
@@ -120,7 +122,7 @@ class _EngineCollector(Collector):
             "gateway_routing_decisions",
             "Workers chosen, by the rule that decided (least_loaded, prefix_affinity, "
             "session_affinity, lora_held, lora_placed, bounded_load_overflow, tie, retry, "
-            "only_choice)",
+            "only_choice, panic)",
             labels=["model", "reason"],
         )
         for model, st in self._statuses().items():

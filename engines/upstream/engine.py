@@ -644,6 +644,7 @@ class OpenAIEngine(Sender, EngineBase):
                 "ejections": sum(ep.ejections for ep in self._endpoints),
                 "wedged": self.health.wedged,
                 "fast_fails": self.fast_fails,
+                "panic_routes": self.panic_routes,
                 "continuations": self.continuations,
                 "adapter_loads": self.adapter_state.loads,
                 "adapter_evictions": self.adapter_state.evictions,

@@ -6,7 +6,7 @@ marking workers healthy or down, re-applying adapters to a worker that comes bac
 a callback), re-admitting an ejected worker half-open once its ejection time is up and a
 probe passes, and treating a probe that hangs while requests are in flight as a wedged
 worker: it is ejected and its in-flight requests are failed at once (streams end with an
-error event). It also rolls the retry budget's window.
+error event). It also deposits the retry budget's requests every round.
 
 A worker that does not serve the model's name is misconfigured, not healthy: its
 `/v1/models` (vLLM, SGLang and LMDeploy list their served names) is read when it comes up
@@ -74,7 +74,9 @@ class HealthChecks:
         self.read_metrics = read_metrics
         self.on_back = on_back
         self.outliers = outliers
+        # The retry budget's tokens live `retry_budget_window_s`; this loop deposits them.
         self.budget = budget
+        budget.ttl_s = opts.retry_budget_window_s
         self.timeout = aiohttp.ClientTimeout(total=opts.health_timeout_s)
         self.wedged = 0
 
@@ -87,14 +89,9 @@ class HealthChecks:
         endpoints: Callable[[], Sequence[Endpoint]],
     ) -> None:
         interval = self.opts.health_interval_s
-        window = self.opts.retry_budget_window_s
-        loop = asyncio.get_running_loop()
-        rolled = loop.time()
         while True:
             await asyncio.sleep(interval)
-            if loop.time() - rolled >= window:
-                self.budget.roll()
-                rolled = loop.time()
+            self.budget.roll()
             s = session()
             if s is None:
                 continue

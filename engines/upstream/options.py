@@ -1,8 +1,8 @@
 """The `options:` every engine that relays to OpenAI-compatible workers accepts.
 
-Owns timeouts, health-check knobs, the retry budget, outlier-ejection knobs and request-id
-forwarding for the upstream hop. The launched engines (`engines.launch`) and the simulator
-engine extend this model.
+Owns timeouts, health-check knobs, the retry budget, outlier-ejection and panic-routing
+knobs and request-id forwarding for the upstream hop. The launched engines
+(`engines.launch`) and the simulator engine extend this model.
 
 Timeouts (never a total on a stream): `connect_timeout_s` (TCP connect), `first_byte_timeout_s`
 (a stream's status line, headers and first body bytes; past it the request is retried on
@@ -34,8 +34,11 @@ class UpstreamOptions(EngineOptions):
     # long generation arrives only at its end, so this is generous.
     read_timeout_s: float = Field(default=600.0, gt=0)
     # Retries on another worker before the first byte reaches the client (per request), and
-    # the budget over all requests: retries ≤ max(retry_budget_min, ratio × requests) per
-    # `retry_budget_window_s` (`engines.upstream.outliers.RetryBudget`).
+    # the budget over all requests, a token bucket with a time-to-live (Finagle's): each
+    # request deposits `retry_budget_ratio` of a retry, each retry takes one, both count
+    # for `retry_budget_window_s`, and `retry_budget_min` retries per window are always
+    # allowed: retries in any window ≤ retry_budget_min + ratio × requests
+    # (`engines.upstream.outliers.RetryBudget`).
     max_retries: int = Field(default=2, ge=0, le=10)
     retry_budget_ratio: float = Field(default=0.2, ge=0, le=1)
     retry_budget_min: int = Field(default=3, ge=0)
@@ -47,6 +50,13 @@ class UpstreamOptions(EngineOptions):
     eject_after_failures: int = Field(default=5, ge=1)
     eject_base_s: float = Field(default=5.0, gt=0)
     eject_max_s: float = Field(default=300.0, gt=0)
+    # Panic routing (Envoy's panic threshold): when at least this share of the healthy
+    # workers (health probe passing) is ejected, route over all of them, ejected ones
+    # included, rather than answer 503: a lone worker that returned a few 5xx keeps
+    # serving. 1 (the default): only when every healthy worker is ejected; 0.5: when half
+    # or more are; null: never (fail fast with 503 + Retry-After). Counted as the engine
+    # event `panic_routes` and the routing reason `panic`.
+    panic_threshold: float | None = Field(default=1.0, gt=0, le=1)
     health_interval_s: float = Field(default=5.0, gt=0)
     # How often a health probe also scrapes the worker's /metrics. Unset: at every probe
     # when a routing scorer reads the workers' load (queue_depth, kv_cache), else every

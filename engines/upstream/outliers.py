@@ -7,14 +7,24 @@ path classifies answers: connect errors, resets, timeouts and 5xx that are not
 backpressure are failures; a 429 or a queue-full 503 never is) nor the health probes that
 re-admit (`engines.upstream.health`).
 
-The budget is Finagle's / Envoy's idea in its simplest rate form: within a window of
-`window_s`, retries ≤ max(minimum, ratio × requests). Under a sustained failure every
-request beyond the first few pays at most `ratio` extra attempts, so upstream attempts ÷
-requests stays ≤ 1 + ratio; a sporadic failure is always retried (the minimum). The window
-is rolled by the health loop, so the hot path never reads the clock for it.
+The budget is Finagle's `RetryBudget`: a token bucket whose tokens live `ttl_s`. Each
+request deposits `ratio` of a token, each retry withdraws one, and `minimum` retries per
+`ttl_s` are always allowed (a reserve; what it lends is paid back as its withdrawals
+expire). So in any `ttl_s`, retries ≤ minimum + ratio × requests: under a sustained
+failure upstream attempts ÷ requests stays ≤ 1 + ratio (plus the reserve), and a sporadic
+failure is always retried. Unlike the tumbling window it replaces (retries ≤ max(minimum,
+ratio × requests in the current 10 s window), both counts reset each window), nothing
+collapses at a window's start: a burst of failures at a fault draws on every request of
+the last `ttl_s`, so a worker that starts resetting connections under load has its
+requests retried on the others. The hot path only counts requests (`requests += 1`); they
+are deposited, with the time, when the health loop calls `roll()` (every probe round) or
+a retry is asked for, which is the one place that reads the clock.
 """
 
 from __future__ import annotations
+
+import time
+from collections import deque
 
 from engines.upstream.endpoints import Endpoint
 
@@ -22,30 +32,65 @@ __all__ = ["Outliers", "RetryBudget"]
 
 
 class RetryBudget:
-    """Retries ≤ max(minimum, ratio × requests) per window; `roll()` starts a new window."""
+    """Retries ≤ minimum + ratio × requests within any `ttl_s` (a token bucket with a
+    time-to-live). `roll()` deposits the requests counted since the last call."""
 
-    __slots__ = ("exhausted", "minimum", "ratio", "requests", "retries", "retries_total")
+    __slots__ = (
+        "_balance",
+        "_log",
+        "exhausted",
+        "minimum",
+        "ratio",
+        "requests",
+        "retries_total",
+        "ttl_s",
+    )
 
-    def __init__(self, ratio: float, minimum: int) -> None:
+    def __init__(self, ratio: float, minimum: int, ttl_s: float = 10.0) -> None:
         self.ratio = ratio
         self.minimum = minimum
+        self.ttl_s = ttl_s
+        # Requests since the last deposit (the only thing the hot path touches).
         self.requests = 0
-        self.retries = 0
+        # (time, +deposit or −withdrawal) within the last ttl_s, oldest first, and their sum.
+        self._log: deque[tuple[float, float]] = deque()
+        self._balance = 0.0
         # Totals for the metrics (never reset).
         self.retries_total = 0
         self.exhausted = 0
 
-    def try_retry(self) -> bool:
+    def roll(self, now: float | None = None) -> None:
+        """Deposit the requests counted since the last call and let expired entries go."""
+        if now is None:
+            now = time.monotonic()
+        log = self._log
+        if self.requests:
+            amount = self.ratio * self.requests
+            self.requests = 0
+            log.append((now, amount))
+            self._balance += amount
+        horizon = now - self.ttl_s
+        while log and log[0][0] <= horizon:
+            self._balance -= log.popleft()[1]
+        if not log:
+            self._balance = 0.0  # no float drift across idle periods
+
+    def available(self, now: float | None = None) -> float:
+        """Retries the budget would allow now."""
+        self.roll(now)
+        return self.minimum + self._balance
+
+    def try_retry(self, now: float | None = None) -> bool:
         """Spend one retry if the budget allows it."""
-        if self.retries < max(self.minimum, self.ratio * self.requests):
-            self.retries += 1
+        if now is None:
+            now = time.monotonic()
+        if self.available(now) >= 1.0 - 1e-9:
+            self._log.append((now, -1.0))
+            self._balance -= 1.0
             self.retries_total += 1
             return True
         self.exhausted += 1
         return False
-
-    def roll(self) -> None:
-        self.requests = self.retries = 0
 
 
 class Outliers:

@@ -8,9 +8,10 @@ went wrong (retriable before the first byte reaches the client: connect errors, 
 first-byte timeouts, 502/503/504 that are not backpressure), the retry budget and
 counting failures and successes toward outlier ejection (`engines.upstream.outliers`), the
 fast-fail 503 with Retry-After when no worker passes the filters, on-demand adapter
-placement before an attempt, and turning an error answer into a ServingError (the
-worker's Retry-After kept; URLs and bodies only in the log). Does not own relaying the
-answer (the engine) or routing decisions (`engines.upstream.routing`).
+placement before an attempt, panic routing (`options.panic_threshold`: ejected workers
+are picked too when too many are ejected), and turning an error answer into a
+ServingError (the worker's Retry-After kept; URLs and bodies only in the log). Does not
+own relaying the answer (the engine) or routing decisions (`engines.upstream.routing`).
 """
 
 from __future__ import annotations
@@ -71,6 +72,8 @@ class Sender:
     _on_demand: bool
     # Requests answered 503 at once because no worker passed the filters.
     fast_fails: int = 0
+    # Attempts routed in panic mode (`options.panic_threshold`): ejected workers included.
+    panic_routes: int = 0
 
     def normalise_error(self, status: int, body: bytes) -> ServingError:
         raise NotImplementedError
@@ -78,8 +81,34 @@ class Sender:
     def _pick(
         self, req: RoutingRequest | None, exclude: Sequence[Endpoint] = ()
     ) -> Endpoint | None:
-        """The endpoint for one attempt (`engines.upstream.routing`)."""
-        return self.router.pick(self._endpoints, req, exclude)
+        """The endpoint for one attempt (`engines.upstream.routing`); in panic mode
+        (at least `options.panic_threshold` of the healthy workers out; by default all of
+        them) over the ejected and busy half-open workers too."""
+        threshold = self.opts.panic_threshold
+        if threshold is None:
+            return self.router.pick(self._endpoints, req, exclude)
+        # Below 1 the share is checked first (the filters would leave some, but too few);
+        # at 1 only when the filters left none (no cost on the common path).
+        if threshold < 1.0 and self._panicking(threshold):
+            ep = None
+        else:
+            ep = self.router.pick(self._endpoints, req, exclude)
+            if ep is not None or not self._panicking(threshold):
+                return ep
+        ep = self.router.pick_panic(self._endpoints, req, exclude)
+        if ep is not None:
+            self.panic_routes += 1
+        return ep
+
+    def _panicking(self, threshold: float) -> bool:
+        """At least `threshold` of the healthy workers are out: ejected, or half-open
+        with its one request in flight."""
+        healthy = out = 0
+        for e in self._endpoints:
+            if e.healthy:
+                healthy += 1
+                out += e.ejected or (e.half_open and e.outstanding > 0)
+        return out > 0 and out >= threshold * healthy
 
     def _no_worker(self) -> EngineUnavailable:
         """The fast-fail 503 when no worker passes the filters; Retry-After is the time

@@ -1,8 +1,9 @@
 """The fleet through a real gateway, driven with the official `openai` SDK and httpx:
-failover before the first byte, the retry budget under sustained 503, the total-outage
-fast-fail with Retry-After, a dead model that leaves the gateway ready and the other
-model serving (then comes back by itself), and a pool that mixes vLLM and LMDeploy workers
-routed by their queues."""
+failover before the first byte, the retry budget under sustained 503, a lone ejected
+worker that keeps serving (panic routing), the total-outage fast-fail with Retry-After (panic
+routing off), a dead model that leaves the gateway ready and the other model serving (then
+comes back by itself), and a pool that mixes vLLM and LMDeploy workers routed by their
+queues."""
 
 from __future__ import annotations
 
@@ -97,7 +98,33 @@ def test_sustained_503_costs_at_most_1_2_attempts_per_request(
                 assert r.headers["retry-after"] == "1"  # the worker's own
                 assert r.json()["error"]["type"] == "service_unavailable"
         attempts = sum(w.received_total for w in workers)
-        assert n < attempts <= 1.2 * n
+        # 1.2 per request, plus the budget's reserve of 3 retries per window.
+        assert n < attempts <= 1.2 * n + 3
+    finally:
+        gw.stop()
+        _stop(sims, workers)
+
+
+def test_a_lone_ejected_worker_keeps_serving_in_panic_mode(sims: SimThread, tmp_path: Path) -> None:
+    """One worker of one answers a few 500s and is ejected: requests keep reaching it
+    (panic routing, the default `panic_threshold: 1`), and /metrics says so."""
+    (worker,) = workers = [sims.start(model="m", error_rate=1.0, error_status=500)]
+    options = {**FAST, "eject_after_failures": 2, "eject_base_s": 60}
+    gw = start_pool(workers, options, tmp_path)
+    try:
+        with openai.OpenAI(base_url=f"{gw.url}/v1", api_key="x", max_retries=0) as client:
+            for _ in range(2):
+                with pytest.raises(openai.APIStatusError):
+                    client.chat.completions.create(model="m", messages=CHAT, max_tokens=3)
+            worker.reconfigure(error_rate=0.0)  # the fault is over, the ejection is not
+            for _ in range(5):
+                r = client.chat.completions.create(model="m", messages=CHAT, max_tokens=3)
+                assert r.choices[0].message.content
+        assert worker.requests_total == 5
+        metrics = httpx.get(f"{gw.url}/metrics").text
+        assert 'gateway_engine_events_total{event="panic_routes",model="m"} 5.0' in metrics
+        assert 'gateway_routing_decisions_total{model="m",reason="panic"} 5.0' in metrics
+        assert f'gateway_worker_ejected{{model="m",worker="{worker.url}"}} 1.0' in metrics
     finally:
         gw.stop()
         _stop(sims, workers)
@@ -105,7 +132,8 @@ def test_sustained_503_costs_at_most_1_2_attempts_per_request(
 
 def test_total_outage_is_a_fast_503_with_retry_after(sims: SimThread, tmp_path: Path) -> None:
     workers = [sims.start(model="m", error_rate=1.0, error_status=500) for _ in range(2)]
-    options = {**FAST, "eject_after_failures": 1, "eject_base_s": 60}
+    # Panic routing off (by default every worker ejected means route to them anyway).
+    options = {**FAST, "eject_after_failures": 1, "eject_base_s": 60, "panic_threshold": None}
     gw = start_pool(workers, options, tmp_path)
     try:
         with httpx.Client(base_url=gw.url) as http:

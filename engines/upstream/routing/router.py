@@ -11,7 +11,11 @@ attribute read per endpoint:
 
 When nothing passes, the answer is None: the engine fails fast with 503 + Retry-After
 rather than sending to a worker it believes down (health is re-probed every
-`health_interval_s`, ejections end on their own).
+`health_interval_s`, ejections end on their own) — unless panic routing applies: when at
+least the engine's `options.panic_threshold` share of the healthy endpoints is ejected
+(by default: all of them), the engine asks `pick_panic`, which drops the ejection filters
+and keeps the healthy and not-tried ones (Envoy's panic threshold: a lone worker that
+returned a few 5xx keeps serving instead of minutes of 503).
 
 The picker: the highest weighted sum; ties broken round-robin (a rotating counter picks
 which of the tied, so an idle fleet is served in turn), or at random (`routing.ties:
@@ -23,6 +27,7 @@ rule decided each pick.
 
     only_choice   one endpoint passed the filters
     retry         a retry: the endpoints already tried were excluded
+    panic         panic routing: ejected endpoints were candidates too
     tie           every scorer rated the winner and the runner-up alike; the tie-break chose
     <scorer's>    the weighted scorer that contributed most to the winner's lead over the
                   runner-up: `least_loaded` (least_outstanding, queue_depth, kv_cache),
@@ -154,12 +159,41 @@ class Router:
                 return None
             self._count("retry" if exclude else "only_choice")
             return candidates[0]
-        req = request or _NO_REQUEST
+        return self._choose(candidates, request or _NO_REQUEST, exclude)
+
+    def pick_panic(
+        self,
+        endpoints: Sequence[Endpoint],
+        request: RoutingRequest | None = None,
+        exclude: Sequence[Endpoint] = _NONE,
+    ) -> Endpoint | None:
+        """Panic routing (the engine's `options.panic_threshold`, Envoy's panic mode): the
+        same scorers and picker over every healthy endpoint not yet tried, ejected and
+        busy half-open ones included. Counted as reason `panic`."""
+        candidates = [e for e in endpoints if e.healthy and e not in exclude]
+        if len(candidates) <= 1:
+            if not candidates:
+                return None
+            self._count("panic")
+            return candidates[0]
+        return self._choose(candidates, request or _NO_REQUEST, exclude, "panic")
+
+    def _choose(
+        self,
+        candidates: list[Endpoint],
+        req: RoutingRequest,
+        exclude: Sequence[Endpoint],
+        panic: str | None = None,
+    ) -> Endpoint:
+        """The weighted-sum pick among ≥ 2 candidates, counted by the rule that decided
+        (`panic`: that reason instead)."""
         if self._dominant is not None:
             owner, why = self._dominant
             winner = owner(candidates, req)
             if winner is not None:
-                if exclude:
+                if panic:
+                    self._count(panic)
+                elif exclude:
                     self._count("retry")
                 else:
                     self._count(why if isinstance(why, str) else why(winner, req))
@@ -193,7 +227,9 @@ class Router:
             for _ in range(self._rr % ties):
                 i = totals.index(top, i + 1)
         winner = candidates[i]
-        if exclude:
+        if panic:
+            reason = panic
+        elif exclude:
             reason = "retry"
         elif ties > 1:
             reason = "tie"

@@ -1,12 +1,14 @@
 """Failure handling of the upstream engine against real simulator workers with their fault
-injection: retries before the first byte, the retry budget, outlier ejection (5xx answers
-too) with half-open re-admission, backpressure that never ejects, the fast-fail 503 with
-Retry-After, first-byte timeouts and wedged workers (whose streams a model with
-continue_streams continues elsewhere)."""
+injection: retries before the first byte, the retry budget (a burst at a fault retried in
+full, a sustained failure held to the budget), outlier ejection (5xx answers too) with
+half-open re-admission, backpressure that never ejects, panic routing when too many
+workers are ejected, the fast-fail 503 with Retry-After, first-byte timeouts and wedged
+workers (whose streams a model with continue_streams continues elsewhere)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from typing import Any
 
@@ -161,7 +163,8 @@ async def test_retry_budget_under_sustained_503() -> None:
                 await engine.complete(chat())
             assert e.value.retry_after == 1.0  # the worker's own Retry-After
         attempts = sum(s.received_total for s in servers)
-        assert n < attempts <= 1.2 * n
+        # Retries ≤ retry_budget_min + ratio × requests (the budget's reserve, 3).
+        assert n < attempts <= n + 0.2 * n + 3
         assert engine.status().counters["retry_budget_exhausted"] > 0
     finally:
         await _close(engine, servers)
@@ -171,7 +174,8 @@ async def test_total_outage_fails_fast_without_touching_workers() -> None:
     servers = await sims(2)
     for s in servers:
         s.reconfigure(error_rate=1.0, error_status=500)
-    engine = await _engine(servers, eject_after_failures=1, eject_base_s=30)
+    # Panic routing off: with it (the default) the ejected workers would still be tried.
+    engine = await _engine(servers, eject_after_failures=1, eject_base_s=30, panic_threshold=None)
     try:
         for _ in range(2):
             with pytest.raises(UpstreamError):
@@ -276,3 +280,150 @@ async def test_streams_of_a_wedged_worker_are_continued_when_the_model_opts_in()
         assert engine._endpoints[0].ejected and engine.status().counters["wedged"] >= 1
     finally:
         await _close(engine, servers)
+
+
+# ---------------------------------------------------------------- the retry budget
+
+
+def test_retry_budget_is_a_token_bucket_with_a_time_to_live() -> None:
+    """Deposits and withdrawals live `ttl_s`; nothing resets at a window's edge (the old
+    tumbling window allowed 3 retries right after each roll, whatever came before)."""
+    from engines.upstream.outliers import RetryBudget
+
+    b = RetryBudget(0.2, 3, ttl_s=10.0)
+    b.requests = 100
+    b.roll(now=0.0)  # 100 requests deposit 20 retries
+    b.roll(now=9.0)  # the old window would have reset here
+    assert [b.try_retry(now=9.5) for _ in range(24)] == [True] * 23 + [False]
+    assert b.retries_total == 23 and b.exhausted == 1
+    # The deposits expire at 10 s; the withdrawals at 19.5 s, then the reserve is back.
+    assert b.available(now=10.0) == 3 - 23
+    assert not b.try_retry(now=19.0)
+    assert b.available(now=19.5) == 3
+    assert [b.try_retry(now=20.0) for _ in range(4)] == [True, True, True, False]
+
+
+async def _clients(engine: OpenAIEngine, clients: int, each: int) -> list[BaseException | None]:
+    """`clients` concurrent clients, `each` requests one after another (half streamed);
+    the error of each request that failed, None for each that succeeded."""
+    out: list[BaseException | None] = []
+
+    async def client(i: int) -> None:
+        for k in range(each):
+            try:
+                if (i + k) % 2:
+                    assert b'"content"' in await collect(engine, chat(stream=True))
+                else:
+                    assert (await engine.complete(chat())).usage is not None
+                out.append(None)
+            except ServingError as e:
+                out.append(e)
+
+    await asyncio.gather(*(client(i) for i in range(clients)))
+    return out
+
+
+async def test_a_worker_that_starts_resetting_under_50_clients_loses_no_request() -> None:
+    """The issue's trial: a worker starts resetting connections under load right after
+    the budget rolled. Every request succeeds on the other worker: the burst of failed
+    first attempts (well above the reserve of 3) is retried in full."""
+    servers = await sims(2, itl_ms=1)
+    dead = servers[0]
+    engine = await _engine(servers, eject_after_failures=20, health_interval_s=60)
+    try:
+        assert await _clients(engine, 50, 4) == [None] * 200  # load before the fault
+        engine.budget.roll()  # where the old window reset both counts
+        served, reached = servers[1].requests_total, dead.received_total
+        dead.reconfigure(drop_after=0)  # accepts, reads the request, resets
+        results = await _clients(engine, 50, 4)
+        assert results == [None] * 200
+        assert servers[1].requests_total - served == 200
+        # Every request whose first attempt failed was retried (each failed attempt also
+        # reached the worker on a fresh connection after a reused one was reset: the pool's
+        # stale-connection retry), far more than the reserve alone would have allowed.
+        retries = engine.status().counters["retries"]
+        assert 3 < retries <= dead.received_total - reached
+        assert engine.status().counters["retry_budget_exhausted"] == 0
+        assert engine._endpoints[0].ejected
+    finally:
+        await _close(engine, servers)
+
+
+async def test_a_sustained_failure_under_50_clients_stays_within_the_budget() -> None:
+    """A worker that resets every request and is never ejected: retries stay within 20 %
+    of the requests + the reserve of 3, so the failure cannot amplify the load."""
+    servers = await sims(2, itl_ms=1)
+    servers[0].reconfigure(drop_after=0)
+    engine = await _engine(servers, eject_after_failures=10**6, health_interval_s=0.1)
+    try:
+        results = await _clients(engine, 50, 8)
+        n = len(results)
+        retries = engine.status().counters["retries"]
+        assert retries <= 0.2 * n + 3
+        attempts = sum(s.received_total for s in servers)
+        assert attempts == n + retries
+        # The rest of the failed first attempts were refused a retry, and said so.
+        failed = [r for r in results if r is not None]
+        assert failed and all(isinstance(r, EngineUnavailable) for r in failed)
+        assert servers[0].received_total == retries + len(failed)
+        assert engine.status().counters["retry_budget_exhausted"] == len(failed)
+    finally:
+        await _close(engine, servers)
+
+
+# ---------------------------------------------------------------- panic routing
+
+
+async def test_one_worker_of_one_ejected_keeps_serving_in_panic_mode() -> None:
+    """A lone worker that answered a few 5xx is ejected; requests keep reaching it (panic
+    routing) instead of minutes of 503, and the counters say so."""
+    (server,) = await sims(1)
+    server.reconfigure(error_rate=1.0, error_status=500)
+    engine = await _engine([server], eject_after_failures=2, eject_base_s=60)
+    try:
+        for _ in range(2):
+            with pytest.raises(UpstreamError):
+                await engine.complete(chat())
+        assert engine._endpoints[0].ejected
+        server.reconfigure(error_rate=0.0)  # the fault is over; the ejection is not
+        for i in range(6):
+            req = chat(stream=bool(i % 2))
+            if i % 2:
+                assert b'"content"' in await collect(engine, req)
+            else:
+                assert (await engine.complete(req)).usage is not None
+        assert server.requests_total == 6
+        st = engine.status()
+        assert st.workers[0].ejected and st.counters["panic_routes"] == 6
+        assert st.counters["fast_fails"] == 0 and engine.router.decisions["panic"] == 6
+    finally:
+        await _close(engine, [server])
+
+
+async def test_panic_threshold_below_one_routes_over_ejected_workers_too() -> None:
+    """`panic_threshold: 0.5`: with 2 of 4 workers ejected, all four take requests; at the
+    default (1) the two left take them all."""
+    for threshold, reach_ejected in ((0.5, True), (1.0, False)):
+        servers = await sims(4)
+        for s in servers[:2]:
+            s.reconfigure(error_rate=1.0, error_status=500)
+        engine = await _engine(
+            servers, eject_after_failures=1, eject_base_s=60, panic_threshold=threshold
+        )
+        try:
+            while not (engine._endpoints[0].ejected and engine._endpoints[1].ejected):
+                with contextlib.suppress(UpstreamError):
+                    await engine.complete(chat())
+            for s in servers[:2]:
+                s.reconfigure(error_rate=0.0)
+            before = [s.requests_total for s in servers]
+            for _ in range(12):
+                await engine.complete(chat())
+            served = [s.requests_total - b for s, b in zip(servers, before, strict=True)]
+            panics = engine.status().counters["panic_routes"]
+            if reach_ejected:
+                assert served[0] > 0 and served[1] > 0 and panics == 12
+            else:
+                assert served[:2] == [0, 0] and panics == 0 and sum(served) == 12
+        finally:
+            await _close(engine, servers)
