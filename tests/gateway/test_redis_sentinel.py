@@ -8,7 +8,8 @@ Asserted: what the gateway answers meanwhile follows the outage policy (`closed`
 every request admitted, decided in the process), the outage is seen (the degraded gauge
 rises) and ends without a restart (the gauge falls, the new primary runs the scripts),
 and nothing admitted is lost: the ledger on the new primary counts exactly the requests
-that got a 200, the ones settled during the failover included (queued, then flushed)."""
+that got a 200, the ones settled during the failover included (queued, then flushed).
+A second, smaller test drives the hot-path client alone through a demotion."""
 
 from __future__ import annotations
 
@@ -30,6 +31,9 @@ from tests.gateway.test_tenancy import CHAT, create_key, settled
 
 CLIENTS = 8
 PREFIX = "gwha"
+# A primary waits 5 s by default before a replica's full sync (for more replicas to
+# join it); the tests' nodes start it at once.
+FAST_SYNC = ("--repl-diskless-sync-delay", "0")
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +107,7 @@ def test_sentinel_failover_under_load(
     # With one replica, min-replicas-to-write 1 makes the old primary refuse writes the
     # moment its replica is promoted (its replica link closes): nothing it acknowledges
     # is lost when Sentinel turns it into a replica of the new one.
-    ha = ("--min-replicas-to-write", "1", "--min-replicas-max-lag", "10")
+    ha = ("--min-replicas-to-write", "1", "--min-replicas-max-lag", "10", *FAST_SYNC)
     nodes: list[Any] = []
     server = None
     try:
@@ -188,3 +192,48 @@ def test_sentinel_failover_under_load(
             server.stop()
         for node in reversed(nodes):
             node.stop()
+
+
+def test_resp_client_follows_the_primary_it_is_told(tmp_path: Path) -> None:
+    """The hot-path client alone, its resolver standing in for the sentinels: a node
+    that is not the primary is refused at the handshake (ROLE), and a primary demoted
+    under an open connection (READONLY) retires that connection, so the next call
+    reaches the primary the resolver names then."""
+    from gateway.state_store import StoreUnavailable
+    from gateway.state_store.resp import ReplyError, RespClient, encode
+
+    a = RedisNode(tmp_path, *FAST_SYNC).start()
+    b = RedisNode(tmp_path, *FAST_SYNC, "--replicaof", "127.0.0.1", str(a.port)).start()
+    named = [b.port]  # where the "sentinels" say the primary is
+    write = encode("EVAL", "return redis.call('INCR', KEYS[1])", 1, "n")
+
+    async def resolve() -> tuple[str, int]:
+        return "127.0.0.1", named[0]
+
+    async def run() -> None:
+        client = RespClient(a.url, 2.0, resolve)
+        try:
+            with pytest.raises(StoreUnavailable, match="not the primary"):
+                await client.call(write)
+            named[0] = a.port
+            assert await client.call(write) == 1
+            wait_for("the write replicated", lambda: b.client().get("n") == "1")
+            # A failover: b promoted, a made its replica, the open connection kept.
+            with b.client() as r:
+                r.execute_command("REPLICAOF", "NO", "ONE")
+            with a.client() as r:
+                r.execute_command("REPLICAOF", "127.0.0.1", str(b.port))
+            reply = await client.call(write)
+            assert isinstance(reply, ReplyError) and str(reply).startswith("READONLY")
+            named[0] = b.port
+            assert await client.call(write) == 2  # b had a's write, and took this one
+        finally:
+            await client.close()
+
+    try:
+        wait_for("the replica in sync", lambda: b.client().get("missing") is None and
+                 b.client().info("replication")["master_link_status"] == "up")  # fmt: skip
+        asyncio.run(run())
+    finally:
+        b.stop()
+        a.stop()
