@@ -15,15 +15,17 @@ still answer with an HTTP status; after it, the gateway ends the stream with an 
 The direct path (optional for engines): once the first block is out, the gateway may set
 `GenerateRequest.direct`, a function taking a run of plain events — whole one-line
 `data: {json}` chunks ending in a blank line, not `[DONE]`, not an error, `usage` absent or
-null — and returning True when it has delivered them to the client, False when it cannot now (the engine then yields that event as
-usual, and order is kept: an engine only offers an event while nothing it received is still
-waiting to be yielded). An engine that reads its upstream in a protocol callback offers
-events there, so a plain chunk costs no task wake-up (`engines.upstream.http1`,
-`Stream.set_sink`); engines that ignore it lose nothing.
+null — and returning True when it has delivered them to the client, False when it cannot
+now (the engine then yields that event as usual, and order is kept: an engine only offers
+an event while nothing it received is still waiting to be yielded). An engine that reads
+its upstream in a protocol callback offers events there, so a plain chunk costs no task
+wake-up (`engines.upstream.http1`, `Stream.set_sink`); engines that ignore it lose nothing.
 """
 
 from __future__ import annotations
 
+import random
+import time
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +47,7 @@ __all__ = [
     "MISCONFIGURED",
     "AdapterError",
     "AdapterNotFound",
+    "Attempt",
     "Completed",
     "EmbedRequest",
     "Engine",
@@ -60,6 +63,7 @@ __all__ = [
     "ModelSpec",
     "ServingError",
     "SpecIssue",
+    "TraceContext",
     "UpstreamError",
     "Usage",
     "WorkerStatus",
@@ -67,6 +71,48 @@ __all__ = [
 
 
 # --------------------------------------------------------------------------- data types
+
+
+@dataclass(slots=True)
+class Attempt:
+    """One try of a traced request on one worker (`TraceContext.attempt`)."""
+
+    worker: str  # the worker's base URL
+    reason: str  # the routing rule that picked it (`gateway_routing_decisions`' reasons)
+    span_id: bytes  # 16 hex digits: the parent of the worker's own spans
+    start: float  # time.perf_counter()
+    end: float = 0.0  # 0.0: it served the request and ends with it
+    error: str = ""
+    continuation: bool = False  # a mid-stream continuation rather than a first try or retry
+
+
+@dataclass(slots=True)
+class TraceContext:
+    """The W3C trace context of a request the gateway traces (`gateway.tracing`), handed to
+    the engine so a worker's own spans join the gateway's trace. Engines that send to
+    workers note each attempt here and send its `traceparent` header: every attempt has a
+    span id of its own, so a retry's or continuation's spans on the worker hang under that
+    attempt. Engines that ignore it lose nothing."""
+
+    trace_id: bytes  # 32 lower-case hex digits
+    flags: bytes  # b"01" sampled, b"00" not (the worker then records nothing either)
+    attempts: list[Attempt] = field(default_factory=list)
+
+    def attempt(self, worker: str, reason: str, continuation: bool = False) -> bytes:
+        """Note an attempt starting now on `worker`; the `traceparent` value to send."""
+        span = b"%016x" % (random.getrandbits(64) or 1)
+        self.attempts.append(
+            Attempt(worker, reason, span, time.perf_counter(), 0.0, "", continuation)
+        )
+        return b"00-%s-%s-%s" % (self.trace_id, span, self.flags)
+
+    def failed(self, error: str) -> None:
+        """The last attempt failed now (before or after its first byte), with `error`."""
+        if self.attempts:
+            last = self.attempts[-1]
+            if not last.end:
+                last.end = time.perf_counter()
+                last.error = error
 
 
 @dataclass(slots=True)
@@ -94,6 +140,9 @@ class GenerateRequest:
     # The gateway's direct path for plain events (module docstring), None until the
     # stream's first block is out and again once its relay ends.
     direct: Callable[[bytes], bool] | None = None
+    # Set only when the gateway traces (`gateway.tracing`): engines that send to workers
+    # note their attempts in it and send each one's `traceparent`.
+    trace: TraceContext | None = None
 
 
 @dataclass(slots=True)

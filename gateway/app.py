@@ -82,6 +82,8 @@ def create_app(settings: Settings | None = None, catalog: Catalog | None = None)
         await gateway.tenancy.start()
         await gateway.served.start()
         gateway.adapter_sync.start()
+        if gateway.tracer is not None:
+            gateway.tracer.start()
         # What start-up built lives as long as the process: out of the collector's sight, a
         # full collection walks only what serving allocates. Relaying 64 streams, the
         # collector's CPU time (gc callbacks) went from 0.30 s to 0.21 s per ~2,600
@@ -94,6 +96,8 @@ def create_app(settings: Settings | None = None, catalog: Catalog | None = None)
             await gateway.adapter_sync.stop()
             await gateway.served.stop()
             gateway.access_log.flush()
+            if gateway.tracer is not None:
+                await gateway.tracer.stop()
             await gateway.tenancy.close()
             await gateway.responses.close()
 

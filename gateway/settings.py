@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import AliasChoices, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "GATEWAY_"
@@ -20,6 +20,12 @@ LogLevel = Literal["critical", "error", "warning", "info", "debug", "trace"]
 
 def _default_cache() -> Path:
     return Path.home() / ".cache" / "llm-gateway"
+
+
+def _otel(field: str, default: Any, *names: str) -> Any:
+    """A field read from OpenTelemetry's own variables `names` (the first set wins), not
+    GATEWAY_*; still settable by its field name in code."""
+    return Field(default=default, validation_alias=AliasChoices(*names, field))
 
 
 class Settings(BaseSettings):
@@ -125,6 +131,40 @@ class Settings(BaseSettings):
     cors_allow_credentials: bool = False
     # On SIGTERM, how long requests in flight (long streams) may take to finish.
     drain_seconds: int = Field(default=30, ge=0)
+    # Traces (`gateway.tracing`), off unless an endpoint is set: OTLP/HTTP (protobuf) to
+    # this collector's base URL (as OTEL_EXPORTER_OTLP_ENDPOINT: /v1/traces is appended).
+    otlp_endpoint: str = ""
+    # The share of requests traced when the client sent no `traceparent`, 0..1 (with one,
+    # its sampled flag decides, as OpenTelemetry's parent-based sampler).
+    trace_sample: float = Field(default=1.0, ge=0.0, le=1.0)
+    # OpenTelemetry's standard variables, read under their own names: the traces URL as
+    # is, the base URL (+ /v1/traces), headers (`k=v,k2=v2`), gzip or none, the export
+    # timeout (ms), the service name and resource attributes; OTEL_SDK_DISABLED=true
+    # turns tracing off.
+    otel_traces_endpoint: str = _otel(
+        "otel_traces_endpoint", "", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
+    )
+    otel_endpoint: str = _otel("otel_endpoint", "", "OTEL_EXPORTER_OTLP_ENDPOINT")
+    otel_headers: str = _otel(
+        "otel_headers", "", "OTEL_EXPORTER_OTLP_TRACES_HEADERS", "OTEL_EXPORTER_OTLP_HEADERS"
+    )
+    otel_compression: Literal["none", "gzip"] = _otel(
+        "otel_compression",
+        "none",
+        "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION",
+        "OTEL_EXPORTER_OTLP_COMPRESSION",
+    )
+    otel_timeout_ms: float = _otel(
+        "otel_timeout_ms",
+        10_000.0,
+        "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT",
+        "OTEL_EXPORTER_OTLP_TIMEOUT",
+    )
+    otel_service_name: str = _otel("otel_service_name", "llm-gateway", "OTEL_SERVICE_NAME")
+    otel_resource_attributes: str = _otel(
+        "otel_resource_attributes", "", "OTEL_RESOURCE_ATTRIBUTES"
+    )
+    otel_sdk_disabled: bool = _otel("otel_sdk_disabled", False, "OTEL_SDK_DISABLED")
 
     @field_validator("log_level", mode="before")
     @classmethod

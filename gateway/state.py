@@ -1,8 +1,8 @@
 """`Gateway`: everything one running gateway owns, built once by `create_app`.
 
 Holds the settings, the served models (engines), the metrics, the request-id source and
-the tenancy (API keys, limits, usage, and the shared state store behind them) and
-the access log.
+the tenancy (API keys, limits, usage, and the shared state store behind them), the
+access log and the tracer (when traces are on).
 The app's lifespan starts and stops what needs it; routes reach it as
 `request.app.state.gateway` (the hot routes get it from the front door). No module-level
 state anywhere.
@@ -23,6 +23,7 @@ from gateway.metrics import Metrics
 from gateway.responses.store import make_store
 from gateway.served import ServedModels
 from gateway.settings import Settings
+from gateway.tracing import make_tracer
 
 log = logging.getLogger("gateway")
 
@@ -60,3 +61,5 @@ class Gateway:
         self.adapter_sync = AdapterSync(self.served, self.tenancy, enabled=bool(settings.redis_url))
         # Stored responses of /v1/responses, per key (gateway.responses.store).
         self.responses = make_store(settings)
+        # OpenTelemetry traces (gateway.tracing); None when off: the request path checks it.
+        self.tracer = make_tracer(settings)

@@ -105,6 +105,8 @@ class Connection(asyncio.Protocol):
             self.auth = value
         elif n == b"x-request-id":
             self.req_id = value
+        elif n == b"traceparent":  # vLLM parents its spans to it; here it is only noted
+            self.s.traceparents.append(value.decode("latin-1"))
 
     def on_body(self, body: bytes) -> None:
         self.body.append(body)

@@ -130,6 +130,9 @@ class SimState:
         # GET /health and GET /metrics received (how often the gateway probes and scrapes).
         self.probes_total = 0
         self.scrapes_total = 0
+        # The W3C `traceparent` headers received, newest last (bounded): what vLLM would
+        # parent its own spans to, for tests of trace propagation.
+        self.traceparents: deque[str] = deque(maxlen=1024)
         self._kv_tokens = 0
 
     def reconfigure(self, **changes: Any) -> None:

@@ -152,8 +152,11 @@ class Sender:
         (the caller lowers it), the `http1.Stream` (stream) or whole `http1.Response`, and
         for a stream its first body bytes. `tried` (a continuation,
         `engines.upstream.continuation`): the workers this request already used, which
-        count toward `max_retries`; it is not counted as a new request."""
+        count toward `max_retries`; it is not counted as a new request. A traced request
+        (`trace.trace`) notes each attempt, its worker and routing reason, and sends its
+        `traceparent`; untraced, that costs one attribute check per attempt."""
         budget = self.budget
+        continuation = tried is not None
         if tried is None:
             budget.requests += 1
             ep = self._pick(rreq)
@@ -162,6 +165,11 @@ class Sender:
             ep = self._pick(rreq, tried)
         if ep is None:
             raise self._no_worker()
+        tc = trace.trace if trace is not None else None
+        if tc is not None:
+            reason = self.router.last  # now: another request may pick while this one awaits
+            if continuation:
+                tc.failed("the worker failed mid-stream")
         rid = (
             request_id.encode()
             if self._forward_id and request_id.isascii() and request_id.isprintable()
@@ -173,6 +181,8 @@ class Sender:
             if pool is None:
                 raise EngineUnavailable(f"model {self.spec.name!r} is not started")
             head: bytes = getattr(ep, route)
+            if tc is not None:
+                head += b"traceparent: %s\r\n" % tc.attempt(ep.url, reason, continuation)
             if rid is None:
                 req = b"%sContent-Length: %d\r\n\r\n%s" % (head, len(data), data)
             else:
@@ -193,6 +203,8 @@ class Sender:
                 # evicted the adapter from this worker since this one placed it. The
                 # worker's 404 means this view is stale: forget it and place it again,
                 # once per worker (nothing reached the client).
+                if tc is not None:
+                    tc.failed(e.message)
                 if not (placed and e.status == 404) or ep in relearned:
                     raise
                 assert rreq is not None and rreq.adapter is not None
@@ -203,9 +215,13 @@ class Sender:
                 tried.append(ep)
                 if trace is not None:
                     trace.retries = len(tried)
+                if tc is not None:
+                    tc.failed(r.error.message)
                 other = None
                 if len(tried) <= self.opts.max_retries:
                     other = self._pick(rreq, tried)
+                    if tc is not None:
+                        reason = self.router.last
                 if other is None or not budget.try_retry():
                     raise r.error from r.__cause__
                 ep = other

@@ -139,6 +139,8 @@ async def admit(
         record.finished(None, exc, False)
         await error_response(exc, rid)(scope, receive, send)
         return None
+    if record.trace is not None:
+        record.trace.admitted = time.perf_counter()
     record.adapter = target.adapter
     return call
 

@@ -93,6 +93,7 @@ def engine_request(call: Call, route: Literal["chat", "completions"]) -> Generat
         adapter=target.adapter,
         request_id=call.rid,
         created=int(time.time()),
+        trace=call.record.trace,
     )
     routing = target.spec.routing
     if "session_affinity" in routing.scorers:

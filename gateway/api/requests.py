@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from engines.base import GenerateRequest, ServingError, Usage
+from gateway.direct_body import whole_response
 from gateway.errors import InvalidRequest, PayloadTooLarge, error_body, error_headers
 from gateway.metrics import RouteMetrics, observe_many
 from gateway.streaming import StreamObserver
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
     from gateway.ids import RequestIds
     from gateway.limits import Ticket
     from gateway.state import Gateway
+    from gateway.tracing import RequestTrace
 
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Scope = MutableMapping[str, Any]
@@ -103,6 +105,7 @@ class RequestRecord(StreamObserver):
         "stream",
         "tails",
         "ticket",
+        "trace",
         "ttft",
     )
 
@@ -127,13 +130,20 @@ class RequestRecord(StreamObserver):
         self.tails: tuple[bytes | None, ...] = ()
         # The request handed to the engine (it notes the worker and retries there).
         self.req: GenerateRequest | None = None
+        # Its trace when tracing is on (`gateway.tracing`; also the engine's TraceContext).
+        self.trace: RequestTrace | None = None
 
     def identify(self, inc: Incoming, rid: str) -> None:
         self.rid = rid
         self.auth = inc.headers.get(b"authorization")
+        tracer = self.gw.tracer
+        if tracer is not None:
+            self.trace = tracer.begin(inc.headers.get(b"traceparent"))
 
     def begin(self) -> None:
         """The request passed validation and goes to the engine."""
+        if self.trace is not None:
+            self.trace.queued = time.perf_counter()
         self._began = True
         self._m = self.gw.metrics.route(self.model, self.route)
         self._m.in_flight.inc()
@@ -203,6 +213,10 @@ class RequestRecord(StreamObserver):
                 error.type if error is not None else None, self.tails, worker,
                 req.retries if req is not None and worker is not None else None,
             ))  # fmt: skip
+        if self.trace is not None:
+            tracer = self.gw.tracer
+            assert tracer is not None
+            tracer.end(self, status, usage, error)
 
 
 def error_response(exc: ServingError, rid: str) -> RawResponse:
@@ -222,6 +236,8 @@ class RawResponse:
         self.headers = headers
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if whole_response(send, self.status, self.headers, self.body):
+            return
         headers = [*self.headers, (b"content-length", str(len(self.body)).encode())]
         await send({"type": "http.response.start", "status": self.status, "headers": headers})
         await send({"type": "http.response.body", "body": self.body})
