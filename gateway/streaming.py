@@ -24,7 +24,7 @@ from typing import Any
 import orjson
 
 from engines.base import EngineStream, GenerateRequest, ServingError, Usage
-from gateway.direct_body import BodyWriter, body_writer, disconnect_notice
+from gateway.direct_body import BodyWriter, body_writer, disconnect_notice, start_stream
 from gateway.errors import error_event
 
 log = logging.getLogger("gateway.streaming")
@@ -244,11 +244,12 @@ class RelayResponse:
         # `[DONE]` in the final write: one system call per stream less.
         held = b""
         try:
-            await send({"type": "http.response.start", "status": 200, "headers": self._headers})
             block, usage = take_usage(self._first, want_usage)
             self._events = block.count(b"\n\n")
-            if write is None or not write(block):
-                await send({"type": "http.response.body", "body": block, "more_body": True})
+            if not start_stream(send, self._headers, block):
+                await send({"type": "http.response.start", "status": 200, "headers": self._headers})
+                if write is None or not write(block):
+                    await send({"type": "http.response.body", "body": block, "more_body": True})
             self._last = time.perf_counter()
             if req is not None and write is not None:
                 req.direct = self.direct

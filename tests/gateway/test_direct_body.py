@@ -366,3 +366,51 @@ def _chunks(body: bytes) -> list[bytes]:
         out.append(body[eol + 2 : eol + 2 + size])
         assert body[eol + 2 + size : eol + 4 + size] == b"\r\n"
         pos = eol + 4 + size
+
+
+def _raw_exchange(base: str, requests: list[bytes]) -> bytes:
+    """Send `requests` pipelined on one connection; everything read until it closes."""
+    host, port = base.removeprefix("http://").split("/")[0].split(":")
+    with socket.create_connection((host, int(port))) as s:
+        s.sendall(b"".join(requests))
+        s.settimeout(30)
+        parts = []
+        while data := s.recv(1 << 16):
+            parts.append(data)
+        return b"".join(parts)
+
+
+def _post(body: bytes, close: bool = False, stream: bool = False) -> bytes:
+    conn = b"Connection: close\r\n" if close else b""
+    return (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n%b\r\n%b" % (len(body), conn, body)
+    )
+
+
+def test_whole_answers_and_stream_starts_written_at_once_stay_valid_http(gateway: str) -> None:
+    """A non-streamed answer (one write: head and body) and a stream's start (head and first
+    block in one write) parse as HTTP/1.1 on a kept-alive connection: three pipelined
+    requests get three answers in order, the last closing the connection as asked."""
+    whole = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}],
+                          "max_tokens": 3})  # fmt: skip
+    streamed = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}],
+                             "max_tokens": 3, "stream": True})  # fmt: skip
+    raw = _raw_exchange(gateway, [_post(whole), _post(streamed), _post(whole, close=True)])
+    answers = raw.split(b"HTTP/1.1 ")[1:]
+    assert len(answers) == 3, raw[:500]
+    first, second, third = answers
+    for answer in (first, third):
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"200 OK")
+        length = int(next(ln for ln in head.split(b"\r\n") if ln.lower().startswith(
+            b"content-length")).split(b":")[1])  # fmt: skip
+        assert orjson.loads(body[:length])["choices"][0]["finish_reason"] == "length"
+        assert b"server-timing: gateway;dur=" in head
+        assert head.count(b"content-length") == 1 and b"transfer-encoding" not in head
+    assert b"connection: close" in third.partition(b"\r\n\r\n")[0]
+    head, _, body = second.partition(b"\r\n\r\n")
+    assert head.startswith(b"200 OK") and b"transfer-encoding: chunked" in head
+    events = _dechunk(body).split(b"\n\n")
+    assert events[-2] == b"data: [DONE]" and events[-1] == b""
+    assert sum(e.startswith(b"data: {") for e in events) >= 3
