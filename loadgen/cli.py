@@ -142,6 +142,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="approximate prompt length of the synthetic prompt (default: 32)",
     )
     load.add_argument(
+        "--align-prompts",
+        action="store_true",
+        help="make every prompt exactly --prompt-tokens long as the target's POST /tokenize "
+        "counts it (the gateway's or vLLM's; chat: with its template, as billed)",
+    )
+    load.add_argument(
         "--max-tokens",
         type=int,
         default=64,
@@ -205,6 +211,7 @@ def config_for(args: argparse.Namespace, concurrency: int) -> LoadConfig:
         num_requests=args.num_requests,
         duration_s=args.duration,
         prompt_tokens=args.prompt_tokens,
+        align_prompts=args.align_prompts,
         max_tokens=args.max_tokens,
         ignore_eos=args.ignore_eos,
         warmup=args.warmup,

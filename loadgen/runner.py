@@ -66,6 +66,10 @@ class LoadConfig:
     num_requests: int | None = None  # None with duration_s None: 200 or 4 x concurrency
     duration_s: float | None = None
     prompt_tokens: int = 32
+    # Make every prompt exactly `prompt_tokens` long as the target's own `POST /tokenize`
+    # counts it (the gateway's, or vLLM's): for chat, the whole templated prompt, i.e. the
+    # request's `usage.prompt_tokens`. Off: `prompt_tokens` words, about as many tokens.
+    align_prompts: bool = False
     max_tokens: int = 64
     ignore_eos: bool = False
     warmup: int = 0
@@ -147,12 +151,15 @@ def synthetic_prompt(rng: random.Random, tokens: int) -> str:
     return " ".join(rng.choices(_WORDS, k=max(1, tokens)))
 
 
-def build_bodies(cfg: LoadConfig, model: str, count: int) -> list[bytes]:
-    """`count` distinct request bodies, encoded now so no JSON work happens under the clock."""
+def build_bodies(
+    cfg: LoadConfig, model: str, count: int, prompts: list[str] | None = None
+) -> list[bytes]:
+    """`count` distinct request bodies, encoded now so no JSON work happens under the clock
+    (`prompts`: given, e.g. aligned by `align_prompts`; else synthetic)."""
     rng = random.Random(cfg.seed)
     bodies = []
-    for _ in range(count):
-        prompt = synthetic_prompt(rng, cfg.prompt_tokens)
+    for i in range(count):
+        prompt = prompts[i] if prompts is not None else synthetic_prompt(rng, cfg.prompt_tokens)
         body: dict[str, Any] = {"model": model, "max_tokens": cfg.max_tokens}
         if cfg.endpoint == "chat":
             body["messages"] = [{"role": "user", "content": prompt}]
@@ -166,6 +173,51 @@ def build_bodies(cfg: LoadConfig, model: str, count: int) -> list[bytes]:
         body.update(cfg.extra_body)
         bodies.append(orjson.dumps(body))
     return bodies
+
+
+# Rounds of /tokenize per prompt: words are about one token each, so one or two suffice.
+ALIGN_ROUNDS = 6
+
+
+async def align_prompts(
+    session: aiohttp.ClientSession, cfg: LoadConfig, model: str, count: int
+) -> list[str]:
+    """`count` synthetic prompts, each grown or cut word by word until the target's
+    `POST /tokenize` (vLLM's shape, at the server's root) counts `cfg.prompt_tokens` —
+    with the chat template for chat, as the request is billed. Before the clock starts; a
+    prompt whose template alone is longer keeps one word."""
+    rng = random.Random(cfg.seed)
+    url = cfg.api_root[: -len("/v1")] + "/tokenize"
+    headers = request_headers(cfg)
+    gate = asyncio.Semaphore(16)
+
+    async def count_of(words: list[str]) -> int:
+        text = " ".join(words)
+        body: dict[str, Any] = {"model": model}
+        if cfg.endpoint == "chat":
+            body["messages"] = [{"role": "user", "content": text}]
+        else:
+            body["prompt"] = text
+        async with session.post(url, data=orjson.dumps(body), headers=headers) as resp:
+            raw = await resp.read()
+            if resp.status != 200:
+                raise RuntimeError(f"{url} answered {resp.status}: {raw[:200]!r}")
+        return int(orjson.loads(raw)["count"])
+
+    async def one(words: list[str]) -> str:
+        async with gate:
+            for _ in range(ALIGN_ROUNDS):
+                diff = cfg.prompt_tokens - await count_of(words)
+                if diff == 0 or (diff < 0 and len(words) == 1):
+                    break
+                if diff > 0:
+                    words = words + rng.choices(_WORDS, k=diff)
+                else:
+                    words = words[: max(1, len(words) + diff)]
+            return " ".join(words)
+
+    firsts = [rng.choices(_WORDS, k=max(1, cfg.prompt_tokens)) for _ in range(count)]
+    return list(await asyncio.gather(*(one(w) for w in firsts)))
 
 
 def request_headers(cfg: LoadConfig) -> dict[str, str]:
@@ -303,7 +355,9 @@ async def run_load(config: LoadConfig, session: aiohttp.ClientSession | None = N
     try:
         model = await resolve_model(sess, cfg)
         count = cfg.request_count()
-        bodies = build_bodies(cfg, model, min(count or 1024, 1024))
+        n = min(count or 1024, 1024)
+        prompts = await align_prompts(sess, cfg, model, n) if cfg.align_prompts else None
+        bodies = build_bodies(cfg, model, n, prompts)
         headers = request_headers(cfg)
         url = cfg.url
         timeout = aiohttp.ClientTimeout(total=cfg.timeout_s)

@@ -208,13 +208,19 @@ def test_unknown_model_and_unknown_ids(client: openai.OpenAI) -> None:
             {"input": [{"type": "function_call_output", "call_id": "c9", "output": "1"}]},
             "input[0].call_id",
         ),
-        ({"input": [{"role": "user", "content": [{"type": "input_file"}]}]}, "input[0].content[0].type"),
+        (
+            {"input": [{"role": "user", "content": [{"type": "input_file"}]}]},
+            "input[0].content[0].type",
+        ),
         ({"input": "hi", "tools": [{"type": "web_search"}]}, "tools[0].type"),
         ({"input": "hi", "tool_choice": "sometimes"}, "tool_choice"),
         ({"input": "hi", "background": True}, "background"),
         ({"input": "hi", "temperature": 3}, "temperature"),
         ({"input": "hi", "max_output_tokens": 10**9}, "max_output_tokens"),
-        ({"input": "hi", "text": {"format": {"type": "json_schema", "name": "x"}}}, "text.format.schema"),
+        (
+            {"input": "hi", "text": {"format": {"type": "json_schema", "name": "x"}}},
+            "text.format.schema",
+        ),
         ({"input": "hi", "no_such_field": 1}, "no_such_field"),
         ({}, "input"),
     ],
@@ -243,7 +249,8 @@ def test_function_call_items_become_chat_tool_turns(gw: ServerThread) -> None:
                 {"type": "function_call_output", "call_id": "call_1", "output": "sunny and warm"},
             ],
             "tools": [{"type": "function", "name": "get_weather",
-                       "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}],
+                       "parameters": {"type": "object",
+                                      "properties": {"city": {"type": "string"}}}}],
             "tool_choice": {"type": "function", "name": "get_weather"},
         },
     )  # fmt: skip
@@ -314,9 +321,7 @@ def test_another_key_gets_404_and_a_spent_budget_429(keyed: ServerThread) -> Non
     assert settled(keyed.url, key_id)["in_flight"] == 0
 
 
-def test_size_bound_evicts_the_oldest(
-    workers: dict[str, Any], tmp_path: Path
-) -> None:
+def test_size_bound_evicts_the_oldest(workers: dict[str, Any], tmp_path: Path) -> None:
     """Each record here is a few KB: a 9 KB bound per key keeps only the newest few."""
     server = start_gateway(_models(workers), tmp_path, responses_max_bytes_per_key=9 * 1024)
     try:
@@ -337,3 +342,40 @@ def test_openapi_lists_the_routes(gw: ServerThread) -> None:
     assert "get" in paths["/v1/responses/{response_id}/input_items"]
     assert "post" in paths["/tokenize"] and "post" in paths["/detokenize"]
     assert json.dumps(doc)  # serialisable as a whole
+
+
+def test_tokenize_and_detokenize_are_relayed_to_a_worker(gw: ServerThread) -> None:
+    """vLLM's shapes, answered by the simulator's tokenizer (a word is a token) through the
+    upstream engine; `model` may be left out only when one generate model is served."""
+    r = httpx.post(
+        f"{gw.url}/tokenize",
+        json={"model": "m", "prompt": "one two three", "return_token_strs": True},
+    )
+    assert r.status_code == 200, r.text
+    got = r.json()
+    assert got["count"] == 3 and len(got["tokens"]) == 3
+    assert got["token_strs"] == ["one", "two", "three"]
+    chat = httpx.post(
+        f"{gw.url}/tokenize",
+        json={"model": "m", "messages": [{"role": "user", "content": "four five"}]},
+    ).json()
+    assert chat["count"] == 2 and chat["token_strs"] is None
+    back = httpx.post(f"{gw.url}/detokenize", json={"model": "m", "tokens": got["tokens"]})
+    assert back.status_code == 200 and back.json() == {"prompt": "one two three"}
+    # Two generate models here: `model` is required; an unknown one is a 404.
+    r = httpx.post(f"{gw.url}/tokenize", json={"prompt": "x"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "model"
+    r = httpx.post(f"{gw.url}/tokenize", json={"model": "nope", "prompt": "x"})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    # The worker's own refusal comes back as a 400.
+    r = httpx.post(f"{gw.url}/detokenize", json={"model": "m", "tokens": ["a"]})
+    assert r.status_code == 400, r.text
+
+
+def test_field_list_covers_the_sdk() -> None:
+    """Every field the SDK's `responses.create` can send is known to the allowlist."""
+    from openai.types.responses import response_create_params as rc
+
+    from gateway.allowlist import RESPONSES_FIELDS
+
+    assert set(rc.ResponseCreateParamsBase.__annotations__) | {"stream"} <= RESPONSES_FIELDS
