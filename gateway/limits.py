@@ -49,6 +49,7 @@ import contextlib
 import logging
 import math
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -253,6 +254,10 @@ class Tenancy:
             )
         else:
             log.warning("state store %s answers again", self.store.name)
+            # What was queued meanwhile goes now, not at the next settlement (there may
+            # be none for a while, or only local ones, which do not flush).
+            if self._pending:
+                self._background(self.flush())
         if self.metrics is not None:
             self.metrics.store_degraded.set(1 if degraded else 0)
 
@@ -418,12 +423,19 @@ class Tenancy:
         key_id = ticket.tenant.key_id
         if ticket.local:
             self.local.settle_now(key_id, ticket.limits, spent, day)
-            # The ledger still belongs in the store: queue it without the limiter part.
-            self._pending.append((key_id, Limits(), _ledger_only(spent), day))
+            # The ledger still belongs in the store: without the limiter part, queued
+            # while the store is skipped, else written now (a request admitted locally
+            # just before the store came back).
+            ledger = (key_id, Limits(), _ledger_only(spent), day)
+            if self._skip_store():
+                self._pending.append(ledger)
+            else:
+                self._background(self._settle(*ledger))
             return
-        task = asyncio.get_running_loop().create_task(
-            self._settle(key_id, ticket.limits, spent, day)
-        )
+        self._background(self._settle(key_id, ticket.limits, spent, day))
+
+    def _background(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 

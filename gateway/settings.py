@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from pydantic import AliasChoices, Field, ValidationError, field_validator
+from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "GATEWAY_"
@@ -166,6 +166,20 @@ class Settings(BaseSettings):
     )
     otel_sdk_disabled: bool = _otel("otel_sdk_disabled", False, "OTEL_SDK_DISABLED")
 
+    @model_validator(mode="after")
+    def _sentinels_need_a_url(self) -> Settings:
+        # Without a URL the gateway would quietly keep its state in memory.
+        if self.redis_sentinels and not self.redis_url:
+            raise ValueError(
+                "GATEWAY_REDIS_SENTINELS is set: set GATEWAY_REDIS_URL too (its scheme, "
+                "user, password and database are used; e.g. redis://mymaster/0)"
+            )
+        if self.redis_url:  # TLS without rediss://, a certificate without its key, ...
+            from gateway.state_store.target import RedisTarget
+
+            RedisTarget.from_settings(self)
+        return self
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _lower_level(cls, v: Any) -> Any:
@@ -213,7 +227,10 @@ def load_settings(**overrides: Any) -> Settings:
     except ValidationError as e:
         lines, seen = [], set()
         for err in e.errors():
-            name = str(err["loc"][0]) if err["loc"] else "?"
+            if not err["loc"]:  # a check across variables: its own message names them
+                lines.append(str(err["msg"]).removeprefix("Value error, "))
+                continue
+            name = str(err["loc"][0])
             if name in seen or name not in Settings.model_fields:
                 continue
             seen.add(name)

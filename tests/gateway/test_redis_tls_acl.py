@@ -16,6 +16,7 @@ from typing import Any
 import openai
 import pytest
 
+from gateway.settings import SettingsError, load_settings
 from gateway.state_store import Limits, StoreUnavailable
 from gateway.state_store.redis import RedisStore
 from gateway.state_store.target import RedisTarget, parse_sentinels
@@ -194,5 +195,14 @@ def test_target_settings_are_checked() -> None:
     with pytest.raises(ValueError, match="scheme"):
         RedisTarget("http://h/0")
     assert parse_sentinels(" a:1, b ,[::1]:5") == (("a", 1), ("b", 26379), ("::1", 5))
+    # The same checks when the gateway starts: one line naming the variables.
+    for bad, says in (
+        ({"redis_url": "redis://h/0", "redis_tls_ca": "/ca.pem"}, "must be rediss://"),
+        ({"redis_sentinels": "h:26379"}, "set GATEWAY_REDIS_URL too"),
+    ):
+        with pytest.raises(SettingsError) as e:
+            load_settings(**bad)
+        (line,) = e.value.lines
+        assert says in line and line.startswith("GATEWAY_REDIS_")
     t = RedisTarget("redis://u:p%40@h:7/3", password="override")
     assert (t.host, t.port, t.db, t.user, t.secret) == ("h", 7, 3, "u", "override")
