@@ -29,7 +29,7 @@ import time
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, ClassVar, Literal, Protocol
 
 from engines.errors import (
     AdapterError,
@@ -71,6 +71,10 @@ __all__ = [
 
 
 # --------------------------------------------------------------------------- data types
+
+
+# Where an engine runs (`Engine.placement`).
+Placement = Literal["in_process", "launched", "attached"]
 
 
 @dataclass(slots=True)
@@ -242,8 +246,26 @@ class Engine(Protocol):
 
     spec: ModelSpec
 
+    # What the engine is, for the gateway, which never names an engine:
+    # - placement: "in_process" (runs inside the process that serves it: transformers,
+    #   sim), "launched" (launches worker processes: vllm, lmdeploy; attached by URL instead
+    #   when models.yaml lists endpoints), "attached" (relays to running servers: openai);
+    # - takes_cache_salt: its workers take the per-request `cache_salt` (vLLM's prefix-cache
+    #   domain), so the gateway may set one per tenant.
+    placement: ClassVar[Placement]
+    takes_cache_salt: ClassVar[bool]
+
     def __init__(self, spec: ModelSpec, context: EngineContext | None = None) -> None:
         """Cheap: no loading, launching or I/O (that is `start`)."""
+        ...
+
+    @classmethod
+    def attach_entry(
+        cls, entry: dict[str, Any], host: str
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """For a "launched" engine with several front doors: (the models.yaml entry the
+        launching process keeps, its workers' ports fixed; the entry a front door attaches
+        to those workers with)."""
         ...
 
     @classmethod
@@ -325,10 +347,19 @@ class EngineBase:
     with a clear error). Subclasses override what they do; `complete`, `stream` and
     `status` have no sensible default and must be written."""
 
+    placement: ClassVar[Placement] = "in_process"
+    takes_cache_salt: ClassVar[bool] = False
+
     def __init__(self, spec: ModelSpec, context: EngineContext | None = None) -> None:
         self.spec = spec
         self.context = context
         self.progress: Any = context.progress if context is not None else _no_progress
+
+    @classmethod
+    def attach_entry(
+        cls, entry: dict[str, Any], host: str
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        raise TypeError(f"engine {entry.get('engine')!r} launches no workers to attach to")
 
     @classmethod
     def check_spec(cls, spec: ModelSpec) -> list[SpecIssue]:

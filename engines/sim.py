@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 
 from pydantic import create_model
 
-from engines.base import EngineContext, SpecIssue
+from engines.base import EngineContext, Placement, SpecIssue
 from engines.options import EngineOptions
 from engines.spec import ModelSpec
 from engines.upstream.engine import OpenAIEngine
@@ -52,6 +52,9 @@ class SimEngine(OpenAIEngine):
     spec-decode counters."""
 
     options_model: ClassVar[type[EngineOptions]] = SimOptions
+    # Servers in this process; they take vLLM's `cache_salt`.
+    placement: ClassVar[Placement] = "in_process"
+    takes_cache_salt: ClassVar[bool] = True
     # With `kv_cache_hit` on, every server publishes its prefix cache's events.
     kv_events_mode: ClassVar[str] = "launch"
     kv_tokenizer: ClassVar[str] = "words"

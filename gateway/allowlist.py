@@ -15,10 +15,13 @@ tensors, connector parameters), and a field nobody reviewed must not reach a wor
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from engines.errors import InvalidRequest
-from engines.spec import ModelSpec, RequestFieldsSpec
+from engines.spec import RequestFieldsSpec
+
+if TYPE_CHECKING:
+    from engines.base import Engine
 
 Route = Literal["chat", "completions", "embeddings", "responses"]
 
@@ -202,23 +205,19 @@ def screen_fields(body: dict[str, Any], route: Route, rules: RequestFieldsSpec) 
                     _refuse_or_drop(msg, odd, f"messages[{i}]", rules.unknown)
 
 
-# Engines whose workers take vLLM's per-request `cache_salt` (the simulator accepts it).
-SALTED_ENGINES = frozenset({"vllm", "sim"})
-
-
-def cache_salt_for(spec: ModelSpec, tenant: str | None) -> str | None:
+def cache_salt_for(engine: Engine, tenant: str | None) -> str | None:
     """The prefix-cache domain of a request, set by the gateway and never by a client.
 
     `tenant` is the calling API key's own random salt (`gateway.keys.KeyRecord.cache_salt`),
     so every request of a key shares a prefix cache only with that key's. Without hashed
     keys (no tenant) no salt is set and the worker's default (one shared domain per model)
-    applies."""
-    if tenant is None or spec.engine not in SALTED_ENGINES:
+    applies; nor for an engine whose workers do not take one (`Engine.takes_cache_salt`)."""
+    if tenant is None or not engine.takes_cache_salt:
         return None
     return tenant
 
 
-def apply_cache_salt(body: dict[str, Any], spec: ModelSpec, tenant: str | None) -> None:
-    salt = cache_salt_for(spec, tenant)
+def apply_cache_salt(body: dict[str, Any], engine: Engine, tenant: str | None) -> None:
+    salt = cache_salt_for(engine, tenant)
     if salt is not None:
         body[CACHE_SALT] = salt

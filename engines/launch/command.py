@@ -168,6 +168,22 @@ def free_port(host: str = "127.0.0.1") -> int:
         return port
 
 
+def free_ports(host: str, n: int) -> int:
+    """The first of `n` consecutive ports nothing listens on now (replicas' fixed ports)."""
+    for _ in range(100):
+        base = free_port(host)
+        if base + n - 1 > 65535:
+            continue
+        try:
+            for p in range(base + 1, base + n):
+                with socket.socket() as s:
+                    s.bind((host, p))
+        except OSError:
+            continue
+        return base
+    raise RuntimeError(f"no {n} consecutive free ports on {host}")
+
+
 def gpu_assignment(spec: ModelSpec, gpu_ids: Sequence[int] | None) -> list[list[int]]:
     """The physical GPU ids of each replica: consecutive slices of `gpu_ids`
     (default 0, 1, …), `gpus_per_replica` each; empty lists when gpus_per_replica is 0."""

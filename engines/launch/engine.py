@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from engines import model_source
-from engines.base import EngineContext, EngineStatus
+from engines.base import EngineContext, EngineStatus, Placement
 from engines.launch.command import (
     DEFAULT_BASE_PORT,
     LaunchOptions,
@@ -21,6 +21,7 @@ from engines.launch.command import (
     WorkerCommand,
     adapter_paths,
     free_port,
+    free_ports,
     gpu_assignment,
     launch_issues,
 )
@@ -45,6 +46,7 @@ class LaunchedEngine(OpenAIEngine):
     """
 
     label: ClassVar[str] = "worker"
+    placement: ClassVar[Placement] = "launched"
     # The worker's executable (options.command replaces it, e.g. in tests).
     program: ClassVar[str] = "worker"
     options_model: ClassVar[type[EngineOptions]] = LaunchOptions
@@ -54,6 +56,32 @@ class LaunchedEngine(OpenAIEngine):
         self._supervisor: WorkerSupervisor | None = None
 
     # ------------------------------------------------------------------ config load
+
+    @classmethod
+    def attach_entry(
+        cls, entry: dict[str, Any], host: str
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(the launching process's entry, its workers' ports fixed in `options.base_port`;
+        a front door's attach-mode entry: the workers' URLs, the launch-only keys left
+        out), so a front door relays straight to the workers and a worker restarted by the
+        launching process comes back at the same URL."""
+        from engines.upstream.options import UpstreamOptions
+
+        options = dict(entry.get("options") or {})
+        replicas = int(entry.get("replicas") or 1)
+        if options.get("base_port") is None:
+            options["base_port"] = free_ports(host, replicas)
+        base = int(options["base_port"])
+        launch_only = set(LaunchOptions.model_fields) - set(UpstreamOptions.model_fields)
+        launch_only |= set(getattr(cls.options_model, "launch_only", ()))
+        front = {
+            k: v
+            for k, v in entry.items()
+            if k not in ("model", "replicas", "gpus_per_replica", "engine_args", "options")
+        }
+        front["endpoints"] = [f"http://{host}:{base + i}" for i in range(replicas)]
+        front["options"] = {k: v for k, v in options.items() if k not in launch_only}
+        return {**entry, "options": options}, front
 
     @classmethod
     def launch_options(cls, spec: ModelSpec) -> LaunchOptions:

@@ -102,6 +102,8 @@ class VLLMEngine(LaunchedEngine):
     options_model: ClassVar[type[EngineOptions]] = VLLMOptions
     # Launched workers publish KV-cache events when `kv_cache_hit` routes on them.
     kv_events_mode: ClassVar[str] = "launch"
+    # vLLM keys its prefix cache by the request's `cache_salt`: one domain per tenant.
+    takes_cache_salt: ClassVar[bool] = True
 
     # ------------------------------------------------------------------ config load
 

@@ -63,6 +63,7 @@ from engines.base import (
     EngineTimeout,
     EngineUnavailable,
     GenerateRequest,
+    Placement,
     ServingError,
     SpecIssue,
     UpstreamError,
@@ -144,6 +145,7 @@ class OpenAIEngine(Sender, EngineBase):
     """Engine "openai": relays to OpenAI-compatible servers listed in `spec.endpoints`."""
 
     metrics_prefix: ClassVar[str] = "vllm:"
+    placement: ClassVar[Placement] = "attached"
     options_model: ClassVar[type[EngineOptions]] = UpstreamOptions
     # Why `options.continue_streams` cannot apply to this engine's workers (None: it can;
     # they take vLLM's `continue_final_message`).

@@ -125,7 +125,7 @@ async def admit(
         if tenant is not None:
             record.ticket = await gw.tenancy.admit(tenant, spec.name, body)
         if kind.salted:
-            apply_cache_salt(body, spec, tenant.record.cache_salt if tenant else None)
+            apply_cache_salt(body, target.engine, tenant.record.cache_salt if tenant else None)
         record.begin()
         gate = gw.admission.gates.get(spec.name)
         if gate is not None:

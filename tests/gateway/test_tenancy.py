@@ -382,6 +382,7 @@ def test_memory_and_redis_limiters_agree() -> None:
 
 
 def test_cache_salt_is_the_keys_own_for_vllm_workers() -> None:
+    from engines import engine_class
     from engines.spec import ModelSpec
     from gateway.allowlist import apply_cache_salt
     from gateway.keys import mint
@@ -389,8 +390,14 @@ def test_cache_salt_is_the_keys_own_for_vllm_workers() -> None:
     _, a = mint()
     _, b = mint()
     assert a.cache_salt != b.cache_salt and len(a.cache_salt) == 32
-    vllm = ModelSpec(name="v", engine="vllm", model="x")
-    relay = ModelSpec(name="o", engine="openai", endpoints=["http://127.0.0.1:1"])
+    vllm = engine_class("vllm")(ModelSpec(name="v", engine="vllm", model="x"))
+    relay = engine_class("openai")(
+        ModelSpec(name="o", engine="openai", endpoints=["http://127.0.0.1:1"])
+    )
+    # Each engine says whether its workers take a salt; the gateway names none.
+    assert [engine_class(e).takes_cache_salt for e in ("vllm", "sim", "openai")] == [
+        True, True, False,
+    ]  # fmt: skip
     body: dict[str, Any] = {"model": "v"}
     apply_cache_salt(body, vllm, tenant=a.cache_salt)
     assert body["cache_salt"] == a.cache_salt
