@@ -18,9 +18,10 @@ Owns `decode_batch` and `Subscriber`: SUB to the worker's publisher, sequence tr
 and recovery — a gap is filled from the replay socket; a gap it cannot fill (no replay
 endpoint, the buffer has moved on, no answer in time) clears the worker from the index
 (its entries can no longer be trusted; its next events rebuild them); a sequence number
-that goes back is a restarted worker (its cache is empty: cleared). On connecting it asks
-the replay socket for everything buffered, so a gateway that starts after its workers
-learns what they already hold. Does not own the index (`kv_index`).
+that goes back is a restarted worker (its cache is empty: cleared). The first batch heard
+(sequence number above 0) fetches everything buffered before it from the replay socket:
+what a SUB socket misses while it joins (ZeroMQ's "slow joiner"), and what workers that ran
+before the gateway started already hold. Does not own the index (`kv_index`).
 """
 
 from __future__ import annotations
@@ -168,13 +169,6 @@ class Subscriber:
             self._sub = None
 
     async def _run(self, sub: zmq.asyncio.Socket) -> None:
-        # What the publisher buffered before we connected (its replay from 0).
-        if self.source.replay is not None:
-            history = await self._replay(0)
-            if history:
-                for _seq, payload in history:
-                    self._take(payload)
-                self.next_seq = history[-1][0] + 1
         while True:
             try:
                 frames = await sub.recv_multipart()
@@ -191,14 +185,22 @@ class Subscriber:
 
     async def _receive(self, seq: int, payload: bytes) -> None:
         expected = self.next_seq
-        if expected is not None and seq < expected:
+        if expected is None:
+            if seq > 0 and self.source.replay is not None:
+                # The first batch heard: what the publisher buffered before it (sent before
+                # this socket joined, or before the gateway started) comes from the replay.
+                got = [(s, p) for s, p in await self._replay(0) if s < seq]
+                for _s, p in got:
+                    self._take(p)
+                self.stats.replayed += len(got)
+        elif seq < expected:
             if expected - seq > 1 or seq == 0:
                 # The counter went back: a restarted publisher, whose cache is empty.
                 self.stats.restarts += 1
                 self._clear()
             else:
                 return  # a duplicate (replay and live crossed)
-        elif expected is not None and seq > expected:
+        elif seq > expected:
             self.stats.gaps += 1
             filled = False
             if self.source.replay is not None:
