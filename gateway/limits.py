@@ -49,6 +49,7 @@ import contextlib
 import logging
 import math
 import time
+import uuid
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -82,6 +83,8 @@ RETRY_S = 1.0
 BYTES_RATIO = 0.25
 # A max_tokens-less request reserves this many completion tokens (settled to the real count).
 DEFAULT_RESERVE = 1024
+# Settlement ids per epoch: one 128 KiB bitmap in the store, expired two days after use.
+ONCE_PER_EPOCH = 1 << 20
 
 
 class RateLimited(ServingError):
@@ -218,6 +221,8 @@ class Tenancy:
         self._ratio: dict[str, float] = {}
         self._pending: list[tuple[str, Limits, Spent, str]] = []
         self._tasks: set[asyncio.Task[None]] = set()
+        # Settlement ids (`Spent.once`): a bitmap per epoch in the store, a bit per id.
+        self._epoch, self._seq = uuid.uuid4().hex[:16], 0
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -416,7 +421,7 @@ class Tenancy:
             prompt = completion = 0
         else:  # aborted or failed mid-stream before the usage chunk: what was relayed
             prompt, completion = round(ticket.prompt_bytes * ratio), blocks
-        spent = Spent(ticket.model, ticket.reserved, prompt, completion, how)
+        spent = Spent(ticket.model, ticket.reserved, prompt, completion, how, once=self._once())
         if self.metrics is not None:
             self.metrics.key_outcomes.labels(ticket.model, how).inc()
         day = time.strftime("%Y-%m-%d", time.gmtime())
@@ -438,6 +443,14 @@ class Tenancy:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def _once(self) -> str:
+        """A new settlement id, "epoch/n": the store writes a settlement retried under the
+        same id once (`gateway.state_store.redis`, behind Sentinel)."""
+        if self._seq >= ONCE_PER_EPOCH:
+            self._epoch, self._seq = uuid.uuid4().hex[:16], 0
+        self._seq += 1
+        return f"{self._epoch}/{self._seq}"
 
     async def _settle(self, key_id: str, limits: Limits, spent: Spent, day: str) -> None:
         try:
@@ -498,5 +511,11 @@ def _share(limits: Limits, n: int, keep_budget: bool = False) -> Limits:
 def _ledger_only(spent: Spent) -> Spent:
     """A settlement that writes the ledger and the spent budget but releases nothing."""
     return Spent(
-        spent.model, 0, spent.prompt_tokens, spent.completion_tokens, spent.outcome, release=False
+        spent.model,
+        0,
+        spent.prompt_tokens,
+        spent.completion_tokens,
+        spent.outcome,
+        release=False,
+        once=spent.once,
     )

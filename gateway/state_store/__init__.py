@@ -73,6 +73,8 @@ class Usage:
     outcome: str  # full | partial | aborted | error
     # False: only the ledger and the spent budget (the reservation was decided elsewhere).
     release: bool = True
+    # "epoch/n": a store may write a settlement retried under the same id only once.
+    once: str = ""
 
 
 class StateStore(Protocol):

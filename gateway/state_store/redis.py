@@ -17,7 +17,8 @@ a 50 ms budget 969 times out of 1,000 on connects alone.
 
 Layout under the prefix P: `P:keys` (hash id → record JSON), `P:lim:<id>` (hash rtat, ttat,
 par, res, spent, ver), `P:use:<id>:<day>` (hash model\x1ffield → count), `P:days:<id>` (set of
-days), `P:map:<name>` (hash).
+days), `P:map:<name>` (hash), `P:once:<epoch>` (bitmap: settlements written, behind
+Sentinel).
 """
 
 from __future__ import annotations
@@ -110,6 +111,23 @@ return 1
 """
 
 
+# Behind Sentinel a settlement counts as written only once a replica holds it (WAIT 1):
+# Redis replicates asynchronously, and what the old primary acknowledged in its last
+# event-loop turn before the promotion is lost (the failover test lost up to 3 of 160
+# requests' usage that way). One that is not confirmed is queued and retried, so it must
+# be written once however often it is sent: this guard, run before the settlement, sets
+# the settlement's bit (`Usage.once`, "epoch/n") in the epoch's bitmap and skips the rest
+# when it was set already. It takes the last key and the last argument for itself, so
+# the settlement script below it reads its own keys and arguments unchanged.
+_ONCE = """
+local bits, bit = KEYS[#KEYS], ARGV[#ARGV]
+KEYS[#KEYS], ARGV[#ARGV] = nil, nil
+if redis.call('SETBIT', bits, bit, 1) == 1 then return 0 end
+redis.call('EXPIRE', bits, 172800)
+"""
+_SETTLE_ONCE = _ONCE + _SETTLE
+
+
 class RedisStore:
     name = "redis"
 
@@ -142,7 +160,14 @@ class RedisStore:
             resolve = self._primary if self._sentinel is not None else None
             self._fast = RespClient(target, timeout_s, resolve)
         self._master = target.sentinel_master
-        self._sha = {s: hashlib.sha1(s.encode()).hexdigest() for s in (_ADMIT, _SETTLE)}
+        # Behind Sentinel, settlements on a connection of their own: each is followed by
+        # a WAIT for the replica, which must not hold up admissions behind it.
+        self._settler: RespClient | None = None
+        if self._fast is not None and self._sentinel is not None:
+            self._settler = RespClient(target, timeout_s, self._primary)
+        self._wait_ms = max(1, int(timeout_s * 500))
+        scripts = (_ADMIT, _SETTLE, _SETTLE_ONCE)
+        self._sha = {s: hashlib.sha1(s.encode()).hexdigest() for s in scripts}
 
     def _k(self, *parts: str) -> str:
         return ":".join((self.prefix, *parts))
@@ -164,19 +189,24 @@ class RedisStore:
     async def close(self) -> None:
         if self._fast is not None:
             await self._fast.close()
+        if self._settler is not None:
+            await self._settler.close()
         await self._redis.aclose(close_connection_pool=True)
         if self._sentinel is not None:
             await self._sentinel.aclose()
 
-    async def _script(self, script: str, keys: list[str], args: list[Any]) -> Any:
+    async def _script(
+        self, script: str, keys: list[str], args: list[Any], via: RespClient | None = None
+    ) -> Any:
         """EVALSHA (EVAL once when Redis does not hold the script yet)."""
-        if self._fast is None:
+        fast = via or self._fast
+        if fast is None:
             sha_script = self._admit if script is _ADMIT else self._settle
             return await self._call(sha_script(keys=keys, args=args))
         tail = (len(keys), *keys, *args)
-        reply = await self._fast.call(encode("EVALSHA", self._sha[script], *tail))
+        reply = await fast.call(encode("EVALSHA", self._sha[script], *tail))
         if isinstance(reply, ReplyError) and str(reply).startswith("NOSCRIPT"):
-            reply = await self._fast.call(encode("EVAL", script, *tail))
+            reply = await fast.call(encode("EVAL", script, *tail))
         if isinstance(reply, ReplyError):
             raise StoreUnavailable(f"script: {reply}")
         return reply
@@ -235,6 +265,15 @@ class RedisStore:
             WINDOW_MS,
             "1" if usage.release else "0",
         ]
+        if usage.once and self._settler is not None:
+            epoch, bit = usage.once.split("/")
+            keys.append(self._k("once", epoch))
+            args.append(int(bit))
+            await self._script(_SETTLE_ONCE, keys, args, via=self._settler)
+            acked = await self._settler.call(encode("WAIT", 1, self._wait_ms))
+            if not isinstance(acked, int) or acked < 1:
+                raise StoreUnavailable("settlement not confirmed by a replica in time")
+            return
         await self._script(_SETTLE, keys, args)
 
     async def outstanding(self, key_id: str) -> tuple[int, int]:

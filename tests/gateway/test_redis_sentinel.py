@@ -24,6 +24,9 @@ from typing import Any
 import httpx
 import pytest
 
+from gateway.state_store import Limits, Usage
+from gateway.state_store.redis import RedisStore
+from gateway.state_store.target import RedisTarget
 from tests.conftest import start_gateway
 from tests.gateway.redis_procs import RedisNode, SentinelNode, wait_for
 from tests.gateway.test_api_sim import SimThread
@@ -188,6 +191,23 @@ def test_sentinel_failover_under_load(
         with second.client() as r:
             (key,) = r.keys(f"{PREFIX}:use:{made['id']}:*")
             assert int(r.hget(key, "m\x1frequests_full") or 0) == ok
+        # A settlement sent again under its id (as after an unconfirmed attempt) is
+        # written once, and each is confirmed by the replica (WAIT) before it counts.
+        target = RedisTarget("redis://mymaster/0", sentinels=((("127.0.0.1", sentinel.port)),))
+
+        async def twice() -> None:
+            store = RedisStore(target, PREFIX, timeout_s=1.0)
+            once = Usage("m", 0, 1, 1, "full", release=False, once="test-epoch/7")
+            try:
+                for _ in range(2):
+                    await store.settle(made["id"], Limits(), once, "2026-01-01")
+            finally:
+                await store.close()
+
+        asyncio.run(twice())
+        with second.client() as r:
+            assert r.hget(f"{PREFIX}:use:{made['id']}:2026-01-01", "m\x1frequests_full") == "1"
+            assert r.getbit(f"{PREFIX}:once:test-epoch", 7) == 1
     finally:
         if server is not None:
             server.stop()
