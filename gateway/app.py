@@ -84,6 +84,7 @@ def create_app(settings: Settings | None = None, catalog: Catalog | None = None)
         gateway.adapter_sync.start()
         if gateway.tracer is not None:
             gateway.tracer.start()
+        gateway.series.start()
         # What start-up built lives as long as the process: out of the collector's sight, a
         # full collection walks only what serving allocates. Relaying 64 streams, the
         # collector's CPU time (gc callbacks) went from 0.30 s to 0.21 s per ~2,600
@@ -93,6 +94,7 @@ def create_app(settings: Settings | None = None, catalog: Catalog | None = None)
         try:
             yield
         finally:
+            await gateway.series.stop()
             await gateway.adapter_sync.stop()
             await gateway.served.stop()
             gateway.access_log.flush()

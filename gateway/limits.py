@@ -376,6 +376,8 @@ class Tenancy:
             decision = self.local.admit_now(record.id, limits, cost, time.time() * 1000, prompt)
         headers = ratelimit_headers(record.limits, decision)
         if not decision.admitted:
+            if self.metrics is not None:
+                self.metrics.key_rate_limited.labels(record.id, decision.reason).inc()
             if decision.reason == "budget":
                 raise QuotaExceeded(headers)
             retry_ms = max(decision.retry_after_ms, 1)
@@ -424,6 +426,7 @@ class Tenancy:
         spent = Spent(ticket.model, ticket.reserved, prompt, completion, how, once=self._once())
         if self.metrics is not None:
             self.metrics.key_outcomes.labels(ticket.model, how).inc()
+            self.metrics.key_used(ticket.tenant.key_id, prompt, completion)
         day = time.strftime("%Y-%m-%d", time.gmtime())
         key_id = ticket.tenant.key_id
         if ticket.local:

@@ -298,9 +298,40 @@ class Metrics:
             ["model", "outcome"],
             registry=r,
         )
+        # Per API key (hashed keys only): the key's id as a label, never the key. Bounded by
+        # the keys the admin issued (an unknown or malformed key never reaches these; a
+        # revoked key's series stay until restart): the tenants panels of the dashboard.
+        self.key_tokens = Counter(
+            "gateway_key_tokens",
+            "Tokens billed per API key id (as the usage ledger), by kind (prompt, completion)",
+            ["key_id", "kind"],
+            registry=r,
+        )
+        self.key_rate_limited = Counter(
+            "gateway_key_rate_limited",
+            "Requests refused with 429 per API key id, by reason (requests, tokens, "
+            "parallel, held, budget)",
+            ["key_id", "reason"],
+            registry=r,
+        )
+        self._keys: dict[str, tuple[Counter, Counter]] = {}
         self._adapters = adapters
         self._routes: dict[tuple[str, str], RouteMetrics] = {}
         r.register(_EngineCollector(statuses))
+
+    def key_used(self, key_id: str, prompt: int, completion: int) -> None:
+        """A settled request's tokens for its key (children resolved once per key)."""
+        found = self._keys.get(key_id)
+        if found is None:
+            kt = self.key_tokens
+            found = self._keys[key_id] = (
+                kt.labels(key_id, "prompt"),
+                kt.labels(key_id, "completion"),
+            )
+        if prompt:
+            found[0].inc(prompt)
+        if completion:
+            found[1].inc(completion)
 
     def route(self, model: str, route: str) -> RouteMetrics:
         key = (model, route)

@@ -274,6 +274,21 @@ class Status(_Doc):
     traffic: dict[str, Any]
 
 
+class StatusSeries(_Doc):
+    """The status page's charts (`gateway.series`): the last 15 minutes in `bucket_s`
+    buckets from `start` (Unix seconds), every front door's added up (`fronts`); per model
+    and for `all`, columns of one value per bucket: requests_s, errors_s, rate_limited_s,
+    prompt_tokens_s, completion_tokens_s, e2e_p50/p95/p99 and ttft_p50/p95/p99 (seconds,
+    null without requests), in_flight, queued, waiting."""
+
+    bucket_s: int
+    now: float
+    start: float
+    fronts: int
+    all: dict[str, list[float | None]]
+    models: dict[str, dict[str, list[float | None]]]
+
+
 MODELS: list[type[BaseModel]] = [
     KeyPolicy,
     ChatCompletionRequest,
@@ -299,6 +314,7 @@ MODELS: list[type[BaseModel]] = [
     Health,
     Probe,
     Status,
+    StatusSeries,
     ApiKey,
     NewApiKey,
     ApiKeyList,
@@ -521,6 +537,10 @@ def build_openapi(title: str, version: str) -> dict[str, Any]:
         "/status": _simple(
             "get", "Models, workers, adapters and traffic for the status page", "Operations",
             _json(Status, "the status"), **keyed,
+        ),
+        "/status/series": _simple(
+            "get", "The status page's charts: the last 15 minutes per model", "Operations",
+            _json(StatusSeries, "the series"), **keyed,
         ),
         "/ui": _simple(
             "get", "Status page and chat playground", "Operations",

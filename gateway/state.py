@@ -2,7 +2,7 @@
 
 Holds the settings, the served models (engines), the metrics, the request-id source and
 the tenancy (API keys, limits, usage, and the shared state store behind them), the
-access log and the tracer (when traces are on).
+access log, the tracer (when traces are on) and the status page's series.
 The app's lifespan starts and stops what needs it; routes reach it as
 `request.app.state.gateway` (the hot routes get it from the front door). No module-level
 state anywhere.
@@ -21,6 +21,7 @@ from gateway.ids import RequestIds
 from gateway.limits import Tenancy
 from gateway.metrics import Metrics
 from gateway.responses.store import make_store
+from gateway.series import Series
 from gateway.served import ServedModels
 from gateway.settings import Settings
 from gateway.tracing import make_tracer
@@ -63,3 +64,17 @@ class Gateway:
         self.responses = make_store(settings)
         # OpenTelemetry traces (gateway.tracing); None when off: the request path checks it.
         self.tracer = make_tracer(settings)
+        # The status page's last 15 minutes, shared by the front doors (gateway.series).
+        self.series = Series(self._load_now, lambda: self.tenancy.store)
+
+    def _load_now(self) -> dict[str, tuple[int, int, int]]:
+        """Per model: requests in flight, queued at the gateway, waiting at the workers."""
+        out: dict[str, list[int]] = {}
+        for family in self.metrics.in_flight.collect():
+            for s in family.samples:
+                out.setdefault(s.labels["model"], [0, 0, 0])[0] += int(s.value)
+        for name, gate in self.admission.gates.items():
+            out.setdefault(name, [0, 0, 0])[1] += len(gate.waiters)
+        for name, st in self.served.statuses().items():
+            out.setdefault(name, [0, 0, 0])[2] += st.waiting
+        return {m: (a, b, c) for m, (a, b, c) in out.items()}

@@ -58,6 +58,7 @@ COLD: list[BaseRoute] = [
     Route("/health/ready", ops.ready, methods=["GET"]),
     Route("/metrics", ops.metrics, methods=["GET"]),
     Route("/status", status.status, methods=["GET"]),
+    Route("/status/series", status.series, methods=["GET"]),
     Mount("/ui", app=StaticFiles(directory=UI_DIR, html=True), name="ui"),
     Route("/admin/keys", admin.create_key, methods=["POST"]),
     Route("/admin/keys", admin.list_keys, methods=["GET"]),

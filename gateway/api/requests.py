@@ -181,7 +181,8 @@ class RequestRecord(StreamObserver):
         rm = self._m or self.gw.metrics.route(self.model, self.route)
         if self._began:
             rm.in_flight.dec()
-        rm.duration.observe(time.perf_counter() - self.start)
+        duration = time.perf_counter() - self.start
+        rm.duration.observe(duration)
         if usage is not None:
             rm.prompt_tokens.inc(usage.prompt_tokens)
             rm.completion_tokens.inc(usage.completion_tokens)
@@ -217,6 +218,7 @@ class RequestRecord(StreamObserver):
             tracer = self.gw.tracer
             assert tracer is not None
             tracer.end(self, status, usage, error)
+        self.gw.series.record(self.model, status, duration, self.ttft, usage)
 
 
 def error_response(exc: ServingError, rid: str) -> RawResponse:

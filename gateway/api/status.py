@@ -1,7 +1,8 @@
 """`GET /status`: what the status page (`/ui`) shows, as one JSON document.
 
 Per model: readiness, the engine's queue, adapters and each worker's health, in-flight,
-queue, KV-cache use and restarts (null where the engine does not report it); for the
+queue, KV-cache use, restarts and ejections (null where the engine does not report it);
+`GET /status/series`: the charts' last 15 minutes (`gateway.series`); for the
 whole gateway: request counts by status class and the cumulative latency histograms, from
 which the page computes the live rate and percentiles between two polls. Needs the client
 key when keys are set; worker URLs and details only with the admin key (as `/health`:
@@ -93,9 +94,24 @@ async def status(request: Request) -> Any:
                         "waiting": w.waiting,
                         "kv_cache_usage": w.kv_cache_usage,
                         "restarts": getattr(w, "restarts", None),
+                        "outstanding": w.outstanding,
+                        "ejected": w.ejected,
+                        "ejections": w.ejections,
                     }
                     for i, w in enumerate(st.workers)
                 ],
             }
         )
     return JSONResponse({"models": models, "traffic": _traffic(gw)})
+
+
+async def series(request: Request) -> Any:
+    """`GET /status/series`: the last 15 minutes per model in 10-second buckets, every
+    front door's added up (`gateway.series`); the page's charts. Same key rule as /status."""
+    gw: Gateway = request.app.state.gateway
+    inc = Incoming(request.scope, request.receive)
+    try:
+        check_admin_key(gw, inc)
+    except ServingError:
+        await check_client_key(gw, inc)
+    return JSONResponse(await gw.series.snapshot())
