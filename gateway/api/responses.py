@@ -99,7 +99,7 @@ async def _screen(gw: Gateway, call: Call) -> Turn:
 RESPONSES = RouteKind("responses", "generate", _screen, salted=True)
 
 
-async def _store(gw: Gateway, call: Call, turn: Turn, response: dict[str, Any]) -> None:
+async def _store(gw: Gateway, call: Call, turn: Turn, response: bytes) -> None:
     """Keep a finished response for chaining and retrieval (`store`, on by default). A
     store that does not answer costs the client its chain, not this answer: logged."""
     if turn.req.store is False:
@@ -145,10 +145,11 @@ async def create(gw: Gateway, scope: Scope, receive: Receive, send: Send) -> Non
             usage=usage_of(chat.get("usage")),
             finish=finish,
         )
-        await _store(gw, call, turn, response)
+        body = orjson.dumps(response)
+        await _store(gw, call, turn, body)
         record.tails = (done.body,)
         record.finished(done.usage, None, False)
-        await answer_json(call, orjson.dumps(response), answer.upstream_s)(scope, receive, send)
+        await answer_json(call, body, answer.upstream_s)(scope, receive, send)
         return
     assert answer.agen is not None
     record.first_chunk(time.perf_counter())
@@ -182,7 +183,7 @@ async def create(gw: Gateway, scope: Scope, receive: Receive, send: Send) -> Non
                 await send({"type": "http.response.body", "body": out, "more_body": True})
         final = events.finish_events()
         assert events.response is not None
-        await _store(gw, call, turn, events.response)
+        await _store(gw, call, turn, orjson.dumps(events.response))
         await send({"type": "http.response.body", "body": final, "more_body": False})
     except asyncio.CancelledError:
         if not watch.absorb():
@@ -192,7 +193,7 @@ async def create(gw: Gateway, scope: Scope, receive: Receive, send: Send) -> Non
         error.param = rename_param(turn, error.param)
         failed = events.failed_events(error)
         if events.response is not None:
-            await _store(gw, call, turn, events.response)
+            await _store(gw, call, turn, orjson.dumps(events.response))
         with contextlib.suppress(OSError):
             await send({"type": "http.response.body", "body": failed, "more_body": False})
     finally:
