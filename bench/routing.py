@@ -245,10 +245,12 @@ async def layouts(args: argparse.Namespace) -> None:
         f" (open loop), {WORKERS} workers"
     )
     print(
-        "layout  policy              TTFT mean ms  TTFT p99 ms  hit rate   req/s  max/min"
-        "  per worker"
+        "layout  policy              TTFT mean ms  TTFT p99 ms  model ms  hit rate   req/s"
+        "  max/min  per worker"
     )
-    summary: dict[str, list[tuple[float, float, float, float]]] = {n: [] for n, _ in policies}
+    summary: dict[str, list[tuple[float, float, float, float, float]]] = {
+        n: [] for n, _ in policies
+    }
     for k in range(args.layouts):
         rng = random.Random(1000 + k)
         vocab = [f"w{i}" for i in range(5000)]
@@ -264,6 +266,7 @@ async def layouts(args: argparse.Namespace) -> None:
             servers = await fleet(
                 ttft_ms=2,
                 itl_ms=1,
+                max_running=args.max_running,
                 prefix_cache_tokens=args.cache_tokens,
                 prefill_ms_per_token=args.prefill_ms,
             )
@@ -275,17 +278,21 @@ async def layouts(args: argparse.Namespace) -> None:
                 loads = [s.requests_total for s in servers]
                 ratio = max(loads) / max(1, min(loads))
                 mean = sum(ttfts) / len(ttfts)
-                summary[name].append((mean, hit / query, ratio, len(ttfts) / wall))
+                # The workers' own TTFT model without queueing or this machine's noise:
+                # ttft_ms + prefill_ms × uncached prompt tokens, per request.
+                model = (2 + args.prefill_ms * (query - hit) / len(ttfts)) / 1e3
+                summary[name].append((mean, hit / query, ratio, len(ttfts) / wall, model))
                 print(
                     f"{k:6d}  {name:<18}  {mean * 1e3:12.2f}  {pct(ttfts, 0.99) * 1e3:11.2f}"
-                    f"  {hit / query:8.1%}  {len(ttfts) / wall:6.0f}  {ratio:7.2f}  {loads}"
+                    f"  {model * 1e3:8.2f}  {hit / query:8.1%}  {len(ttfts) / wall:6.0f}"
+                    f"  {ratio:7.2f}  {loads}"
                 )
             finally:
                 await engine.stop()
                 for s in servers:
                     await s.stop()
     print(
-        "\npolicy              TTFT mean ms (mean of layouts)  hit rate  req/s"
+        "\npolicy              TTFT mean ms (mean of layouts)  model ms  hit rate  req/s"
         "  max/min: worst, median"
     )
     for name, rows in summary.items():
@@ -293,7 +300,8 @@ async def layouts(args: argparse.Namespace) -> None:
         n = len(rows)
         print(
             f"{name:<18}  {sum(r[0] for r in rows) / n * 1e3:30.2f}"
-            f"  {sum(r[1] for r in rows) / n:8.1%}  {sum(r[3] for r in rows) / n:5.0f}"
+            f"  {sum(r[4] for r in rows) / n * 1e3:8.2f}  {sum(r[1] for r in rows) / n:8.1%}"
+            f"  {sum(r[3] for r in rows) / n:5.0f}"
             f"  {ratios[-1]:.2f}, {ratios[n // 2]:.2f}"
         )
 
@@ -421,9 +429,10 @@ async def main() -> None:
     ap.add_argument("--prompts", type=int, default=16, help="system prompts (--layouts)")
     ap.add_argument("--sessions", type=int, default=256, help="sessions per layout")
     ap.add_argument("--system-words", type=int, default=300)
-    ap.add_argument("--rate", type=float, default=100.0, help="sessions started per second")
-    ap.add_argument("--cache-tokens", type=int, default=1500, help="prefix cache per worker")
-    ap.add_argument("--prefill-ms", type=float, default=0.1, help="per uncached token")
+    ap.add_argument("--rate", type=float, default=50.0, help="sessions started per second")
+    ap.add_argument("--max-running", type=int, default=4, help="per worker; more queue")
+    ap.add_argument("--cache-tokens", type=int, default=1000, help="prefix cache per worker")
+    ap.add_argument("--prefill-ms", type=float, default=0.2, help="per uncached token")
     args = ap.parse_args()
     if args.pick_only:
         decision_cost(args.calls)

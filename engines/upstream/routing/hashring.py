@@ -8,25 +8,26 @@ both bounds (`load_factor` = c, m candidates):
     in flight   outstanding(owner) < ceil(c × (total outstanding + 1) / m)
                 (Mirrokni, Thorup and Zadimoghaddam, "Consistent Hashing with Bounded
                 Loads", 2018: a hot key fills its worker up to the bound, not beyond)
-    share       picks(owner) < c × max(least picks, mean picks / c, 24) + 1
-                (picks: the endpoints this ring chose recently, halved every 256 × m
-                picks, so about the last 256 × m requests)
+    share       picks(owner) < h × max(least picks, mean picks / h, 24) + 1,
+                h = 1 + (c − 1) / 2 (picks: the endpoints this ring chose recently,
+                halved every 256 × m picks, so about the last 256 × m requests)
 
 Otherwise the key spills: to the endpoint it spilled to last time if that one is under
 both bounds (so a spilled key's prompts warm one more cache, not every cache), else to the
 endpoint with the fewest recent picks that is under the in-flight bound, which then is
 the key's spill target.
 
-Why the share bound: with few keys (16 system prompts on 4 workers) the ring's ownership
-is uneven whatever the virtual nodes (16 keys fall 7/5/3/1 as often as 4/4/4/4), and the
-in-flight bound only acts when workers are busy; at moderate load the owners of many keys
-took up to 2.6 × the requests of the owner of few (bench/routing.py --layouts). The share
-bound caps a worker's recent picks at c × the least-picked worker's (the mean / c and the
-floor of 8 keep a worker that just joined, or a fleet just started, from drawing every
-key at once). Measured over 20 fresh layouts (docs/benchmarks.md): max/min requests per
-worker ≤ 1.3 in each, the prefix-cache hit rate of the ring alone kept. Spilling to the
-ring's next node instead (the bounded-loads paper's walk) moved the imbalance one node on;
-more virtual nodes do not help few keys.
+Why the share bound: with few keys the ring's ownership is uneven whatever the virtual
+nodes (16 keys on 4 workers fell from 3/4/4/5 to 0/3/5/8 over the 20 layouts of
+`tests/engines/upstream/test_routing.py`), and the in-flight bound acts only while workers
+are busy: at moderate load the owners of many keys took up to 2.6 × the requests of the
+owner of few (bench/routing.py --layouts, docs/benchmarks.md). The share bound caps a
+worker's recent picks at h × the least-picked worker's; its tolerance is half the
+in-flight one because picks are a smoothed count, not an instantaneous one (the mean / h
+and the floor of 24 keep a worker that just joined, or a fleet just started, from drawing
+every key at once). Spilling to the ring's next node (the paper's walk) or bounding
+against the mean rather than the least busy left 1.3–2.2 in some layouts
+(docs/benchmarks.md).
 
 Replicas agree on owners; which key spills where is each router's own (its picks), so
 with several gateway replicas a spilled key may warm one cache per replica. Does not own
@@ -90,6 +91,8 @@ class HashRing:
             if len(self._rings) >= 64:
                 self._rings.clear()
             self._rings[key] = ring
+            for e in candidates:  # every candidate has a count: `owner` reads them in C
+                self._picks.setdefault(e, 0.0)
         return ring
 
     def owner(self, key: int, candidates: Sequence[Endpoint]) -> Endpoint:
@@ -100,7 +103,7 @@ class HashRing:
         get = picks.get
         m = len(candidates)
         c = self.load_factor
-        counts = [get(x, 0.0) for x in candidates]
+        counts = list(map(picks.__getitem__, candidates))
         least = min(counts)
         h = 1.0 + (c - 1.0) / 2  # the share's tolerance: half the in-flight one
         share = h * max(least, sum(counts) / (m * h), _FLOOR) + 1.0
