@@ -57,7 +57,7 @@ A stop restarts nothing, whoever gets the signal. Ctrl-C signals the whole proce
 the control process runs in a session of its own (as launched workers do,
 `engines.launch.supervisor`), so it is stopped by the parent after the front doors have
 drained (their in-flight requests may need it), never by the terminal; it dies with the
-parent (`PR_SET_PDEATHSIG`), so a SIGKILL to the group leaves it behind neither. From the
+parent (`gateway.control_process`), so a SIGKILL to the group leaves it behind neither. From the
 parent's first stop signal on, neither the control process nor a front door is started
 again, and a control process that exits as told (status 0, SIGINT, SIGTERM) gets
 `STOP_GRACE_S` for the parent's own signal to arrive before it counts as a crash (a signal
@@ -201,8 +201,7 @@ class Control:
 
     def _spawn(self) -> subprocess.Popen[bytes]:
         # A session of its own: a signal to the gateway's process group does not reach it.
-        env = {**self.env, _PARENT_ENV: str(os.getpid())}
-        return subprocess.Popen(self.argv, env=env, start_new_session=True)
+        return subprocess.Popen(self.argv, env=self.env, start_new_session=True)
 
     def halt(self) -> None:
         """The gateway is stopping: restart nothing from now on (signal-handler safe)."""
@@ -291,27 +290,6 @@ def _stop(proc: subprocess.Popen[bytes] | None) -> None:
 
 def _on_term(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
-
-
-# The parent's pid, in the control process's environment.
-_PARENT_ENV = "GATEWAY_CONTROL_PARENT"
-
-
-def _die_with_parent() -> None:
-    """In the control process: SIGTERM when the parent dies (Linux's PR_SET_PDEATHSIG),
-    as the terminal's signals no longer reach its session; exit now if it already has."""
-    parent = os.environ.pop(_PARENT_ENV, "")
-    if not parent:
-        return
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass  # not Linux: the parent's stop still stops it
-    if os.getppid() != int(parent):
-        sys.exit(0)
 
 
 class _FrontDoor(Process):
@@ -463,7 +441,7 @@ def serve_workers(settings: Settings) -> int:
             n = len(control_models)
             _say(f"starting the control process for {n} model(s) on {control_url}")
             argv = [
-                *(sys.executable, "-m", "gateway.workers", "serve", "--workers", "1"),
+                *(sys.executable, "-m", "gateway.control_process", "serve", "--workers", "1"),
                 *("--host", "127.0.0.1", "--port", str(control_port)),
             ]
             doc = {**raw, "models": control_models}
@@ -509,11 +487,3 @@ def serve_workers(settings: Settings) -> int:
             control.stop()
         for path in (control_cfg, front_cfg):
             path.unlink(missing_ok=True)
-
-
-if __name__ == "__main__":
-    # The control process (`Control._spawn`): `gateway serve` that dies with its parent.
-    _die_with_parent()
-    from gateway.cli import main
-
-    sys.exit(main())
