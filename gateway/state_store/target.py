@@ -26,7 +26,7 @@ what to do when Redis does not answer (`gateway.limits`').
 from __future__ import annotations
 
 import ssl
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlparse
 
@@ -45,16 +45,17 @@ DEFAULT_MASTER = "mymaster"  # Redis's own example name for a monitored primary
 
 @dataclass(frozen=True, slots=True)
 class RedisTarget:
-    url: str
+    # Kept out of repr (logs, tracebacks): the URL may carry a password.
+    url: str = field(repr=False)
     username: str = ""
-    password: str = ""
+    password: str = field(default="", repr=False)
     tls_ca: str = ""
     tls_cert: str = ""
     tls_key: str = ""
     tls_check_hostname: bool = True
     sentinels: tuple[tuple[str, int], ...] = ()
     sentinel_master: str = DEFAULT_MASTER
-    sentinel_password: str = ""
+    sentinel_password: str = field(default="", repr=False)
 
     def __post_init__(self) -> None:
         scheme = urlparse(self.url).scheme
