@@ -277,9 +277,9 @@ class Status(_Doc):
 class StatusSeries(_Doc):
     """The status page's charts (`gateway.series`): the last 15 minutes in `bucket_s`
     buckets from `start` (Unix seconds), every front door's added up (`fronts`); per model
-    and for `all`, columns of one value per bucket: requests_s, errors_s, rate_limited_s,
-    prompt_tokens_s, completion_tokens_s, e2e_p50/p95/p99 and ttft_p50/p95/p99 (seconds,
-    null without requests), in_flight, queued, waiting."""
+    and for `all`, columns of one value per bucket: requests (a count), requests_s,
+    errors_s, rate_limited_s, prompt_tokens_s, completion_tokens_s, e2e_p50/p95/p99 and
+    ttft_p50/p95/p99 (seconds, null without requests), in_flight, queued, waiting."""
 
     bucket_s: int
     now: float

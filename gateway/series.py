@@ -167,7 +167,7 @@ class Series:
         return self._store()
 
     async def _run(self) -> None:
-        published = 0.0
+        published = warned = 0.0
         while True:
             await asyncio.sleep(SAMPLE_S)
             try:
@@ -179,11 +179,15 @@ class Series:
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # the store away: the page shows this door's own
-                log.debug("series: not published: %s", e)
+                if time.monotonic() - warned > 60:  # one line a minute at most
+                    warned = time.monotonic()
+                    log.warning("series: not published to the state store: %s", e)
 
     def _dump(self) -> str:
+        ring = {str(s): m for s, m in self._ring.items()}
+        # The histograms' keys are bucket indexes (ints): written as strings.
         return orjson.dumps(
-            {"at": time.time(), "ring": {str(s): m for s, m in self._ring.items()}}
+            {"at": time.time(), "ring": ring}, option=orjson.OPT_NON_STR_KEYS
         ).decode()
 
     async def rings(self) -> list[dict[int, dict[str, list[Any]]]]:
@@ -259,6 +263,7 @@ def _points(per_slot: dict[int, list[Any]], slots: range, current: int) -> dict[
     cols: dict[str, list[Any]] = {
         k: []
         for k in (
+            "requests",
             "requests_s",
             "errors_s",
             "rate_limited_s",
@@ -282,10 +287,9 @@ def _points(per_slot: dict[int, list[Any]], slots: range, current: int) -> dict[
         span = BUCKET_S if s != current else max(1.0, now - s * BUCKET_S)
         if b is None:
             for k, col in cols.items():
-                col.append(
-                    0 if k.endswith("_s") or k in ("in_flight", "queued", "waiting") else None
-                )
+                col.append(None if "_p" in k else 0)
             continue
+        cols["requests"].append(b[N])
         cols["requests_s"].append(round(b[N] / span, 3))
         cols["errors_s"].append(round(b[ERRORS] / span, 3))
         cols["rate_limited_s"].append(round(b[LIMITED] / span, 3))
