@@ -16,10 +16,11 @@
   cannot be written yet is queued and flushed when the store answers again or at shutdown.
 
 A stream cut before its usage chunk (the client left, or the engine failed mid-stream) is
-settled with what the gateway saw: completion tokens = SSE events relayed (one token per
-event from vLLM and the simulator), prompt tokens = the prompt's JSON bytes × a
-tokens-per-byte ratio learnt per model from real usage (the engine's own prompt count is
-not visible then). The same ratio sizes the prompt part of a TPM reservation.
+counted with the model's own tokenizer (`gateway.usage_count`: the prompt, and the text
+the client was sent, through the engine's /tokenize) in the settlement's background task.
+Where the engine cannot tokenize, it is estimated: completion tokens = the relayed events
+that carried text, prompt tokens = the prompt's JSON bytes × a tokens-per-byte ratio learnt
+per model from real usage. The same ratio sizes the prompt part of a TPM reservation.
 
 Outage policy (`GATEWAY_REDIS_OUTAGE`): "closed" answers 503 while Redis does not answer;
 "local" decides in this process with every limit divided by N (`GATEWAY_REDIS_LOCAL_SHARE`,
@@ -50,7 +51,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -66,6 +67,7 @@ from gateway.keys import KeyRecord, KeysFile, matches, split
 from gateway.state_store import Decision, Limits, StateStore, StoreUnavailable
 from gateway.state_store import Usage as Spent
 from gateway.state_store.memory import MemoryStore
+from gateway.usage_count import streamed_text
 
 if TYPE_CHECKING:
     from gateway.metrics import Metrics
@@ -407,22 +409,62 @@ class Tenancy:
         error: ServingError | None,
         disconnected: bool,
         blocks: int,
+        count: Callable[[], Awaitable[tuple[int, int] | None]] | None = None,
+        sent: list[bytes] | None = None,
     ) -> None:
-        """Settle in the background (called from the request's synchronous record)."""
+        """Settle in the background (called from the request's synchronous record). A
+        stream cut before its usage chunk is counted by `count` (the model's tokenizer,
+        `gateway.usage_count`) in that background task; where it cannot tell, the prompt
+        is estimated from its bytes and the completion is the events in `sent` that
+        carried text (else `blocks`, every event relayed)."""
         if ticket.settled:
             return
         ticket.settled = True
         how = outcome(usage, error, disconnected, blocks)
+        if usage is None and how != "error" and count is not None:
+            self._background(self._count_then_settle(ticket, how, blocks, count, sent))
+            return
+        self._settle_counted(ticket, how, *self._tokens(ticket, usage, how, blocks, sent))
+
+    def _tokens(
+        self,
+        ticket: Ticket,
+        usage: Usage | None,
+        how: str,
+        blocks: int,
+        sent: list[bytes] | None,
+    ) -> tuple[int, int]:
         ratio = self._ratio.get(ticket.model, BYTES_RATIO)
         if usage is not None:
             prompt, completion = usage.prompt_tokens, usage.completion_tokens
             if ticket.prompt_bytes and prompt:
                 ratio += 0.1 * (prompt / ticket.prompt_bytes - ratio)
                 self._ratio[ticket.model] = ratio
-        elif how == "error":
-            prompt = completion = 0
-        else:  # aborted or failed mid-stream before the usage chunk: what was relayed
-            prompt, completion = round(ticket.prompt_bytes * ratio), blocks
+            return prompt, completion
+        if how == "error":
+            return 0, 0
+        # Aborted or failed mid-stream, and no tokenizer to ask: an estimate.
+        carrying = streamed_text(sent)[1] if sent is not None else blocks
+        return round(ticket.prompt_bytes * ratio), carrying
+
+    async def _count_then_settle(
+        self,
+        ticket: Ticket,
+        how: str,
+        blocks: int,
+        count: Callable[[], Awaitable[tuple[int, int] | None]],
+        sent: list[bytes] | None,
+    ) -> None:
+        try:
+            counted = await count()
+        except Exception:  # a tokenizer failure must not lose the settlement
+            log.exception("counting a cut stream's tokens failed; estimating")
+            counted = None
+        if counted is None:
+            counted = self._tokens(ticket, None, how, blocks, sent)
+        self._settle_counted(ticket, how, *counted)
+
+    def _settle_counted(self, ticket: Ticket, how: str, prompt: int, completion: int) -> None:
         spent = Spent(ticket.model, ticket.reserved, prompt, completion, how, once=self._once())
         if self.metrics is not None:
             self.metrics.key_outcomes.labels(ticket.model, how).inc()

@@ -33,6 +33,9 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 
 DONE = b"data: [DONE]\n\n"
+# What a stream keeps of what it relayed, for an exact count of a stream cut before its
+# usage (`StreamObserver.streamed`): 8 MiB is ~50,000 tokens of chunks.
+KEEP_BYTES = 8 << 20
 
 
 def take_usage(block: bytes, keep_usage_chunk: bool) -> tuple[bytes, Usage | None]:
@@ -145,6 +148,10 @@ class StreamObserver:
         """Blocks written by the engine's direct path and by the relay loop, once at the
         end."""
 
+    def streamed(self, blocks: list[bytes] | None) -> None:
+        """Every block relayed, once at the end of a stream that carried no usage (None
+        past `KEEP_BYTES`): what the client was sent, to count its tokens exactly."""
+
     def tail(self, blocks: tuple[bytes | None, ...]) -> None:
         """The stream's last two blocks (where the finish reason is), once at the end."""
 
@@ -171,10 +178,12 @@ class RelayResponse:
         "_first",
         "_gaps",
         "_headers",
+        "_kept",
         "_last",
         "_observer",
         "_prev",
         "_req",
+        "_sent",
         "_stream",
         "_tail",
         "_want_usage",
@@ -212,6 +221,10 @@ class RelayResponse:
         self._last = 0.0
         # raw: the finish reason is in the last two blocks
         self._tail: bytes | None = first
+        # Every block relayed, for an exact count should the stream end without usage;
+        # None once past KEEP_BYTES (the count is then estimated).
+        self._sent: list[bytes] | None = [first]
+        self._kept = len(first)
         self._prev: bytes | None = None
 
     def direct(self, event: bytes) -> bool:
@@ -222,6 +235,12 @@ class RelayResponse:
         self._gaps.append(now - self._last)
         self._last = now
         self._prev, self._tail = self._tail, event
+        sent = self._sent
+        if sent is not None:
+            sent.append(event)
+            self._kept += len(event)
+            if self._kept > KEEP_BYTES:
+                self._sent = None
         self._direct += 1
         # A block may hold several events (one upstream read); the common one holds one.
         self._direct_events += event.count(b"\n\n")
@@ -256,6 +275,12 @@ class RelayResponse:
             async for raw in self._stream:
                 loop += 1
                 self._prev, self._tail = self._tail, raw
+                sent = self._sent
+                if sent is not None:
+                    sent.append(raw)
+                    self._kept += len(raw)
+                    if self._kept > KEEP_BYTES:
+                        self._sent = None
                 now = time.perf_counter()
                 self._gaps.append(now - self._last)
                 self._last = now
@@ -293,6 +318,8 @@ class RelayResponse:
                 observer.gaps(self._gaps)
             if usage is None:
                 observer.relayed(self._events + self._direct_events)
+            if usage is None:
+                observer.streamed(self._sent)
             observer.tail((self._tail, self._prev))
             observer.paths(self._direct, loop)
             observer.finished(usage, error, watch.disconnected)

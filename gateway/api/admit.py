@@ -142,6 +142,7 @@ async def admit(
     if record.trace is not None:
         record.trace.admitted = time.perf_counter()
     record.adapter = target.adapter
+    record.engine = target.engine
     return call
 
 

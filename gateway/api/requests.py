@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from engines.base import GenerateRequest, ServingError, Usage
+from engines.base import Engine, GenerateRequest, ServingError, Usage
 from gateway.direct_body import whole_response
 from gateway.errors import InvalidRequest, PayloadTooLarge, error_body, error_headers
 from gateway.metrics import RouteMetrics, observe_many
 from gateway.streaming import StreamObserver
+from gateway.usage_count import exact_usage
 
 if TYPE_CHECKING:
     from gateway.ids import RequestIds
@@ -95,12 +97,14 @@ class RequestRecord(StreamObserver):
         "adapter",
         "auth",
         "blocks",
+        "engine",
         "gw",
         "model",
         "release",
         "req",
         "rid",
         "route",
+        "sent",
         "start",
         "stream",
         "tails",
@@ -112,6 +116,10 @@ class RequestRecord(StreamObserver):
     def __init__(self, gw: Gateway, route: str, start: float):
         self.ticket: Ticket | None = None  # an API key's admission, settled in finished()
         self.blocks = 0
+        # The engine that served it (for an exact count of a cut stream) and what the
+        # relay sent, kept only when the stream ended without usage.
+        self.engine: Engine | None = None
+        self.sent: list[bytes] | None = None
         self.gw = gw
         self.route = route
         self.model = "_unknown"
@@ -148,6 +156,9 @@ class RequestRecord(StreamObserver):
         self._m = self.gw.metrics.route(self.model, self.route)
         self._m.in_flight.inc()
 
+    def streamed(self, blocks: list[bytes] | None) -> None:
+        self.sent = blocks
+
     def relayed(self, events: int) -> None:
         self.blocks = events
 
@@ -177,7 +188,15 @@ class RequestRecord(StreamObserver):
             self.release()
             self.release = None
         if self.ticket is not None:
-            self.gw.tenancy.settle_soon(self.ticket, usage, error, disconnected, self.blocks)
+            count = None
+            if usage is None and self.sent and self.engine is not None and self.req is not None:
+                # A cut stream: counted by the model's tokenizer in the settlement's task.
+                count = partial(
+                    exact_usage, self.engine, self.req.body, self.route == "chat", self.sent
+                )
+            self.gw.tenancy.settle_soon(
+                self.ticket, usage, error, disconnected, self.blocks, count, self.sent
+            )
         rm = self._m or self.gw.metrics.route(self.model, self.route)
         if self._began:
             rm.in_flight.dec()

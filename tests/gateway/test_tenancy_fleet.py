@@ -37,8 +37,9 @@ USAGE_CONCURRENCY = 256
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     sims = SimThread()
     # 10 ms between tokens: a client abort reaches the simulator before it has run far
-    # past the last relayed token (the usage test compares against its counters).
-    sim = sims.start(model="m", itl_ms=10, max_running=4096)
+    # past the last relayed token (the usage test compares against its counters). Two
+    # tokens per streamed delta, as vLLM sends under load: counting events would bill half.
+    sim = sims.start(model="m", itl_ms=10, max_running=4096, tokens_per_chunk=2)
     tmp = tmp_path_factory.mktemp("fleet")
     prefix = new_prefix()
     models = [{"name": "m", "engine": "openai", "endpoints": [sim.url]}]
@@ -184,4 +185,5 @@ def test_usage_matches_engine_counters_with_aborts(fleet: dict[str, Any]) -> Non
             outcomes.update({k[9:]: v for k, v in m.items() if k.startswith("requests_")})
     engine = _sim_tokens(sim) - before
     assert outcomes["full"] + outcomes["aborted"] == total, outcomes
-    assert abs(ledger - engine) <= 0.005 * engine, (ledger, engine, outcomes)
+    # Cut streams are counted by the worker's own tokenizer (its /tokenize), not estimated.
+    assert abs(ledger - engine) <= 0.001 * engine, (ledger, engine, outcomes)
