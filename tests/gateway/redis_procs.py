@@ -149,16 +149,29 @@ class RedisNode:
 class SentinelNode:
     """`redis-server --sentinel` watching one primary as the service `master`."""
 
-    def __init__(self, tmp: Path, primary: RedisNode, master: str = "mymaster"):
+    def __init__(
+        self, tmp: Path, primary: RedisNode, master: str = "mymaster", certs: Certs | None = None
+    ):
         self.port = free_port()
         self.master = master
+        self.certs = certs
         self.dir = tmp / f"sentinel-{self.port}"
         self.dir.mkdir(parents=True)
         self.conf = self.dir / "sentinel.conf"
         # Sentinel rewrites its own file: it must be writable. A manual failover does
         # not wait for down-after; failover-timeout bounds a stuck one.
+        listen = f"port {self.port}\n"
+        if certs is not None:  # TLS only, to clients and to the data nodes alike
+            listen = (
+                f"port 0\ntls-port {self.port}\ntls-replication yes\n"
+                f"tls-cert-file {certs.server_cert}\ntls-key-file {certs.server_key}\n"
+                f"tls-ca-cert-file {certs.ca}\n"
+                # Towards the data nodes the sentinel is their client: the same cert.
+                f"tls-client-cert-file {certs.client_cert}\n"
+                f"tls-client-key-file {certs.client_key}\n"
+            )
         self.conf.write_text(
-            f"port {self.port}\nbind 127.0.0.1\ndir {self.dir}\n"
+            f"{listen}bind 127.0.0.1\ndir {self.dir}\n"
             f"sentinel monitor {master} 127.0.0.1 {primary.port} 1\n"
             f"sentinel down-after-milliseconds {master} 2000\n"
             f"sentinel failover-timeout {master} 10000\n"
@@ -180,7 +193,12 @@ class SentinelNode:
         return self
 
     def client(self) -> redis.Redis:
-        return redis.Redis(port=self.port, decode_responses=True, socket_timeout=5)
+        tls: dict[str, Any] = {}
+        if self.certs is not None:
+            c = self.certs
+            tls = {"ssl": True, "ssl_ca_certs": str(c.ca), "ssl_certfile": str(c.client_cert),
+                   "ssl_keyfile": str(c.client_key)}  # fmt: skip
+        return redis.Redis(port=self.port, decode_responses=True, socket_timeout=5, **tls)
 
     def primary_port(self) -> int:
         with self.client() as r:

@@ -4,7 +4,8 @@ ACL user confined to the gateway's key prefix. Both clients of the store are exe
 the pipelined RESP client (the admit/settle scripts) and redis-py (keys, usage), through
 a gateway configured only by its `GATEWAY_REDIS_*` settings and driven with the `openai`
 SDK; wrong trust, a missing client certificate, a wrong password and a key outside the
-user's pattern are each refused as the store being unavailable."""
+user's pattern are each refused as the store being unavailable. Last, Sentinel over TLS:
+a primary, its replica and a sentinel, all TLS only."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from gateway.state_store import Limits, StoreUnavailable
 from gateway.state_store.redis import RedisStore
 from gateway.state_store.target import RedisTarget, parse_sentinels
 from tests.conftest import start_gateway
-from tests.gateway.redis_procs import Certs, RedisNode
+from tests.gateway.redis_procs import Certs, RedisNode, SentinelNode, wait_for
 from tests.gateway.test_api_sim import SimThread
 from tests.gateway.test_tenancy import CHAT, create_key, settled
 
@@ -56,7 +57,9 @@ def _round_trip(target: RedisTarget) -> tuple[bool, dict[str, dict[str, int]]]:
         try:
             await store.start()
             d = await store.admit("k1", Limits(rpm=10), 5, 0.0)
-            await store.settle("k1", Limits(rpm=10), Usage("m", 5, 2, 3, "full"), "2026-01-01")
+            # With an id: behind Sentinel the settlement is also confirmed by the replica.
+            spent = Usage("m", 5, 2, 3, "full", once="rt/1")
+            await store.settle("k1", Limits(rpm=10), spent, "2026-01-01")
             return d.admitted, await store.usage("k1")
         finally:
             await store.close()
@@ -185,6 +188,40 @@ def test_acl_user_in_the_url_and_refusals(tmp_path: Path) -> None:
         assert "NOPERM" in asyncio.run(outside())
     finally:
         node.stop()
+
+
+def test_sentinel_over_tls(certs: Certs, tmp_path: Path) -> None:
+    """Managed HA's shape: data nodes and the sentinel all TLS only; the store finds the
+    primary through the sentinel over TLS and reaches it over TLS (both clients)."""
+    tls_repl = ("--tls-replication", "yes", "--tls-client-cert-file", str(certs.client_cert),
+                "--tls-client-key-file", str(certs.client_key),
+                "--repl-diskless-sync-delay", "0")  # fmt: skip
+    primary = RedisNode(tmp_path, *tls_repl, certs=certs).start()
+    nodes: list[Any] = [primary]
+    try:
+        replica = RedisNode(
+            tmp_path, *tls_repl, "--replicaof", "127.0.0.1", str(primary.port), certs=certs
+        ).start()
+        nodes.append(replica)
+        wait_for("the replica in sync over TLS", lambda: replica.client().info("replication")
+                 ["master_link_status"] == "up")  # fmt: skip
+        sentinel = SentinelNode(tmp_path, primary, certs=certs).start()
+        nodes.append(sentinel)
+        wait_for("the sentinel to see the replica", lambda: sentinel.replicas_seen() >= 1)
+        target = RedisTarget(
+            "rediss://mymaster/0",
+            tls_ca=str(certs.ca),
+            tls_cert=str(certs.client_cert),
+            tls_key=str(certs.client_key),
+            sentinels=(("127.0.0.1", sentinel.port),),
+        )
+        admitted, ledger = _round_trip(target)
+        assert admitted and ledger["2026-01-01"]["m\x1frequests_full"] == 1
+        with replica.client() as r:  # replicated, and confirmed by WAIT before it counted
+            assert r.hget(f"{PREFIX}:use:k1:2026-01-01", "m\x1frequests_full") == "1"
+    finally:
+        for node in reversed(nodes):
+            node.stop()
 
 
 def test_target_settings_are_checked() -> None:
