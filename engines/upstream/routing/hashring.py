@@ -72,6 +72,7 @@ class HashRing:
         self._rings: dict[tuple[int, int], tuple[list[int], list[Endpoint]]] = {}
         # Recent picks per endpoint (decayed), and each spilled key's last spill target.
         self._picks: dict[Endpoint, float] = {}
+        self._total = 0.0  # the sum of _picks
         self._count = 0
         self._spills: dict[int, Endpoint] = {}
         # Whether the last `owner` call passed the key on (its owner was over a bound):
@@ -103,9 +104,20 @@ class HashRing:
         get = picks.get
         m = len(candidates)
         c = self.load_factor
+        h = 1.0 + (c - 1.0) / 2  # the share's tolerance: half the in-flight one
+        # The common case first, exact and without a pass over the candidates: an idle
+        # owner below the mean (every endpoint a candidate: the mean is the total's) is
+        # under both bounds, the share bound being at least max(mean, h × floor) + 1.
+        if (
+            not e.outstanding
+            and len(picks) == m
+            and picks[e] < max(self._total / m, h * _FLOOR) + 1.0
+        ):
+            self.spilled = False
+            self._picked(e, m)
+            return e
         counts = list(map(picks.__getitem__, candidates))
         least = min(counts)
-        h = 1.0 + (c - 1.0) / 2  # the share's tolerance: half the in-flight one
         share = h * max(least, sum(counts) / (m * h), _FLOOR) + 1.0
         # The common case first: an idle owner is under any in-flight bound (no sum).
         if e.outstanding:
@@ -132,20 +144,32 @@ class HashRing:
                 e = last
             else:
                 # Fewest recent picks among those under the in-flight bound (the least
-                # outstanding always is: the bound exceeds the mean).
-                best = None
-                for x, n in zip(candidates, counts, strict=True):
-                    if x.outstanding < busy and (best is None or n < best[0]):
-                        best = (n, x)
-                if best is not None:
-                    e = best[1]
+                # outstanding always is: the bound exceeds the mean); the least picked
+                # of all first, found in C.
+                least_picked = candidates[counts.index(least)]
+                if least_picked.outstanding < busy:
+                    e = least_picked
+                else:
+                    best = None
+                    for x, n in zip(candidates, counts, strict=True):
+                        if x.outstanding < busy and (best is None or n < best[0]):
+                            best = (n, x)
+                    if best is not None:
+                        e = best[1]
                 if len(spills) >= _SPILLS:
                     spills.clear()
                 spills[key] = e
-        picks[e] = get(e, 0.0) + 1.0
+        self._picked(e, m)
+        return e
+
+    def _picked(self, e: Endpoint, m: int) -> None:
+        """Count one pick of `e`; halve every count each _WINDOW × m picks."""
+        picks = self._picks
+        picks[e] = picks.get(e, 0.0) + 1.0
+        self._total += 1.0
         self._count += 1
         if self._count >= _WINDOW * m:
             self._count = 0
+            self._total *= 0.5
             for x in picks:
                 picks[x] *= 0.5
-        return e
