@@ -60,12 +60,16 @@ Session = list[list[dict[str, str]]]
 
 
 def sessions_for(
-    rng: random.Random, n_sys: int, sys_words: int, sessions: int, turns: int
+    rng: random.Random, n_sys: int, sys_words: int, sessions: int, turns: int, preamble: int = 0
 ) -> list[Session]:
-    """Per session, the messages of each turn: one of `n_sys` system prompts (uniformly),
-    then per turn the previous turns with their replies and a new user line."""
+    """Per session, the messages of each turn: one of `n_sys` system prompts (uniformly;
+    `preamble` words common to all, then `sys_words` of their own), then per turn the
+    previous turns with their replies and a new user line."""
     vocab = [f"w{i}" for i in range(5000)]
-    systems = [" ".join(rng.choice(vocab) for _ in range(sys_words)) for _ in range(n_sys)]
+    common = [rng.choice(vocab) for _ in range(preamble)]
+    systems = [
+        " ".join(common + [rng.choice(vocab) for _ in range(sys_words)]) for _ in range(n_sys)
+    ]
     out = []
     for _ in range(sessions):
         msgs = [{"role": "system", "content": rng.choice(systems)}]
@@ -150,13 +154,14 @@ async def quality(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     from engines.upstream.engine import OpenAIEngine
 
     rng = random.Random(args.seed)
-    sessions = sessions_for(rng, 16, args.system_words, args.sessions, args.turns)
+    sessions = sessions_for(rng, 16, args.system_words, args.sessions, args.turns, args.preamble)
     t, starts = 0.0, []
     for _ in sessions:
         t += rng.expovariate(args.rate)
         starts.append(t)
     print(
-        f"\n## 16 system prompts ({args.system_words} words) × {args.sessions} sessions of "
+        f"\n## 16 system prompts ({args.preamble} words in common + {args.system_words} "
+        f"words) × {args.sessions} sessions of "
         f"{args.turns} turns, arriving at {args.rate:g}/s (open loop), {WORKERS} workers, "
         f"prefix cache {args.cache_tokens} tokens each, prefill {args.prefill_ms} ms/token, "
         f"event batches dropped: {args.drop:.0%}"
@@ -309,6 +314,7 @@ def main() -> None:
     p.add_argument("--turns", type=int, default=4)
     p.add_argument("--rate", type=float, default=12.0, help="sessions started per second")
     p.add_argument("--system-words", type=int, default=256)
+    p.add_argument("--preamble", type=int, default=0, help="words all system prompts share")
     p.add_argument("--cache-tokens", type=int, default=2048, help="prefix cache per worker")
     p.add_argument("--prefill-ms", type=float, default=0.2, help="per uncached token")
     p.add_argument("--drop", type=float, default=0.0, help="share of event batches lost")

@@ -35,6 +35,7 @@ from engines.launch.command import (
 )
 from engines.launch.engine import LaunchedEngine
 from engines.options import EngineOptions
+from engines.spec import KVEventsSpec
 from engines.upstream.routing.kv_events import EventSource
 
 __all__ = ["VLLMEngine", "VLLMOptions", "quantization_flag"]
@@ -296,6 +297,34 @@ class VLLMEngine(LaunchedEngine):
             "replay_endpoint": f"tcp://*:{port + 1}",
             "topic": "kv-events",
         }
+
+    @classmethod
+    def attach_entry(
+        cls, entry: dict[str, Any], host: str
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The launcher's entry and a front door's attach-mode entry (`serve --workers N`);
+        with `kv_cache_hit` on, the front door's entry names each replica's event source
+        (every front door subscribes and keeps its own index: a PUB socket serves many)
+        and reads the tokenizer from the model's path unless one is given."""
+        owned, front = super().attach_entry(entry, host)
+        routing = dict(entry.get("routing") or {})
+        if not (routing.get("scorers") or {}).get("kv_cache_hit"):
+            return owned, front
+        kv = dict(routing.get("kv_events") or {})
+        base = KVEventsSpec.model_validate(kv).base_port
+        kv["sources"] = {
+            url: {
+                "endpoint": f"tcp://{host}:{base + 2 * i}",
+                "replay": f"tcp://{host}:{base + 2 * i + 1}",
+                "topic": "kv-events",
+            }
+            for i, url in enumerate(front["endpoints"])
+        }
+        model = entry.get("model")
+        if not kv.get("tokenizer_path") and isinstance(model, str) and ":" not in model:
+            kv["tokenizer_path"] = model
+        front["routing"] = {**routing, "kv_events": kv}
+        return owned, front
 
     def kv_event_sources(self, urls: list[str]) -> list[EventSource | None]:
         """Launched replicas: where `kv_events_config` made each publish (in launch order,

@@ -5,17 +5,28 @@ simulator's `--kv-events-port`), with load bounded so one hot prefix cannot pin 
     blocks   = the gateway's keys of the prompt's full blocks (`kv_tokens` → `kv_blocks`:
                the model's tokenizer and chat template, LoRA name and cache_salt keyed as
                vLLM keys them)
-    hit(e)   = leading blocks e holds (`kv_index`) / len(blocks)
-    bound    = ceil(load_factor × (total outstanding + 1) / n)
-    score(e) = hit(e) if outstanding(e) < bound else 0           (0 for all: no blocks,
-                                                                   or no worker holds any)
+    held(e)  = leading blocks e holds (`kv_index`)
+    busy     = ceil(c × (total outstanding + 1) / n)               c = routing.load_factor
+    share    = c × max(least picks, mean picks / c, 8) + 1         picks: this scorer's
+                                                                    recent choices, halved
+                                                                    every 256 × n
+    eligible = the endpoints under both bounds (all when none is)
+    pick     = the eligible endpoint with the most held blocks, then the fewest
+               outstanding, then the fewest picks
 
-Weigh it with a load scorer, e.g. `{kv_cache_hit: 2, least_outstanding: 1}`: among
-workers that hold as much, the least loaded wins; a request nobody holds goes by load
-alone, as does every request while no worker publishes (a worker that publishes nothing
-simply never scores a hit). The bound is the one of consistent hashing with bounded loads
-(`hashring`): a worker over it is passed over even if it holds the prefix, which then gets
-cached on another worker too.
+The two bounds are those of `hashring` (its docstring says why both: the in-flight bound
+acts only when workers are busy; the share bound keeps a worker that holds many prefixes
+from taking a multiple of the others' requests). A prefix nobody holds goes to the least
+loaded, least picked worker, so new prefixes spread; every request goes by load while no
+worker publishes (a worker that publishes nothing never holds anything). The picked
+worker's blocks count as held at once (`KVIndex.expect`) until its own events confirm
+them, or for 5 s: a burst of one new prefix then finds the worker it was first sent to
+(only for a worker whose events have been heard).
+
+Weigh it above the load scorers together, e.g. `{kv_cache_hit: 2, least_outstanding: 1}`:
+it then decides alone (the router's one-hot short cut, `owner`). With a lower weight its
+scores join the weighted sum: hit(e) = held(e) / len(blocks) for an eligible endpoint, 0
+for one over a bound (no expectations are recorded on that path: the pick is not its own).
 
 Owns the per-model machinery the score needs, started and stopped with the engine: the
 index, one subscriber per worker (`kv_events`), the tokenizer, and the thread long prompts
@@ -32,6 +43,7 @@ import dataclasses
 import functools
 import logging
 import math
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -54,6 +66,10 @@ log = logging.getLogger("engines.upstream.kv_cache_hit")
 # falls below load_factor × _FLOOR + 1 (a fresh fleet keeps its hits).
 _WINDOW = 256
 _FLOOR = 8.0
+# How long a request's blocks count as held by the worker it was sent to before that
+# worker's events confirm them (`KVIndex.expect`): the events come at its next scheduler
+# step once the prompt is prefilled, later when it queues.
+_EXPECT_S = 5.0
 
 
 class KVCacheHitScorer:
@@ -74,6 +90,7 @@ class KVCacheHitScorer:
         self._n = 0
         self._slots: dict[Endpoint, int] = {}
         self._subs: list[Subscriber] = []
+        self._by_slot: dict[int, Subscriber] = {}
         self._ctx: zmq.asyncio.Context | None = None
         self._pool: ThreadPoolExecutor | None = None
         self._tokenizer: Tokenizer | None = None
@@ -121,9 +138,11 @@ class KVCacheHitScorer:
             )
             sub.start()
             self._subs.append(sub)
+            self._by_slot[slot] = sub
 
     async def stop(self) -> None:
         subs, self._subs = self._subs, []
+        self._by_slot = {}
         for sub in subs:
             await sub.stop()
         if self._ctx is not None:
@@ -212,6 +231,14 @@ class KVCacheHitScorer:
         self.spilled = over > rank[0]
         self.hit = rank[0] > 0
         self._count(best, len(candidates))
+        if keys:
+            now = time.monotonic()
+            self.index.expire(now)
+            sub = self._by_slot.get(self._slots.get(best, -1))
+            # Only a worker whose events are heard: nothing would confirm or evict the
+            # blocks of one that publishes nothing.
+            if sub is not None and sub.stats.batches:
+                self.index.expect(self._slots[best], keys[rank[0] :], now, _EXPECT_S)
         return best
 
     def _count(self, e: Endpoint, m: int) -> None:

@@ -68,6 +68,9 @@ class _Worker:
     bit: int
     # The worker's block hash → the gateway's key of that block.
     blocks: dict[Any, int] = field(default_factory=dict)
+    # Keys expected (a request was just sent there) and not yet confirmed by an event →
+    # when to stop expecting them (loop time), oldest first.
+    pending: dict[int, float] = field(default_factory=dict)
 
 
 class KVIndex:
@@ -132,7 +135,7 @@ class KVIndex:
         contents = self.hasher.contents(ev.token_ids).tolist()
         extras = ev.extra_keys
         lora = ev.lora_name
-        holders, bit, blocks = self.holders, w.bit, w.blocks
+        holders, bit, blocks, pending = self.holders, w.bit, w.blocks, w.pending
         step = BlockHasher.step
         for i, (h, c) in enumerate(zip(ev.block_hashes, contents, strict=False)):
             if extras is not None and i < len(extras):
@@ -149,6 +152,7 @@ class KVIndex:
                 continue
             blocks[h] = key
             holders[key] = holders.get(key, 0) | bit
+            pending.pop(key, None)
 
     def _removed(self, w: _Worker, hashes: Sequence[Any]) -> None:
         holders, bit, blocks = self.holders, w.bit, w.blocks
@@ -168,6 +172,53 @@ class KVIndex:
         if w is None:
             return
         self._removed(w, list(w.blocks))
+        self._unexpect(w, list(w.pending))
+
+    # ------------------------------------------------------------------ expectations
+
+    def expect(self, slot: int, keys: Sequence[int], now: float, ttl: float) -> None:
+        """The worker at `slot` was just sent a prompt with these blocks: count them as
+        held until its events confirm them, or for `ttl` seconds. Why: between the send
+        and the worker's `BlockStored` (its next scheduler step, later under load) the next
+        request with the same new prefix would otherwise be placed elsewhere and prefill
+        it twice. Keys it holds already are left alone (never expired)."""
+        if not keys:
+            return
+        w = self._worker(slot)
+        bit, holders = w.bit, self.holders
+        fresh = dict.fromkeys(keys, bit)
+        for k in holders.keys() & fresh.keys():
+            m = holders[k]
+            if m & bit:
+                del fresh[k]
+            else:
+                fresh[k] = m | bit
+        holders.update(fresh)
+        w.pending.update(dict.fromkeys(fresh, now + ttl))
+
+    def expire(self, now: float) -> None:
+        """Drop the expectations whose time is up and that no event confirmed."""
+        for w in self._workers.values():
+            p = w.pending
+            if not p:
+                continue
+            gone = []
+            for k, until in p.items():
+                if until > now:
+                    break
+                gone.append(k)
+            if gone:
+                self._unexpect(w, gone)
+
+    def _unexpect(self, w: _Worker, keys: Sequence[int]) -> None:
+        holders, bit, p = self.holders, w.bit, w.pending
+        for k in keys:
+            p.pop(k, None)
+            m = holders.get(k, 0) & ~bit
+            if m:
+                holders[k] = m
+            else:
+                holders.pop(k, None)
 
     # ------------------------------------------------------------------ lookup
 
@@ -211,4 +262,5 @@ class KVIndex:
         tables = sys.getsizeof(self.holders) + sum(
             sys.getsizeof(w.blocks) for w in self._workers.values()
         )
-        return tables + 64 * self.size() + 32 * len(self.holders)
+        pending = sum(len(w.pending) for w in self._workers.values())
+        return tables + 64 * self.size() + 32 * len(self.holders) + 100 * pending

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -285,7 +286,11 @@ async def test_a_lost_batch_is_replayed() -> None:
         lost = chat(f"lost {SYSTEM}", "a")
         placed = await where(engine, servers, lost)
         await asyncio.sleep(0.2)
-        assert held(engine, lost) == [0, 0]
+        # Expected where it was sent, but no event has confirmed it.
+        assert engine._kv is not None
+        worker = engine._kv.index._workers[placed]
+        keys = keys_of(engine, lost)
+        assert set(keys) <= set(worker.pending) and not set(keys) & set(worker.blocks.values())
         for s in servers:
             s.reconfigure(kv_events_drop_rate=0.0)
         # The worker's next batch shows the gap; the replay socket fills it.
@@ -297,6 +302,7 @@ async def test_a_lost_batch_is_replayed() -> None:
         ev = servers[placed].kv_events
         assert ev is not None and ev.dropped == 1 and ev.replays >= 1
         assert held(engine, lost)[placed] == 4
+        assert set(keys) <= set(worker.blocks.values()) and not set(keys) & set(worker.pending)
         # The replayed store counts: the lost prefix goes to its holder.
         assert await where(engine, servers, chat(f"lost {SYSTEM}", "c")) == placed
         assert engine.router.decisions["kv_cache_hit"] >= 1
@@ -460,11 +466,15 @@ def test_launched_vllm_replicas_publish_events_on_a_port_pair_each() -> None:
 # ---------------------------------------------------------------- the bar, on simulators
 
 
-def conversations(seed: int, sessions: int, turns: int) -> list[list[GenerateRequest]]:
-    """16 shared system prompts (96 words: 6 blocks), multi-turn sessions over them."""
+def conversations(
+    seed: int, sessions: int, turns: int, preamble: int = 0
+) -> list[list[GenerateRequest]]:
+    """16 shared system prompts (`preamble` words common to all, then 96 of their own),
+    multi-turn sessions over them."""
     rng = random.Random(seed)
     vocab = [f"w{i}" for i in range(3000)]
-    systems = [" ".join(rng.choice(vocab) for _ in range(96)) for _ in range(16)]
+    common = [rng.choice(vocab) for _ in range(preamble)]
+    systems = [" ".join(common + [rng.choice(vocab) for _ in range(96)]) for _ in range(16)]
     out = []
     for _ in range(sessions):
         msgs = [{"role": "system", "content": rng.choice(systems)}]
@@ -540,8 +550,12 @@ async def test_kv_cache_hit_beats_prefix_affinity_on_shared_prefixes_with_evicti
     """The issue's bar on simulator workers: more of the prompt found in the workers' own
     prefix caches, so less prefill (the simulator's TTFT grows with uncached tokens), for
     the same requests, with max/min requests per worker ≤ 1.3; with 10 % of the event
-    batches lost on the wire, the index replays them and keeps the lead."""
-    work = conversations(13, sessions=64, turns=3)
+    batches lost on the wire, the index replays them and keeps the lead. The 16 system
+    prompts share a 100-word preamble (as apps built on one template do), longer than the
+    512 characters `prefix_affinity` keys on: the ring sees one prefix, the index every
+    block. (With unrelated system prompts the lead is smaller and layout-dependent:
+    bench/kv_routing.py, docs/benchmarks.md.)"""
+    work = conversations(13, sessions=64, turns=3, preamble=100)
     kv = await run_policy({"kv_cache_hit": 2, "least_outstanding": 1}, work, drop)
     pa = await run_policy({"prefix_affinity": 2, "least_outstanding": 1}, work, drop)
     assert kv["requests"] == pa["requests"] == 64 * 3
@@ -573,3 +587,131 @@ def test_the_benchmark_runs_dry() -> None:
     rows = [line.split()[0] for line in p.stdout.splitlines() if line[:1].isalpha()]
     assert {"kv_cache_hit", "prefix_affinity", "least_outstanding"} <= set(rows)
     assert " 32768  words " in p.stdout
+
+
+def test_through_the_gateway_a_sim_fleet_routes_on_its_events(tmp_path: Path) -> None:
+    """models.yaml's way: `engine: sim` with `kv_cache_hit` starts its servers publishing;
+    clients with the openai SDK; the decisions and the index's counters on /metrics."""
+    import openai
+
+    from tests.conftest import start_gateway
+
+    gw = start_gateway(
+        [
+            {
+                "name": MODEL,
+                "engine": "sim",
+                "replicas": 3,
+                "routing": {"scorers": {"kv_cache_hit": 2, "least_outstanding": 1}},
+                "options": {"prefix_cache_tokens": 8192, "health_interval_s": 0.2},
+            }
+        ],
+        tmp_path,
+    )
+    try:
+        with openai.OpenAI(base_url=f"{gw.url}/v1", api_key="x", max_retries=0) as client:
+            for k in range(3):
+                for u in range(4):
+                    client.chat.completions.create(
+                        model=MODEL,
+                        messages=[
+                            {"role": "system", "content": f"topic{k} {SYSTEM}"},
+                            {"role": "user", "content": f"question {u}"},
+                        ],
+                        max_tokens=2,
+                    )
+                    time.sleep(0.05)  # the worker's events reach the index
+        metrics = httpx.get(f"{gw.url}/metrics").text
+        hits = [
+            line
+            for line in metrics.splitlines()
+            if line.startswith("gateway_routing_decisions_total")
+            and 'reason="kv_cache_hit"' in line
+        ]
+        assert hits and float(hits[0].rsplit(" ", 1)[1]) >= 8  # 3 × 3 repeats, ±1 in flight
+        batches = [line for line in metrics.splitlines() if 'event="kv_events_batches"' in line]
+        assert batches and float(batches[0].rsplit(" ", 1)[1]) >= 3
+    finally:
+        gw.stop()
+
+
+async def test_hf_tokenizer_renders_the_chat_template_and_long_prompts_go_to_a_thread(
+    tmp_path: Path,
+) -> None:
+    """The `hf` tokenizer as vLLM's server tokenizes: chat through the model's template with
+    the generation prompt and no special tokens added, a completions prompt with them (a
+    tiny word-level tokenizer written here, so no hub is needed); a prompt above
+    `thread_above_chars` is keyed in the tokenizer thread, to the same keys."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from engines.spec import RoutingSpec
+    from engines.upstream.routing import SCORERS, Router
+    from engines.upstream.routing.base import RoutingRequest
+    from engines.upstream.routing.kv_cache_hit import KVCacheHitScorer
+
+    vocab = {"[UNK]": 0, "<s>": 1, "<|im_start|>": 2, "<|im_end|>": 3}
+    for w in ["system", "user", "assistant", *(f"s{i}" for i in range(63)), "topic0", "hi"]:
+        vocab.setdefault(w, len(vocab))
+    core = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", unk_token="[UNK]")
+    fast.chat_template = (
+        "{% for m in messages %}<|im_start|> {{ m.role }} {{ m.content }} <|im_end|> "
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|> assistant {% endif %}"
+    )
+    fast.save_pretrained(tmp_path / "tok")
+    spec = RoutingSpec.model_validate(
+        {
+            "scorers": {"kv_cache_hit": 1},
+            "kv_events": {"tokenizer_path": str(tmp_path / "tok"), "thread_above_chars": 100},
+        }
+    )
+    scorer = next(
+        s for s, _w in Router.from_spec(spec, SCORERS).scorers if isinstance(s, KVCacheHitScorer)
+    )
+    await scorer.start([], [], None)
+    try:
+        tok = scorer._tokenizer
+        assert tok is not None
+        chat = {"messages": [{"role": "user", "content": "hi"}]}
+        ids = tok.ids("chat", chat)
+        assert ids is not None and ids.tolist() == [2, vocab["user"], vocab["hi"], 3, 2, 6]
+        done = tok.ids("completions", {"prompt": "hi hi"})
+        assert done is not None and done.tolist()[-2:] == [vocab["hi"]] * 2
+        long_body = {"messages": [{"role": "system", "content": f"topic0 {SYSTEM}"}]}
+        keys = scorer.block_keys("chat", long_body, "ad")
+        assert len(keys) == 4  # 69 tokens with the template: 4 full blocks
+        got = await scorer.with_blocks(RoutingRequest(), "chat", long_body, "ad")
+        assert got.blocks == keys and scorer.threaded == 1
+        # LoRA and salt change every key; the same salt gives the same keys again.
+        salted = scorer.block_keys("chat", {**long_body, "cache_salt": "t"}, "ad")
+        assert salted != keys and not set(salted) & set(keys)
+        assert scorer.block_keys("chat", {**long_body, "cache_salt": "t"}, "ad") == salted
+    finally:
+        await scorer.stop()
+
+
+def test_front_doors_attach_to_the_launched_replicas_event_sources() -> None:
+    """`serve --workers N`: each front door's attach entry for launched vLLM replicas names
+    their publishers and the model's tokenizer, and passes the checks."""
+    from engines.launch.vllm import VLLMEngine
+
+    entry = {
+        "name": "m",
+        "engine": "vllm",
+        "model": "/models/x",
+        "replicas": 2,
+        "routing": {"scorers": {"kv_cache_hit": 2, "least_outstanding": 1}},
+        "options": {"base_port": 8100},
+    }
+    owned, front = VLLMEngine.attach_entry(entry, "127.0.0.1")
+    assert owned["routing"] == entry["routing"]  # the launcher's entry is unchanged
+    spec = ModelSpec.model_validate(front)
+    assert spec.routing.kv_events.tokenizer_path == "/models/x"
+    assert VLLMEngine.check_spec(spec) == []
+    sources = VLLMEngine(spec).kv_event_sources(spec.endpoints)
+    assert [(s.endpoint, s.replay) for s in sources if s is not None] == [
+        ("tcp://127.0.0.1:5557", "tcp://127.0.0.1:5558"),
+        ("tcp://127.0.0.1:5559", "tcp://127.0.0.1:5560"),
+    ]
