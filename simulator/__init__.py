@@ -19,7 +19,7 @@ use vLLM's envelope `{"error": {"message","type","param","code"}}` (or the older
     server.py      SimServer: the listening socket around a SimState
     connection.py  one connection: HTTP/1.1 parsing, dispatch, pacing, faults
     behaviour.py   what a request answers: generation shapes, embeddings, LoRA API
-    tokens.py      the word tokenizer: /tokenize, /detokenize
+    tokens.py      the word tokenizer (behind /tokenize, /detokenize)
     wire.py        status lines, stream framing, vLLM's error shape
     __main__.py    `python -m simulator` (also `gateway sim`)
 

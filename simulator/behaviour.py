@@ -22,6 +22,7 @@ import orjson
 
 from simulator.config import FINGERPRINT
 from simulator.costs import prompt_words, token_ids
+from simulator.tokens import MAX_ID, counted_words
 from simulator.wire import HttpError, count_words
 
 if TYPE_CHECKING:
@@ -314,3 +315,68 @@ def account(s: SimState, g: Gen) -> None:
     s.generation_tokens_total += g.n_out * g.n
     s.requests_total += 1
     s.count_spec(g.n_out * g.n)
+
+
+# --------------------------------------------------------------------- /tokenize
+
+
+def _flag(req: dict[str, Any], name: str, default: bool) -> bool:
+    value = req.get(name, default)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise HttpError(400, f"'{name}' must be a boolean.")
+    return value
+
+
+def tokenize(s: SimState, body: bytes) -> bytes:
+    req = json_body(body)
+    check_model(s, req)
+    if "messages" in req:
+        messages = req["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise HttpError(400, "'messages' must be a non-empty list.")
+        # vLLM refuses the two together (only when both are sent as true).
+        if _flag(req, "continue_final_message", False) and req.get("add_generation_prompt"):
+            raise HttpError(
+                400,
+                "Cannot set both `continue_final_message` and `add_generation_prompt` to True.",
+            )
+        _flag(req, "add_generation_prompt", True)
+        _flag(req, "add_special_tokens", False)
+        words = counted_words(messages)
+    elif "prompt" in req:
+        if not isinstance(req["prompt"], str):
+            raise HttpError(400, "'prompt' must be a string.")
+        _flag(req, "add_special_tokens", True)
+        words = counted_words(req["prompt"])
+    else:
+        raise HttpError(400, "Either 'prompt' or 'messages' is required.")
+    tokens = s.vocab.ids(words)
+    strs = (words or [""]) if _flag(req, "return_token_strs", False) else None
+    return orjson.dumps(
+        {
+            "count": len(tokens),
+            "max_model_len": s.config.max_model_len,
+            "tokens": tokens,
+            "token_strs": strs,
+        }
+    )
+
+
+def detokenize(s: SimState, body: bytes) -> bytes:
+    req = json_body(body)
+    check_model(s, req)
+    tokens = req.get("tokens")
+    if not isinstance(tokens, list) or not all(
+        isinstance(t, int) and not isinstance(t, bool) and 0 <= t <= MAX_ID for t in tokens
+    ):
+        raise HttpError(400, "'tokens' must be a list of token ids (integers from 0).")
+    words = []
+    for t in tokens:
+        w = s.vocab.word(t)
+        if w is None:
+            raise HttpError(400, f"Token id {t} is out of vocabulary.")
+        if w:
+            words.append(w)
+    return orjson.dumps({"prompt": " ".join(words)})

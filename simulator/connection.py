@@ -26,7 +26,6 @@ import httptools
 
 from simulator import behaviour as b
 from simulator.behaviour import Gen
-from simulator.tokens import detokenize, tokenize
 from simulator.wire import DONE_CHUNK, JSON, STREAM_HEAD, TEXT, HttpError, head
 
 if TYPE_CHECKING:
@@ -198,7 +197,7 @@ class Connection(asyncio.Protocol):
                 # vLLM serves these outside /v1 (its --api-key guards only /v1).
                 if method != b"POST":
                     raise HttpError(405, "Method Not Allowed")
-                answer = tokenize if path == b"/tokenize" else detokenize
+                answer = b.tokenize if path == b"/tokenize" else b.detokenize
                 self.write_simple(200, JSON, answer(s, body), keep_alive)
             elif path == b"/health":
                 s.probes_total += 1

@@ -1,4 +1,6 @@
-"""The simulator's tokenizer and vLLM's `POST /tokenize` and `POST /detokenize`.
+"""The simulator's tokenizer, behind vLLM's `POST /tokenize` and `POST /detokenize` (their
+handlers are `simulator.behaviour.tokenize` / `detokenize`; this module imports neither
+the behaviour nor the state, which both use it).
 
 A token is a word: exactly the words `simulator.wire.count_words` counts for a request's
 `usage.prompt_tokens` (every string's whitespace-separated words; in messages, only
@@ -25,17 +27,9 @@ from __future__ import annotations
 import zlib
 from collections import OrderedDict
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import orjson
-
-from simulator.behaviour import check_model, json_body
-from simulator.wire import HttpError
-
-if TYPE_CHECKING:
-    from simulator.state import SimState
-
-__all__ = ["EMPTY_ID", "Vocab", "counted_words", "detokenize", "tokenize", "word_id"]
+__all__ = ["EMPTY_ID", "MAX_ID", "Vocab", "counted_words", "word_id"]
 
 # The one token of a prompt without a word (the usage counts such a prompt as one token).
 EMPTY_ID = 0
@@ -103,65 +97,3 @@ class Vocab:
             self._seen.move_to_end(i)
             return w
         return self._fixed.get(i)
-
-
-def _flag(req: dict[str, Any], name: str, default: bool) -> bool:
-    value = req.get(name, default)
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        raise HttpError(400, f"'{name}' must be a boolean.")
-    return value
-
-
-def tokenize(s: SimState, body: bytes) -> bytes:
-    req = json_body(body)
-    check_model(s, req)
-    if "messages" in req:
-        messages = req["messages"]
-        if not isinstance(messages, list) or not messages:
-            raise HttpError(400, "'messages' must be a non-empty list.")
-        # vLLM refuses the two together (only when both are sent as true).
-        if _flag(req, "continue_final_message", False) and req.get("add_generation_prompt"):
-            raise HttpError(
-                400,
-                "Cannot set both `continue_final_message` and `add_generation_prompt` to True.",
-            )
-        _flag(req, "add_generation_prompt", True)
-        _flag(req, "add_special_tokens", False)
-        words = counted_words(messages)
-    elif "prompt" in req:
-        if not isinstance(req["prompt"], str):
-            raise HttpError(400, "'prompt' must be a string.")
-        _flag(req, "add_special_tokens", True)
-        words = counted_words(req["prompt"])
-    else:
-        raise HttpError(400, "Either 'prompt' or 'messages' is required.")
-    tokens = s.vocab.ids(words)
-    strs = (words or [""]) if _flag(req, "return_token_strs", False) else None
-    return orjson.dumps(
-        {
-            "count": len(tokens),
-            "max_model_len": s.config.max_model_len,
-            "tokens": tokens,
-            "token_strs": strs,
-        }
-    )
-
-
-def detokenize(s: SimState, body: bytes) -> bytes:
-    req = json_body(body)
-    check_model(s, req)
-    tokens = req.get("tokens")
-    if not isinstance(tokens, list) or not all(
-        isinstance(t, int) and not isinstance(t, bool) and 0 <= t <= MAX_ID for t in tokens
-    ):
-        raise HttpError(400, "'tokens' must be a list of token ids (integers from 0).")
-    words = []
-    for t in tokens:
-        w = s.vocab.word(t)
-        if w is None:
-            raise HttpError(400, f"Token id {t} is out of vocabulary.")
-        if w:
-            words.append(w)
-    return orjson.dumps({"prompt": " ".join(words)})

@@ -269,12 +269,18 @@ async def test_stall() -> None:
 
 
 async def test_slow_start_and_api_key() -> None:
-    server = await _server(startup_s=0.3, api_key="k")
+    # A start long enough to be seen on a busy box; then it ends by itself.
+    server = await _server(startup_s=3.0, api_key="k")
     try:
         async with httpx.AsyncClient(base_url=server.url) as c:
             assert (await c.get("/health")).status_code == 503
-            await asyncio.sleep(0.35)
-            assert (await c.get("/health")).status_code == 200
+            codes = []
+            for _ in range(300):  # up to 30 s
+                codes.append((await c.get("/health")).status_code)
+                if codes[-1] == 200:
+                    break
+                await asyncio.sleep(0.1)
+            assert codes[-1] == 200
             r = await c.get("/v1/models")
             assert r.status_code == 401 and r.json() == {"error": "Unauthorized"}
             r = await c.get("/v1/models", headers={"Authorization": "Bearer k"})
