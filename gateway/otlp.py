@@ -12,7 +12,7 @@ this project's 2-core box (bench/tracing_cost.py, docs/benchmarks.md), the SDK's
 400 µs for one request's four spans, plus about 80 µs to build its `ReadableSpan`s —
 where this encoder writes the bytes directly (constant field tags and attribute keys
 computed once). The wire format is checked by decoding with opentelemetry-proto in the
-suite (`tests/otlp_receiver.py`). Protobuf rather than OTLP/JSON: every OTLP/HTTP receiver
+suite (`bench/otlp_receiver.py`). Protobuf rather than OTLP/JSON: every OTLP/HTTP receiver
 takes protobuf, not all take JSON.
 
 Encoding, per field: a tag byte (field number << 3 | wire type), then a varint, a

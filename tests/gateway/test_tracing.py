@@ -1,5 +1,5 @@
 """OpenTelemetry traces (`gateway.tracing`) received by a real OTLP/HTTP receiver
-(`tests.otlp_receiver`, decoded with opentelemetry-proto).
+(`bench/otlp_receiver.py`, decoded with opentelemetry-proto).
 
 Proves, through `gateway serve --workers 2` in front of two simulator workers: one chat
 request with the client's `traceparent` gives a SERVER span parented to the client's span,
@@ -21,13 +21,13 @@ import httpx
 import openai
 import pytest
 
+from bench.otlp_receiver import OTLPReceiver
 from gateway.access_log import key_id
 from gateway.settings import Settings
 from gateway.tracing import Tracer, make_tracer, traces_url
 from tests.conftest import start_gateway
 from tests.gateway.procs import GatewayProcess
 from tests.gateway.test_api_sim import SimThread
-from tests.otlp_receiver import OTLPReceiver
 
 KEY = "sk-trace-test"
 CHAT = [{"role": "user", "content": "hello there"}]
@@ -323,3 +323,12 @@ def test_the_bench_runs() -> None:
     from bench.tracing_cost import main
 
     assert main(["--dry-run"]) == 0
+
+
+def test_the_gpu_trace_check_runs_dry(tmp_path: Path) -> None:
+    """bench/gpu_trace.py (docs/gpu.md) with the simulator in place of vLLM: the gateway's
+    spans reach the receiver and the worker got each attempt's span as its parent."""
+    from bench.gpu_trace import main
+
+    assert main(["--dry-run", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "results.json").exists()

@@ -4,8 +4,9 @@ Collector) receives on `POST /v1/traces`, decoded with opentelemetry-proto.
 aiohttp on 127.0.0.1 in a thread of its own. Takes protobuf (`application/x-protobuf`,
 what the Python and vLLM exporters send, gzip or not) and OTLP/JSON (`application/json`);
 `spans` holds every span received as a plain dict (ids as lower-case hex, attributes
-decoded to Python values, the resource's `service.name`). Also usable by hand, e.g. for
-the GPU check in docs/gpu.md: `python -m tests.otlp_receiver 4318` prints each span.
+decoded to Python values, the resource's `service.name`). Used by the suite
+(tests/gateway/test_tracing.py), by the GPU check (bench/gpu_trace.py, docs/gpu.md) and
+by hand: `python bench/otlp_receiver.py 4318` prints each span it receives.
 """
 
 from __future__ import annotations
