@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import ssl
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 from urllib.parse import unquote, urlparse
 
 import redis
@@ -37,8 +37,22 @@ from redis.asyncio.sentinel import Sentinel as AsyncSentinel
 from redis.asyncio.sentinel import SentinelConnectionPool
 from redis.sentinel import Sentinel
 
-if TYPE_CHECKING:
-    from gateway.settings import Settings
+
+class RedisSettings(Protocol):
+    """The settings `RedisTarget.from_settings` reads (`gateway.settings.Settings` has
+    them; a protocol, so this module does not import the settings that check with it)."""
+
+    redis_url: str
+    redis_username: str
+    redis_password: str
+    redis_tls_ca: str
+    redis_tls_cert: str
+    redis_tls_key: str
+    redis_tls_check_hostname: bool
+    redis_sentinels: str
+    redis_sentinel_master: str
+    redis_sentinel_password: str
+
 
 DEFAULT_MASTER = "mymaster"  # Redis's own example name for a monitored primary
 
@@ -70,7 +84,7 @@ class RedisTarget:
             raise ValueError("Sentinel needs a redis:// or rediss:// GATEWAY_REDIS_URL")
 
     @classmethod
-    def from_settings(cls, s: Settings) -> RedisTarget:
+    def from_settings(cls, s: RedisSettings) -> RedisTarget:
         return cls(
             url=s.redis_url,
             username=s.redis_username,
