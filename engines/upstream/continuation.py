@@ -19,7 +19,7 @@ option.
 Tokens, never deltas: `k`, the tokens streamed before an attempt, is the worker's own
 count where the client's chunks carried it (vLLM's `stream_options.continuous_usage_stats`,
 when the client asked for it), else the next worker's `POST /tokenize` of the text streamed
-so far (vLLM's tokenizer API: `count`). vLLM puts several tokens in one delta under load
+so far (the engine's `tokenize`: vLLM's `count`). vLLM puts several tokens in one delta under load
 and with speculative decoding, so counting deltas over-runs `max_tokens`. When neither
 answers, the stream is not continued (its `max_tokens` and usage could not be kept).
 Usage, with the last attempt's usage `(p, c)`: completion_tokens = k + c; prompt_tokens =
@@ -29,39 +29,35 @@ re-tokenizes to its k tokens, which is what /tokenize counts). One continuation 
 tokens: prompt_tokens = 2·P + k.
 
 Does not own sending (`engines.upstream.send`: picking, retries before the first byte,
-ejection accounting) nor the relay of a stream that is not continued
-(`engines.upstream.engine.OpenAIEngine.stream`). The cost when on: each forwarded run is
-appended to a list (no parsing) until a failure; only then is what the client saw parsed;
-a continued attempt's chunks are parsed and re-dumped (the rare path).
+ejection accounting) nor relaying an attempt (`engines.upstream.attempt`, the same relay
+as a stream that is not continued); it reaches the engine only through `Host`. The cost
+when on: each forwarded run is appended to a list (no parsing) until a failure; only then
+is what the client saw parsed; a continued attempt's chunks are parsed and re-dumped (the
+rare path).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from functools import partial
+from typing import TYPE_CHECKING, Any, Protocol
 
-import aiohttp
 import orjson
 
-from engines.base import (
-    EngineTimeout,
-    GenerateRequest,
-    ServingError,
-    SpecIssue,
-    UpstreamError,
-)
-from engines.upstream import http1
-from engines.upstream.relay import ErrorOf, event_data, process_run
-from engines.upstream.sse import SSEBuffer, split_events
+from engines.base import GenerateRequest, ServingError, SpecIssue, UpstreamError
+from engines.upstream.relay import ErrorOf, event_data
+from engines.upstream.sse import split_events
 
 if TYPE_CHECKING:
     from engines.spec import ModelSpec
+    from engines.upstream.attempt import Attempt, Rewrite
     from engines.upstream.endpoints import Endpoint
-    from engines.upstream.engine import OpenAIEngine
+    from engines.upstream.options import UpstreamOptions
+    from engines.upstream.outliers import RetryBudget
 
-__all__ = ["Continuation", "continuable", "continuation_issues", "continued_stream"]
+__all__ = ["Continuation", "Host", "continuable", "continuation_issues", "continued_stream"]
 
 log = logging.getLogger("engines.upstream")
 
@@ -69,6 +65,37 @@ log = logging.getLogger("engines.upstream")
 _GUIDED = ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs")
 # The fields of the first attempt every continued chunk carries.
 _HEAD = ("id", "created", "model", "system_fingerprint")
+
+
+class Host(Protocol):
+    """The engine as a continued stream uses it (`OpenAIEngine`)."""
+
+    continuations: int
+    opts: UpstreamOptions
+    budget: RetryBudget
+
+    def attempt(
+        self,
+        req: GenerateRequest,
+        body: dict[str, Any] | None = None,
+        tried: list[Endpoint] | None = None,
+    ) -> Attempt:
+        """An attempt of `req`'s stream (with `body`, on a worker not in `tried`)."""
+        ...
+
+    def chunk_rewrite(self, req: GenerateRequest) -> tuple[Rewrite, bool]:
+        """The first attempt's rewrite of a run, and whether every run takes it."""
+        ...
+
+    def has_worker(self, req: GenerateRequest, tried: list[Endpoint]) -> bool:
+        """Whether a worker not in `tried` may take an attempt now."""
+        ...
+
+    async def tokenize(
+        self, body: dict[str, Any], avoid: Sequence[Endpoint] = ()
+    ) -> dict[str, Any]:
+        """vLLM's `POST /tokenize` on a worker not in `avoid`."""
+        ...
 
 
 def continuation_issues(spec: ModelSpec, unsupported: str | None) -> list[SpecIssue]:
@@ -305,32 +332,6 @@ class Continuation:
         }
 
 
-async def count_tokens(
-    session: aiohttp.ClientSession | None, url: str, model: str, text: str
-) -> int | None:
-    """The tokens of `text` by the worker at `url` (vLLM's `POST /tokenize`, no special
-    tokens), or None when it cannot say (no such API, an error, a timeout)."""
-    if not text:
-        return 0
-    if session is None:
-        return None
-    body = {"model": model, "prompt": text, "add_special_tokens": False}
-    try:
-        async with session.post(url + "/tokenize", json=body) as r:
-            if r.status != 200:
-                return None
-            obj = orjson.loads(await r.read())
-    except (aiohttp.ClientError, TimeoutError, orjson.JSONDecodeError):
-        return None
-    if not isinstance(obj, dict):
-        return None
-    count = obj.get("count")
-    if isinstance(count, int) and count >= 0:
-        return count
-    tokens = obj.get("tokens")
-    return len(tokens) if isinstance(tokens, list) else None
-
-
 def _role_only(choice: Any) -> bool:
     """A chat choice that only announces the role (a continuation's first chunk): the
     client already has one. A role next to content loses the role and stays."""
@@ -348,106 +349,76 @@ def _role_only(choice: Any) -> bool:
 
 
 async def continued_stream(
-    engine: OpenAIEngine, req: GenerateRequest, chat: bool
+    host: Host, req: GenerateRequest, chat: bool
 ) -> AsyncGenerator[bytes, None]:
-    """`engine.stream(req)` with continuation on: the relay of each attempt, and after a
-    failure that may continue, the next attempt on a worker not yet tried."""
-    route = "chat" if chat else "completions"
+    """The stream of `req` with continuation on: each attempt's relay
+    (`engines.upstream.attempt`), and after a failure that may continue, the next attempt
+    on a worker not yet tried."""
     cont = Continuation(chat, req.body)
-    rreq = engine._routing_request(req)
-    rename = engine._rename if req.adapter is None else None
-    transform = engine.transform_chunk if engine._custom_chunk else None
-    slow = rename is not None or transform is not None
-    error_of = engine._error_from_event
+    rewrite, slow = host.chunk_rewrite(req)
+    attempt = host.attempt(req)
     tried: list[Endpoint] = []
-    ep, resp, data = await engine._send(
-        route, engine._encode(req.body, req.adapter), req.request_id, True, rreq, req
-    )
-    first = True
-    runs = cont.runs
+    broke: ServingError | None = None
     while True:
-        broke: ServingError | None = None
-        done = False
+        runs = attempt.relay(rewrite, slow, keep=cont.runs)
         try:
-            buf = SSEBuffer()
-            read = resp.read_chunk
-            while data:
-                run = buf.feed(data)
-                if run:
-                    error: ServingError | None = None
-                    if not first:
-                        run, seen_done, error = cont.rewrite(run, error_of)
-                        done = done or seen_done
-                    elif (
-                        slow
-                        or b"[DONE]" in run
-                        or b'"error"' in run
-                        or b"\n:" in run
-                        or not run.startswith(b"data: ")
-                    ):
-                        run, seen_done, error = process_run(run, rename, transform, error_of)
-                        done = done or seen_done
-                    if run:
-                        runs.append(run)
-                        yield run
-                    if error is not None:
-                        if error.status < 500:
-                            raise error
-                        broke = error
-                        break
-                try:
-                    data = await read()
-                except TimeoutError:
-                    engine._failed(ep, "stalled mid-stream")
-                    broke = EngineTimeout(
-                        f"model {engine.spec.name!r}: a worker stalled mid-stream"
-                    )
-                    break
-                except http1.ProtocolError as e:
-                    engine._failed(ep, f"broke the stream: {e}")
-                    broke = UpstreamError(f"model {engine.spec.name!r}: a worker broke the stream")
-                    break
-            if broke is None and not done:
-                engine._failed(ep, "ended the stream before [DONE]")
-                broke = UpstreamError(
-                    f"model {engine.spec.name!r}: a worker ended the stream before [DONE]"
-                )
-        finally:
-            ep.outstanding -= 1
-            resp.release()
-        if broke is None:
+            async for run in runs:
+                yield run
             return
-        log.warning(
-            "request %s: upstream %s failed mid-stream: %s", req.request_id, ep.url, broke.message
-        )
+        except ServingError as e:
+            # Not sent (no worker took the first attempt), or the request itself is wrong
+            # (a 4xx error event): as without the option.
+            if attempt.ep is None or e.status < 500:
+                raise
+            broke = e
+        finally:
+            await runs.aclose()
+        ep = attempt.ep
+        assert ep is not None  # a first attempt that was not sent raised above
         tried.append(ep)
         seen = cont.seen()
-        nxt = engine._pick(rreq, tried)
-        if seen.final or len(tried) > engine.opts.max_retries or nxt is None:
+        if seen.final or len(tried) > host.opts.max_retries or not host.has_worker(req, tried):
             raise broke
         tokens = seen.tokens
         if tokens is None:
-            target = req.adapter or engine.spec.upstream_name
-            tokens = await count_tokens(engine._session, nxt.url, target, seen.text)
-            if tokens is None:
-                log.warning(
-                    "request %s: not continued: %s could not count the tokens streamed so far "
-                    "(POST /tokenize)",
-                    req.request_id,
-                    nxt.url,
-                )
-                raise broke
+            tokens = await _count(host, req, seen.text, tried)
+        if tokens is None:
+            raise broke
         body = cont.next_body(seen, tokens)
-        if body is None or not engine.budget.try_retry():
+        if body is None or not host.budget.try_retry():
             raise broke
         req.retries = len(tried)
+        attempt = host.attempt(req, body, tried)
         try:
-            ep, resp, data = await engine._send(
-                route, engine._encode(body, req.adapter), req.request_id, True, rreq, req, tried
-            )
+            ep = await attempt.open()
         except ServingError as e:
             log.warning("request %s: continuation failed: %s", req.request_id, e.message)
             raise broke from e
-        engine.continuations += 1
-        log.info("request %s: continued on %s", req.request_id, ep.url)
-        first = False
+        host.continuations += 1
+        log.info("request %s: continued on %s after: %s", req.request_id, ep.url, broke.message)
+        rewrite, slow = partial(cont.rewrite, error_of=attempt.error_of), True
+
+
+async def _count(host: Host, req: GenerateRequest, text: str, tried: list[Endpoint]) -> int | None:
+    """The tokens of `text` by the tokenizer of a worker not yet tried (vLLM's
+    `POST /tokenize`, no special tokens), or None when none can say (then the stream is not
+    continued)."""
+    if not text:
+        return 0
+    try:
+        body = {"prompt": text, "add_special_tokens": False}
+        answer = await host.tokenize(body, tried)
+    except ServingError as e:
+        why = e.message
+    else:
+        count = answer.get("count")
+        if isinstance(count, int) and count >= 0:
+            return count
+        why = "no count in its answer"
+    log.warning(
+        "request %s: not continued: no worker counted the tokens streamed so far "
+        "(POST /tokenize: %s)",
+        req.request_id,
+        why,
+    )
+    return None

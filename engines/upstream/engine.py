@@ -4,9 +4,11 @@ engines.
 Owns the upstream hop's lifecycle and relay: one keep-alive connection pool per endpoint
 (`engines.upstream.http1`) for the generate and embedding requests and one aiohttp session
 for the cold paths (health, metrics, adapters), the routing request of each call (prefix
-and session keys only when a scorer needs them), relaying non-streamed bodies and streamed
-SSE bytes (after the first byte a failure ends the stream with an error event, counted
-toward ejection, unless the model continues streams: `engines.upstream.continuation`), and
+and session keys only when a scorer needs them), relaying non-streamed bodies, making a
+stream's attempts (each relayed by one `engines.upstream.attempt.Attempt`: after the first
+byte a failure ends the stream with an error event, counted toward ejection, unless the
+model continues streams: `engines.upstream.continuation`, which reaches the engine through
+its public `Host` methods), the gateway's direct path into the relay (`_direct_sink`), and
 the runtime LoRA API. Sending with retries, the retry budget and
 ejection accounting are `engines.upstream.send`; probes, re-admission and wedge detection
 `engines.upstream.health`. It does not launch workers (subclasses do, through
@@ -32,15 +34,16 @@ aiohttp's client was ~30 % of the gateway's CPU at 64 concurrent non-streamed re
 The request bytes are built once per request from a per-endpoint, per-route head (request
 line, Host, Content-Type, Authorization) in one `%` operation.
 
-Why the stream relay is hand-written: each upstream read is split at the last `\\n\\n`
-(`engines.upstream.sse.SSEBuffer`) and the run of complete events is yielded as the very bytes the
-upstream sent; JSON is parsed only for runs that contain `[DONE]`, an `"error"` key, an SSE
-comment, or when a model rename / transform hook is active.
+Why the stream relay is hand-written (`engines.upstream.attempt`): each upstream read is
+split at the last `\\n\\n` (`engines.upstream.sse.SSEBuffer`) and the run of complete
+events is yielded as the very bytes the upstream sent; JSON is parsed only for runs that
+contain `[DONE]`, an `"error"` key, an SSE comment, or when a model rename / transform hook
+is active.
 
 Why one module of ~600 lines: the class is the one contract surface subclasses extend; its
-lifecycle, the stream relay loop and its hooks share the endpoints, sessions and counters.
-The send path, health, routing, adapters, continuation, SSE splitting and error shapes are
-already their own modules beside it.
+lifecycle and its hooks share the endpoints, sessions and counters. The send path, the
+relay of an attempt, health, routing, adapters, continuation, SSE splitting and error
+shapes are already their own modules beside it.
 """
 
 from __future__ import annotations
@@ -48,7 +51,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Sequence
+from functools import partial
 from typing import Any, ClassVar
 
 import aiohttp
@@ -60,7 +64,6 @@ from engines.base import (
     EngineBase,
     EngineContext,
     EngineStatus,
-    EngineTimeout,
     EngineUnavailable,
     GenerateRequest,
     Placement,
@@ -72,8 +75,8 @@ from engines.base import (
 )
 from engines.options import EngineOptions, options_issues, parse_options
 from engines.spec import ModelSpec
-from engines.upstream import http1
 from engines.upstream.adapters import AdapterFanout
+from engines.upstream.attempt import Attempt, Rewrite
 from engines.upstream.continuation import continuable, continuation_issues, continued_stream
 from engines.upstream.endpoints import Endpoint
 from engines.upstream.errors import (
@@ -83,7 +86,7 @@ from engines.upstream.errors import (
 from engines.upstream.health import HealthChecks
 from engines.upstream.options import UpstreamOptions
 from engines.upstream.outliers import Outliers, RetryBudget
-from engines.upstream.relay import plain_run, process_run
+from engines.upstream.relay import process_run
 from engines.upstream.routing import SCORERS, Router, RoutingRequest
 from engines.upstream.routing.hashring import stable_hash
 from engines.upstream.routing.kv_cache_hit import (
@@ -454,84 +457,57 @@ class OpenAIEngine(Sender, EngineBase):
             body = orjson.dumps(obj)
         return Completed(body=body, usage=self._usage(obj))
 
-    async def stream(self, req: GenerateRequest) -> AsyncGenerator[bytes, None]:
-        route = "chat" if req.route == "chat" else "completions"
-        if self._continue_streams and continuable(route == "chat", req.body):
-            continued = continued_stream(self, req, route == "chat")
-            try:
-                async for run in continued:
-                    yield run
-            finally:
-                await continued.aclose()
-            return
+    def stream(self, req: GenerateRequest) -> AsyncGenerator[bytes, None]:
+        """One attempt's relay (`engines.upstream.attempt`, the gateway's direct path
+        offered through `_direct_sink`), or with `continue_streams` one attempt after
+        another (`engines.upstream.continuation`). Nothing runs before the first
+        iteration."""
+        chat = req.route == "chat"
+        if self._continue_streams and continuable(chat, req.body):
+            return continued_stream(self, req, chat)
+        rewrite, slow = self.chunk_rewrite(req)
+        return self.attempt(req).relay(rewrite, slow, lambda buf: _direct_sink(req, buf))
+
+    def attempt(
+        self,
+        req: GenerateRequest,
+        body: dict[str, Any] | None = None,
+        tried: list[Endpoint] | None = None,
+    ) -> Attempt:
+        """One attempt of `req`'s stream; a continuation's with its own `body`, on a worker
+        not in `tried` (which count toward `max_retries`)."""
+        return Attempt(
+            partial(self._open, req, req.body if body is None else body, tried),
+            self._failed,
+            self._error_from_event,
+            self.spec.name,
+            req.request_id,
+        )
+
+    async def _open(
+        self, req: GenerateRequest, body: dict[str, Any], tried: list[Endpoint] | None
+    ) -> tuple[Endpoint, Any, bytes]:
         rreq = self._routing_request(req)
         if self._kv is not None:
             rreq = await self._kv.with_blocks(rreq, req.route, req.body, req.adapter)
-        ep, resp, data = await self._send(
-            route, self._encode(req.body, req.adapter), req.request_id, True, rreq, req
+        route = "chat" if req.route == "chat" else "completions"
+        data = self._encode(body, req.adapter)
+        return await self._send(route, data, req.request_id, True, rreq, req, tried)
+
+    def chunk_rewrite(self, req: GenerateRequest) -> tuple[Rewrite, bool]:
+        """How a run that is not plain reaches the client (`relay.process_run`: the
+        model's rename, `transform_chunk`, error events), and whether every run takes
+        that way (a rename or a transform hook)."""
+        rename = self._rename if req.adapter is None else None
+        transform = self.transform_chunk if self._custom_chunk else None
+        rewrite = partial(
+            process_run, rename=rename, transform=transform, error_of=self._error_from_event
         )
-        try:
-            rename = self._rename if req.adapter is None else None
-            slow = rename is not None or self._custom_chunk
-            buf = SSEBuffer()
-            read = resp.read_chunk
-            if not slow:
-                resp.set_sink(_direct_sink(req, buf))
-            done = False
-            while True:
-                if not data:
-                    break
-                run = buf.feed(data)
-                if run:
-                    # The fast path: the run is relayed as received. Everything unusual
-                    # (the final [DONE], an error event, comments, non-`data: ` lines) goes
-                    # slow.
-                    if slow or not plain_run(run):
-                        run, seen_done, error = process_run(
-                            run,
-                            rename,
-                            self.transform_chunk if self._custom_chunk else None,
-                            self._error_from_event,
-                        )
-                        done = done or seen_done
-                        if run:
-                            yield run
-                        if error is not None:
-                            raise error
-                    else:
-                        yield run
-                try:
-                    data = await read()
-                except TimeoutError as e:
-                    self._failed(ep, "stalled mid-stream")
-                    log.warning(
-                        "request %s: upstream %s stalled mid-stream", req.request_id, ep.url
-                    )
-                    raise EngineTimeout(
-                        f"model {self.spec.name!r}: a worker stalled mid-stream"
-                    ) from e
-                except http1.ProtocolError as e:
-                    self._failed(ep, f"broke the stream: {e}")
-                    log.warning(
-                        "request %s: upstream %s broke the stream: %s", req.request_id, ep.url, e
-                    )
-                    raise UpstreamError(
-                        f"model {self.spec.name!r}: a worker broke the stream"
-                    ) from e
-            if not done:
-                self._failed(ep, "ended the stream before [DONE]")
-                log.warning(
-                    "request %s: upstream %s ended the stream early", req.request_id, ep.url
-                )
-                raise UpstreamError(
-                    f"model {self.spec.name!r}: a worker ended the stream before [DONE]"
-                )
-        finally:
-            ep.outstanding -= 1
-            # A body read to its end returns the connection to the pool; anything else
-            # (consumer gone, upstream broken, an error event) closes it, so the upstream
-            # sees the disconnect and stops generating.
-            resp.release()
+        return rewrite, rename is not None or transform is not None
+
+    def has_worker(self, req: GenerateRequest, tried: list[Endpoint]) -> bool:
+        """Whether a worker not in `tried` may take an attempt of `req` now."""
+        return self._pick(self._routing_request(req), tried) is not None
 
     def _error_from_event(self, obj: dict[str, Any], raw: bytes) -> ServingError:
         """An error sent with status 200 (in a stream, or a body): its own code decides."""
@@ -539,17 +515,24 @@ class OpenAIEngine(Sender, EngineBase):
 
     # ------------------------------------------------------------------ tokenize
 
-    async def tokenize(self, body: dict[str, Any]) -> dict[str, Any]:
-        return await self._token_call("/tokenize", body)
+    async def tokenize(
+        self, body: dict[str, Any], avoid: Sequence[Endpoint] = ()
+    ) -> dict[str, Any]:
+        """`avoid`: workers not to ask (a continuation's, whose worker just failed)."""
+        return await self._token_call("/tokenize", body, avoid)
 
     async def detokenize(self, body: dict[str, Any]) -> dict[str, Any]:
         return await self._token_call("/detokenize", body)
 
-    async def _token_call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    async def _token_call(
+        self, path: str, body: dict[str, Any], avoid: Sequence[Endpoint] = ()
+    ) -> dict[str, Any]:
         """vLLM's /tokenize or /detokenize, relayed to the least busy serving worker (a
         cold path: the aiohttp session; a worker without the route answers its own 404)."""
         session = self._session
-        serving = [ep for ep in self._endpoints if ep.healthy and not ep.ejected]
+        serving = [
+            ep for ep in self._endpoints if ep.healthy and not ep.ejected and ep not in avoid
+        ]
         if session is None or not serving:
             raise self._no_worker()
         ep = min(serving, key=lambda e: e.outstanding)

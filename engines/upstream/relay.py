@@ -1,7 +1,7 @@
 """The stream relay's slow path: SSE runs that need more than a byte copy.
 
-The fast path (in `engines.upstream.engine.OpenAIEngine.stream`) yields each run of
-complete events as the upstream sent it. A run comes here when it holds `[DONE]`, an
+The fast path (`engines.upstream.attempt.Attempt.relay`) yields each run of complete
+events as the upstream sent it. A run comes here when it holds `[DONE]`, an
 `"error"`, an SSE comment or a non-`data:` line, or when a rename / chunk transform is on.
 Owns parsing such a run into the events the gateway forwards, and finding an upstream
 error event inside it. Does not own reading, buffering or closing the upstream stream.

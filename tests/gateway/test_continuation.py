@@ -194,6 +194,50 @@ def test_multi_token_deltas_are_continued_within_max_tokens_with_exact_usage(
         _close(sims, gw, workers)
 
 
+def test_a_worker_gone_mid_stream_is_continued_and_counted_by_another(
+    sims: SimThread, reference: SimServer, tmp_path: Path
+) -> None:
+    # The health loop does not look again in time: the dead worker still counts as healthy,
+    # and the tokens streamed are counted by a worker not yet tried.
+    workers = [
+        sims.start(model="m", output_tokens=5, itl_ms=100, tokens_per_chunk=2) for _ in range(2)
+    ]
+    gw = start_pool(
+        workers, {**OPTIONS, "continue_streams": True, "health_interval_s": 60}, tmp_path
+    )
+    try:
+        body = {
+            "model": "m",
+            "messages": CHAT,
+            "max_tokens": 10,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        events: list[dict[str, Any]] = []
+        with httpx.stream("POST", f"{gw.url}/v1/chat/completions", json=body, timeout=30) as r:
+            for line in r.iter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                events.append(json.loads(line[6:]))
+                texts = [
+                    e for e in events if e["choices"] and e["choices"][0]["delta"].get("content")
+                ]
+                if len(texts) == 2:  # 4 tokens in: the worker serving it goes away
+                    (busy,) = [w for w in workers if w.running]
+                    sims.call(busy.stop())
+        want = _chat(reference.url + "/v1", max_tokens=10)
+        text = "".join(
+            e["choices"][0]["delta"].get("content") or "" for e in events if e["choices"]
+        )
+        assert text == _chat_text(want)
+        assert events[-1]["usage"]["completion_tokens"] == 10
+        assert _continuations(gw) == 1
+    finally:
+        gw.stop()
+        for w in workers:
+            sims.call(w.stop())
+
+
 def test_per_chunk_usage_is_the_count_when_the_worker_sends_it() -> None:
     """With vLLM's `continuous_usage_stats` (asked by the client) every chunk carries the
     worker's own count: that is the tokens streamed, whatever the deltas."""
