@@ -12,8 +12,10 @@ admit, queue, one attempt — built and encoded) and `encode_request` (the expor
 per request; the POST itself is not timed. For reference, two ways the module does not
 do it, with the OpenTelemetry SDK (the dev extra): the same four spans made with its
 tracer on the path, and its `ReadableSpan`s encoded by its OTLP encoder (`encode_spans`,
-what `OTLPSpanExporter` runs per batch). Process CPU time, best of three; this machine's
-noise moves the figures by ±20 %. Results go in docs/benchmarks.md, not here.
+what `OTLPSpanExporter` runs per batch). Beside it, the status page's series
+(`Series.record`, on every request's finish whether tracing is on or not). Process CPU
+time, best of three; this machine's noise moves the figures by ±20 %. Results go in
+docs/benchmarks.md, not here.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ if str(REPO) not in sys.path:
 from engines.base import GenerateRequest, Usage  # noqa: E402
 from gateway.api.requests import Incoming, RequestRecord  # noqa: E402
 from gateway.catalog import parse_catalog  # noqa: E402
+from gateway.series import Series  # noqa: E402
 from gateway.settings import Settings  # noqa: E402
 from gateway.state import Gateway  # noqa: E402
 
@@ -121,7 +124,15 @@ async def measure(n: int) -> dict[str, float]:
 
         batch += _cpu(encode)
         assert len(encoded) == 4 * m, len(encoded)
+    series = Series(lambda: {})
+    usage = Usage(5, 16)
+
+    def record() -> None:
+        for i in range(n):
+            series.record("m", 200, 0.0123, 0.0031 if i % 2 else None, usage)
+
     return {
+        "series": _cpu(record) / n * 1e6,
         "path_off": path_off / n * 1e6,
         "path_on": path_on / n * 1e6,
         "batch": batch / n * 1e6,
@@ -246,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
         f"  batch: 4 spans built and encoded    {best['batch']:7.2f}\n"
         f"  added in all (path + batch)         {added + best['batch']:7.2f}\n"
         f"  reference, SDK: spans on the path   {best['sdk_path']:7.2f}\n"
-        f"  reference, SDK: ReadableSpan+encode {best['sdk_batch']:7.2f}"
+        f"  reference, SDK: ReadableSpan+encode {best['sdk_batch']:7.2f}\n"
+        f"  status page series, Series.record   {best['series']:7.2f}"
     )
     return 0
 
