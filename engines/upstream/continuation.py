@@ -46,8 +46,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 
-from engines.base import GenerateRequest, ServingError, SpecIssue, UpstreamError
-from engines.upstream.relay import ErrorOf, event_data
+from engines.base import GenerateRequest, ServingError, SpecIssue
+from engines.upstream.relay import event_data, process_run
 from engines.upstream.sse import split_events
 
 if TYPE_CHECKING:
@@ -151,14 +151,10 @@ class _Seen:
     final: bool
 
 
-def _is_error(obj: dict[str, Any]) -> bool:
-    return ("error" in obj and "choices" not in obj) or obj.get("object") == "error"
-
-
 class Continuation:
     """One stream's continuation state: the runs forwarded so far (`runs`, appended by the
     relay), the next attempt's body (`next_body`) and the rewrite of its chunks
-    (`rewrite`)."""
+    (`chunk`)."""
 
     __slots__ = (
         "appended",
@@ -276,47 +272,29 @@ class Continuation:
             self.extra += tokens
         return body
 
-    def rewrite(self, run: bytes, error_of: ErrorOf) -> tuple[bytes, bool, ServingError | None]:
-        """A continued attempt's run as the client gets it: the first attempt's head on
-        every chunk, its role chunk dropped, usage merged. Also whether `[DONE]` was in it
-        and the error an error event in it stands for."""
-        out: list[bytes] = []
-        done = False
+    def chunk(self, obj: dict[str, Any]) -> dict[str, Any] | None:
+        """A continued attempt's chunk as the client gets it (`relay.process_run`'s
+        transform): the first attempt's head, its role chunk dropped (None), usage
+        merged."""
         head = self.head
-        for event in split_events(run):
-            data = event_data(event)
-            if data is None:
-                continue
-            if data == b"[DONE]":
-                done = True
-                continue
-            try:
-                obj = orjson.loads(data)
-            except orjson.JSONDecodeError:
-                raise UpstreamError("upstream sent a stream event that is not JSON") from None
-            if not isinstance(obj, dict):
-                continue
-            if _is_error(obj):
-                return b"".join(out), done, error_of(obj, data)
-            if not head:  # nothing had reached the client: this attempt's head it is
-                head = self.head = {k: obj[k] for k in _HEAD if k in obj}
-            obj.update(head)
-            if "system_fingerprint" not in head:
-                obj.pop("system_fingerprint", None)
-            choices = obj.get("choices")
-            if self.chat and isinstance(choices, list):
-                if self.role_sent:
-                    kept = [c for c in choices if not _role_only(c)]
-                    if not kept and choices and not obj.get("usage"):
-                        continue
-                    obj["choices"] = kept
-                else:
-                    self.role_sent = True
-            usage = obj.get("usage")
-            if isinstance(usage, dict):
-                obj["usage"] = self._merge(usage)
-            out.append(b"data: " + orjson.dumps(obj) + b"\n\n")
-        return b"".join(out), done, None
+        if not head:  # nothing had reached the client: this attempt's head it is
+            head = self.head = {k: obj[k] for k in _HEAD if k in obj}
+        obj.update(head)
+        if "system_fingerprint" not in head:
+            obj.pop("system_fingerprint", None)
+        choices = obj.get("choices")
+        if self.chat and isinstance(choices, list):
+            if self.role_sent:
+                kept = [c for c in choices if not _role_only(c)]
+                if not kept and choices and not obj.get("usage"):
+                    return None
+                obj["choices"] = kept
+            else:
+                self.role_sent = True
+        usage = obj.get("usage")
+        if isinstance(usage, dict):
+            obj["usage"] = self._merge(usage)
+        return obj
 
     def _merge(self, usage: dict[str, Any]) -> dict[str, Any]:
         prompt = int(usage.get("prompt_tokens") or 0)
@@ -396,7 +374,8 @@ async def continued_stream(
             raise broke from e
         host.continuations += 1
         log.info("request %s: continued on %s after: %s", req.request_id, ep.url, broke.message)
-        rewrite, slow = partial(cont.rewrite, error_of=attempt.error_of), True
+        rewrite = partial(process_run, rename=None, transform=cont.chunk, error_of=attempt.error_of)
+        slow = True
 
 
 async def _count(host: Host, req: GenerateRequest, text: str, tried: list[Endpoint]) -> int | None:
