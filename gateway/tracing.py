@@ -53,9 +53,9 @@ import re
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-from engines.base import Attempt, ServingError, TraceContext, Usage
+from engines.base import Attempt, GenerateRequest, ServingError, TraceContext, Usage
 from gateway.access_log import finish_reason, key_id
 from gateway.otlp import (
     CLIENT,
@@ -72,7 +72,6 @@ from gateway.otlp import (
 )
 
 if TYPE_CHECKING:
-    from gateway.api.requests import RequestRecord
     from gateway.settings import Settings
 
 log = logging.getLogger("gateway.tracing")
@@ -150,6 +149,24 @@ def _span_id() -> bytes:
     return b"%016x" % (random.getrandbits(64) or 1)
 
 
+class TracedRecord(Protocol):
+    """What `Tracer.end` reads of a finished request (`gateway.api.requests.RequestRecord`
+    has it; a protocol, so this module does not import the record that calls it)."""
+
+    trace: RequestTrace | None
+    route: str
+    model: str
+    rid: str
+    ticket: Any
+    auth: bytes | None
+    adapter: str | None
+    stream: bool
+    start: float
+    ttft: float | None
+    tails: tuple[bytes | None, ...]
+    req: GenerateRequest | None
+
+
 class Tracer:
     """The gateway's tracing (one per process: `Gateway.tracer`, None when off)."""
 
@@ -188,7 +205,7 @@ class Tracer:
         return RequestTrace(trace_id, b"01" if sampled else b"00", [], _span_id())
 
     def end(
-        self, r: RequestRecord, status: int, usage: Usage | None, error: ServingError | None
+        self, r: TracedRecord, status: int, usage: Usage | None, error: ServingError | None
     ) -> None:
         """Hand a finished request over: one tuple; its spans are made in the batch."""
         trace = r.trace
