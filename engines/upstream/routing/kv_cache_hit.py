@@ -21,7 +21,7 @@ loaded, least picked worker, so new prefixes spread; every request goes by load 
 worker publishes (a worker that publishes nothing never holds anything). The picked
 worker's blocks count as held at once (`KVIndex.expect`) until its own events confirm
 them, or for 5 s: a burst of one new prefix then finds the worker it was first sent to
-(only for a worker whose events have been heard).
+(only for a worker whose events have been heard; the first 32 new blocks).
 
 Weigh it above the load scorers together, e.g. `{kv_cache_hit: 2, least_outstanding: 1}`:
 it then decides alone (the router's one-hot short cut, `owner`). With a lower weight its
@@ -70,6 +70,11 @@ _FLOOR = 8.0
 # worker's events confirm them (`KVIndex.expect`): the events come at its next scheduler
 # step once the prompt is prefilled, later when it queues.
 _EXPECT_S = 5.0
+# Of a request's blocks beyond what its worker holds, the first this many are expected:
+# enough for the next request with the same new prefix to find that worker, at a bounded
+# cost on the decision path (measured 100 / 176 µs p50 / p99 to expect all 512 blocks of an
+# 8k-token prompt on the 2-core dev box, against a 200 µs budget for the whole decision).
+_EXPECT_BLOCKS = 32
 
 
 class KVCacheHitScorer:
@@ -238,7 +243,9 @@ class KVCacheHitScorer:
             # Only a worker whose events are heard: nothing would confirm or evict the
             # blocks of one that publishes nothing.
             if sub is not None and sub.stats.batches:
-                self.index.expect(self._slots[best], keys[rank[0] :], now, _EXPECT_S)
+                start = rank[0]
+                new = keys[start : start + _EXPECT_BLOCKS]
+                self.index.expect(self._slots[best], new, now, _EXPECT_S)
         return best
 
     def _count(self, e: Endpoint, m: int) -> None:
