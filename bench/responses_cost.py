@@ -14,6 +14,12 @@ run reads the gateway's CPU time from /proc around it. Prints requests/s and gat
 issue's bar: ≤ 50 µs). The engine answers the same words for each: the difference is the
 translation, the Response object and the store. Loopback only; every process it starts is
 stopped before it exits.
+
+`--in-process`: the gateway's own Python alone, in this process (`time.process_time`, no
+sockets, no wake-ups, so a shared machine's load moves it far less): the real app
+(`create_app`, the FrontDoor, the admission pass, the access log on, into a null handler)
+driven by ASGI messages, its model's engine answering a canned chat completion at once; the
+three kinds alternate in chunks, the best chunk of each counted.
 """
 
 from __future__ import annotations
@@ -171,6 +177,82 @@ async def measure(args: argparse.Namespace, sim: str, pid: int, gw: str) -> dict
     return out
 
 
+CANNED = (
+    b'{"id":"chatcmpl-1","object":"chat.completion","created":1,"model":"m","choices":[{"index"'
+    b':0,"message":{"role":"assistant","content":"' + b"word " * 15 + b'word"},"logprobs":null,'
+    b'"finish_reason":"length"}],"usage":{"prompt_tokens":6,"completion_tokens":16,'
+    b'"total_tokens":22}}'
+)
+
+
+async def in_process(chunks: int, per_chunk: int) -> dict[str, float]:
+    """Best-chunk CPU µs per request of each kind, the app driven without sockets."""
+    import logging
+
+    from engines.base import Completed, EngineBase, EngineStatus, GenerateRequest, Usage
+    from gateway.app import create_app
+    from gateway.catalog import parse_catalog
+    from gateway.settings import Settings
+
+    class Canned(EngineBase):
+        """Answers every chat request with the same completion, at once."""
+
+        async def complete(self, req: GenerateRequest) -> Completed:
+            return Completed(CANNED, Usage(6, 16))
+
+        def status(self) -> EngineStatus:
+            return EngineStatus(ready=True)
+
+    logging.getLogger("gateway.access").addHandler(logging.NullHandler())
+    logging.getLogger("gateway.access").propagate = False
+    catalog = parse_catalog(
+        {"models": [{"name": "m", "engine": "sim", "options": {"ttft_ms": 0, "itl_ms": 0}}]},
+        base_dir=REPO,
+    )
+    front = create_app(Settings(log_level="warning"), catalog)
+    gw = front.gateway
+    await gw.served.start()
+    target = gw.served.resolve("m")
+    target.engine = Canned(target.spec)  # the model's requests now reach the canned engine
+    sent: list[int] = []
+
+    async def send(message: Any) -> None:
+        if message["type"] == "http.response.start":
+            sent.append(message["status"])
+
+    best = {k: float("inf") for k in KINDS}
+    try:
+        for _ in range(chunks):
+            for kind in KINDS:
+                path, body = KINDS[kind]
+                data = json.dumps(body).encode()
+                scope = {
+                    "type": "http",
+                    "method": "POST",
+                    "path": path,
+                    "headers": [
+                        (b"content-type", b"application/json"),
+                        (b"content-length", str(len(data)).encode()),
+                    ],
+                }
+
+                async def receive(data: bytes = data) -> dict[str, Any]:
+                    return {"type": "http.request", "body": data, "more_body": False}
+
+                t0 = time.process_time()
+                for _ in range(per_chunk):
+                    await front(scope, receive, send)
+                best[kind] = min(best[kind], (time.process_time() - t0) / per_chunk * 1e6)
+        assert set(sent) == {200}, set(sent)
+    finally:
+        await gw.served.stop()
+    for k in KINDS:
+        print(f"in-process {k:18s} {best[k]:7.1f} µs CPU/req (best of {chunks} chunks)")
+    for k in ("responses", "responses-nostore"):
+        print(f"in-process {k} over chat: {best[k] - best['chat']:+.1f} µs CPU/req")
+    return best
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=4)
@@ -184,7 +266,11 @@ def main(argv: list[str] | None = None) -> int:
         help="pin the simulator and this client to CPU A, the gateway to CPU B",
     )
     p.add_argument("--dry-run", action="store_true", help="one short round, to check it runs")
+    p.add_argument("--in-process", action="store_true", help="the gateway's Python alone")
     args = p.parse_args(argv)
+    if args.in_process:
+        asyncio.run(in_process(2 if args.dry_run else 15, 50 if args.dry_run else 1000))
+        return 0
     if args.dry_run:
         args.rounds, args.seconds = 1, 0.3
     procs: list[subprocess.Popen[bytes]] = []
