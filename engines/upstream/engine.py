@@ -118,7 +118,8 @@ def _direct_sink(req: GenerateRequest, buf: SSEBuffer) -> Callable[[bytes], bool
     callback when they are all plain chunks (`sse.direct_run`: `"usage":null` included);
     a piece that completes no event is kept in the buffer (the consumer sleeps on). All
     else — `[DONE]`, a non-null usage, an error, a comment — and everything while the
-    gateway has no direct path, takes the loop below, the buffer untouched.
+    gateway has no direct path, takes the attempt's read loop (`engines.upstream.attempt`),
+    the buffer untouched.
 
     Why: a plain chunk then costs no future, task wake-up or generator resumption
     (docs/benchmarks.md, "Stream relay: the direct path", for what that did to the
