@@ -203,8 +203,10 @@ async def in_process(chunks: int, per_chunk: int) -> dict[str, float]:
         def status(self) -> EngineStatus:
             return EngineStatus(ready=True)
 
-    logging.getLogger("gateway.access").addHandler(logging.NullHandler())
-    logging.getLogger("gateway.access").propagate = False
+    access = logging.getLogger("gateway.access")  # its lines go nowhere while this runs
+    null, propagate = logging.NullHandler(), access.propagate
+    access.addHandler(null)
+    access.propagate = False
     catalog = parse_catalog(
         {"models": [{"name": "m", "engine": "sim", "options": {"ttft_ms": 0, "itl_ms": 0}}]},
         base_dir=REPO,
@@ -246,6 +248,8 @@ async def in_process(chunks: int, per_chunk: int) -> dict[str, float]:
         assert set(sent) == {200}, set(sent)
     finally:
         await gw.served.stop()
+        access.removeHandler(null)
+        access.propagate = propagate
     for k in KINDS:
         print(f"in-process {k:18s} {best[k]:7.1f} µs CPU/req (best of {chunks} chunks)")
     for k in ("responses", "responses-nostore"):

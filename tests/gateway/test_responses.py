@@ -379,3 +379,16 @@ def test_field_list_covers_the_sdk() -> None:
     from gateway.allowlist import RESPONSES_FIELDS
 
     assert set(rc.ResponseCreateParamsBase.__annotations__) | {"stream"} <= RESPONSES_FIELDS
+
+
+def test_cost_benchmark_dry_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    """bench/responses_cost.py, tiny, both ways (the benchmark is code too)."""
+    import asyncio
+
+    from bench import responses_cost
+
+    best = asyncio.run(responses_cost.in_process(1, 20))
+    assert set(best) == {"chat", "responses", "responses-nostore"}
+    assert all(0 < v < 1e6 for v in best.values())
+    assert responses_cost.main(["--dry-run"]) == 0
+    assert "responses over chat:" in capsys.readouterr().out
