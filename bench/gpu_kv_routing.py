@@ -118,15 +118,17 @@ def kv_yaml(dry_run: bool) -> dict[str, Any]:
         ("pa", {"prefix_affinity": 2, "least_outstanding": 1}),
         ("lo", {"least_outstanding": 1}),
     ):
-        models.append(
-            {
-                "name": name,
-                **attach,
-                "served_model_name": "kv",
-                **common,
-                "routing": {"scorers": scorers},
-            }
-        )
+        entry = {
+            "name": name,
+            **attach,
+            "served_model_name": "kv",
+            **common,
+            "routing": {"scorers": scorers},
+        }
+        if not dry_run:
+            # The replicas come up with "kv" (minutes): wait for them, do not fail.
+            entry["options"] = {**common["options"], "start_timeout_s": 600}
+        models.append(entry)
     return {"models": models}
 
 
