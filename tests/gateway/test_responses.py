@@ -392,3 +392,25 @@ def test_cost_benchmark_dry_runs(capsys: pytest.CaptureFixture[str]) -> None:
     assert all(0 < v < 1e6 for v in best.values())
     assert responses_cost.main(["--dry-run"]) == 0
     assert "responses over chat:" in capsys.readouterr().out
+
+
+def test_gpu_step_dry_runs(tmp_path: Path) -> None:
+    """bench/gpu_responses.py --dry-run: the GPU bar's cases on two simulator replicas
+    (the function call is the one case a simulator cannot answer)."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO, free_port
+
+    out = tmp_path / "out"
+    run = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "gpu_responses.py"), "--dry-run",
+         "--out", str(out), "--work", str(tmp_path / "work"), "--port", str(free_port())],
+        cwd=REPO, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    results = json.loads((out / "results.json").read_text())
+    cases = results["responses"]
+    assert {k for k, v in cases.items() if not v["ok"]} == {"function_call"}, cases
+    assert cases["tokenize"]["count"] == cases["tokenize"]["chat_prompt_tokens"]
+    assert len(set(results["workers_per_request"])) == 2  # both replicas served
