@@ -227,20 +227,25 @@ class RelayResponse:
         self._kept = len(first)
         self._prev: bytes | None = None
 
+    def _note(self, block: bytes) -> None:
+        """What the relay keeps of every block it relays, by either path: the gap since
+        the last one, the last two blocks, and the blocks themselves (up to KEEP_BYTES)."""
+        now = time.perf_counter()
+        self._gaps.append(now - self._last)
+        self._last = now
+        self._prev, self._tail = self._tail, block
+        sent = self._sent
+        if sent is not None:
+            sent.append(block)
+            self._kept += len(block)
+            if self._kept > KEEP_BYTES:
+                self._sent = None
+
     def direct(self, event: bytes) -> bool:
         write = self._write
         if write is None or not write(event):
             return False
-        now = time.perf_counter()
-        self._gaps.append(now - self._last)
-        self._last = now
-        self._prev, self._tail = self._tail, event
-        sent = self._sent
-        if sent is not None:
-            sent.append(event)
-            self._kept += len(event)
-            if self._kept > KEEP_BYTES:
-                self._sent = None
+        self._note(event)
         self._direct += 1
         # A block may hold several events (one upstream read); the common one holds one.
         self._direct_events += event.count(b"\n\n")
@@ -274,16 +279,7 @@ class RelayResponse:
                 req.direct = self.direct
             async for raw in self._stream:
                 loop += 1
-                self._prev, self._tail = self._tail, raw
-                sent = self._sent
-                if sent is not None:
-                    sent.append(raw)
-                    self._kept += len(raw)
-                    if self._kept > KEEP_BYTES:
-                        self._sent = None
-                now = time.perf_counter()
-                self._gaps.append(now - self._last)
-                self._last = now
+                self._note(raw)
                 self._events += raw.count(b"\n\n")
                 block, found = take_usage(raw, want_usage)
                 if held:  # something after the usage chunk: keep the order

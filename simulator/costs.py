@@ -3,7 +3,8 @@
 Owns `PrefixCache` (a per-worker cache of prompt blocks, like vLLM's automatic prefix
 caching: a prompt's leading blocks of `BLOCK` tokens that an earlier prompt already had are
 "cached" and cost no prefill; keyed and reported as vLLM keys and reports them),
-`prompt_words` (the prompt's words, the simulator's tokens) and `token_ids` (their ids).
+`prompt_words` (the prompt's words, the simulator's tokens) and `token_ids` (their ids),
+both `simulator.tokens`' (one rule for /tokenize, the usage and the prefix cache).
 With `prefill_ms_per_token` set, TTFT = ttft_ms + prefill_ms_per_token × the uncached
 prompt tokens. Adapter costs (a load delay, a per-worker limit) are config knobs
 applied by the LoRA API (`simulator.behaviour`, `simulator.connection`). Does not own the
@@ -15,47 +16,16 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
-import zlib
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
+from simulator.tokens import counted_words as prompt_words
+from simulator.tokens import token_ids
+
 __all__ = ["BLOCK", "PrefixCache", "prompt_words", "token_ids"]
 
 BLOCK = 16
-
-
-def prompt_words(value: Any) -> list[str]:
-    """The words of every string in a prompt or a messages list, in order (token-id lists
-    count as their ids; of a message, its content and text parts, not its role): the
-    tokens `POST /tokenize` answers (`simulator.tokens.counted_words`) and the usage
-    bills."""
-    out: list[str] = []
-    _collect(value, out)
-    return out
-
-
-def token_ids(words: list[str]) -> list[int]:
-    """The simulator's token ids: each word's CRC-32 (the gateway's `words` tokenizer,
-    `engines.upstream.routing.kv_tokens`, computes the same from a request body)."""
-    crc = zlib.crc32
-    return [crc(w.encode()) for w in words]
-
-
-def _collect(value: Any, out: list[str]) -> None:
-    if isinstance(value, str):
-        out.extend(value.split())
-    elif isinstance(value, list):
-        if value and all(isinstance(v, int) for v in value):
-            out.extend(map(str, value))
-        else:
-            for v in value:
-                _collect(v, out)
-    elif isinstance(value, dict):
-        for k in ("content", "text"):
-            v = value.get(k)
-            if v is not None:
-                _collect(v, out)
 
 
 class PrefixCache:

@@ -29,7 +29,7 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["EMPTY_ID", "MAX_ID", "Vocab", "counted_words", "word_id"]
+__all__ = ["EMPTY_ID", "MAX_ID", "Vocab", "counted_words", "token_ids", "word_id"]
 
 # The one token of a prompt without a word (the usage counts such a prompt as one token).
 EMPTY_ID = 0
@@ -40,6 +40,13 @@ MAX_ID = 2**63 - 1  # vLLM's bound on a token id
 
 def word_id(word: str) -> int:
     return zlib.crc32(word.encode())
+
+
+def token_ids(words: list[str]) -> list[int]:
+    """The simulator's token ids: each word's CRC-32 (the gateway's `words` tokenizer,
+    `engines.upstream.routing.kv_tokens`, computes the same from a request body)."""
+    crc = zlib.crc32
+    return [crc(w.encode()) for w in words]
 
 
 def counted_words(value: Any) -> list[str]:
