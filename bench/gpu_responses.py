@@ -63,6 +63,8 @@ def models_yaml(dry_run: bool) -> dict[str, Any]:
             {
                 "engine": "vllm",
                 "model": "/root/smol",
+                # vLLM answers tool_choice "required" only with a tool-call parser set.
+                "engine_args": {"enable-auto-tool-choice": True, "tool-call-parser": "hermes"},
                 "options": {
                     "gpu_ids": [0, 0],
                     "gpu_memory_share": 0.4,
