@@ -391,6 +391,10 @@ class _FrontDoors(Multiprocess):
         for idx, process in enumerate(self.processes):
             if process.is_alive(timeout=self.config.timeout_worker_healthcheck):
                 continue
+            if self.should_exit.is_set() or self.halted:
+                # A stop began while it was being asked (a look takes up to the health
+                # check's timeout): `join_all` waits for it and kills it if it must, saying so.
+                return
             process.kill()
             process.join()
             if process.exitcode == STARTUP_FAILURE:  # it would fail the same way again
