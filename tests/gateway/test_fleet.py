@@ -413,3 +413,4 @@ def test_embeddings_take_the_same_admission_queue(tmp_path: Path) -> None:
         asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(30)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
+        loop.close()
