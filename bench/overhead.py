@@ -394,11 +394,16 @@ def markdown(doc: dict[str, Any], plots: list[str]) -> str:
         f"Run: {doc['created']} · {doc['host']} · git `{doc['git']}`"
         + (" · **quick smoke run, not the final numbers**" if doc["quick"] else ""),
         "",
-        f"Setup: load generator (`loadgen`, this process) and simulator (`gateway sim`) "
-        f"on CPU {doc['cpus'][0] if doc['cpus'] else '(unpinned)'}, the proxy under test alone "
+        "Setup: load generator (`loadgen`, this process) and "
+        + (
+            "simulator (`gateway sim`) "
+            if doc["upstream"] == "sim"
+            else "the upstream (`bench/upstreams.py`) "
+        )
+        + f"on CPU {doc['cpus'][0] if doc['cpus'] else '(unpinned)'}, the proxy under test alone "
         f"on CPU {doc['cpus'][1] if doc['cpus'] else '(unpinned)'}. At each concurrency: "
         f"warm-up, then {plan['rounds']} pairs of {plan['run_s']} s runs alternating direct and "
-        f"proxy (ABBA) on one pooled client. Non-streamed: simulator latency 0. Streamed: "
+        f"proxy (ABBA) on one pooled client. Non-streamed: upstream latency 0. Streamed: "
         f"TTFT {plan['stream_ttft_ms']} ms, {plan['stream_itl_ms']} ms between chunks, no "
         f"jitter. max_tokens {plan['max_tokens']}. Added latency = proxy percentile − direct "
         f"percentile; ratio = proxy / direct throughput (requests/s non-streamed, output "
@@ -542,7 +547,8 @@ def draw(doc: dict[str, Any], out_dir: Path) -> list[Path]:
                 r["proxy"] | {"concurrency": r["concurrency"], "stream": mode == "stream"}
                 for r in data["levels"]
             ]
-        paths += plot_sweep(series, out_dir, prefix=f"overhead-{mode}-", title=mode)
+        suffix = "" if doc.get("upstream", "sim") == "sim" else f"@{doc['upstream']}"
+        paths += plot_sweep(series, out_dir, prefix=f"overhead-{mode}{suffix}-", title=mode)
     return paths
 
 
