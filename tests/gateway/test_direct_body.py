@@ -232,7 +232,9 @@ def test_direct_relay_keeps_order_when_the_client_lags(gateway: str) -> None:
         assert index[b] == (index[a] + 1) % len(words)
     after = _blocks(gateway, "bulk")
     assert after["direct"] - before["direct"] > 0, "the direct path was never taken"
-    assert after["loop"] - before["loop"] > 2, "the client's lag never declined a direct write"
+    # The first block always goes by the loop; any more mean the direct writer declined (a
+    # declined read may hold thousands of events now that reads of several go direct too).
+    assert after["loop"] - before["loop"] >= 2, "the client's lag never declined a direct write"
 
 
 class NoticeApp:
