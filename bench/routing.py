@@ -32,6 +32,9 @@ loopback, each with its own prefix cache and adapter slots (`simulator.costs`):
     .venv/bin/python bench/routing.py --layouts 20     # section 3 alone
 
 A benchmark, not a test: read the ratios between policies measured in the same run.
+
+Why one file of this size: one benchmark run as a script; its three sections share the
+workload generator and the fleet of simulator workers.
 """
 
 from __future__ import annotations

@@ -5,6 +5,10 @@ Owns the document only: dispatch stays raw (the hot routes never pass FastAPI's 
 `gateway.app.FrontDoor`), so the routes are described here rather than discovered, and
 `tests/test_openapi_cors.py` checks the two lists agree. Built once per app, on the
 first request for `/openapi.json`; nothing here runs per request.
+
+Why one module of this size: the route list and each route's request and response schemas
+are one table that the agreement test reads whole; split by route family, the table would
+be assembled again somewhere else.
 """
 
 from __future__ import annotations

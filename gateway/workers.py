@@ -65,6 +65,11 @@ sent to every process at once, as systemd's stop does).
 
 Not here: what a front door does with a request (`gateway.app`), engines' supervision of
 their own workers (`engines.launch`).
+
+Why one module of this size: the parent's start, supervision and stop of the control
+process and the front doors share one stop state (no restart once a stop began, the drain
+budget); the control process's own entry and the catalog split already live apart
+(`gateway.control_process`, `gateway.front_catalog`).
 """
 
 from __future__ import annotations

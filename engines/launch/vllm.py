@@ -13,6 +13,9 @@ imported: the gateway runs its CLI, so the gateway starts without torch or CUDA.
 
 Every fact about vLLM below was read in vLLM 0.26.0's own source (the wheel
 vllm-0.26.0-cp38-abi3-manylinux_2_28_x86_64.whl from PyPI); the file is named where used.
+
+Why one module of this size: it is vLLM's flag mapping and refusals, one table of facts
+about one program; the launch machinery shared with LMDeploy is `engines.launch.engine`.
 """
 
 from __future__ import annotations

@@ -14,6 +14,10 @@ Owns, in OpenAI's shapes (openai SDK 3.63, `openai/types/responses/`):
 
 Does not own storage (`gateway.responses.store`), the stream's events
 (`gateway.responses.events`), or the route (`gateway.api.responses`).
+
+Why one module of this size: the request → chat and chat → Response directions share the
+item shapes and the parameter names in both directions (`rename_param` maps back what the
+forward direction wrote); apart, each would carry a copy of that table.
 """
 
 from __future__ import annotations
