@@ -80,6 +80,9 @@ class WordTokens:
 
 
 def _words(value: Any, out: list[str]) -> None:
+    # The simulator's word rule (`simulator.tokens.counted_words`), written again on
+    # purpose: engines may not import the simulator, and the two meet only over the wire
+    # (a test holds this rule equal to the simulator's /tokenize).
     if isinstance(value, str):
         out.extend(value.split())
     elif isinstance(value, list):
