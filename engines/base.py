@@ -147,6 +147,11 @@ class GenerateRequest:
     # Set only when the gateway traces (`gateway.tracing`): engines that send to workers
     # note their attempts in it and send each one's `traceparent`.
     trace: TraceContext | None = None
+    # Set (empty) by the gateway when a ledger bills the stream: an engine that relays a
+    # worker appends the whole events the worker sent after the client left (it reads
+    # them off the half-closed connection), so a cut stream is counted as the worker
+    # counted it.
+    tail: list[bytes] | None = None
 
 
 @dataclass(slots=True)

@@ -273,6 +273,7 @@ class Connection(asyncio.Protocol):
         held = g.prompt_tokens
         s._kv_tokens += held
         s.prompt_tokens_total += g.prompt_tokens
+        unsent = 0  # tokens generated since the last delta written
         try:
             if (stall and c.stall_after == 0) or drop_at == 0:
                 if stall and c.stall_after == 0:
@@ -295,11 +296,13 @@ class Connection(asyncio.Protocol):
                 s.generation_tokens_total += g.n
                 s._kv_tokens += g.n
                 held += g.n
+                unsent += g.n
                 if not g.stream or ((step + 1) % per and step + 1 < g.n_out):
                     continue
                 first = step - (step % per)
                 ev = b.token_events(self.s, g, head, first, first == 0, step + 1 - first)
                 self.write(b"%x\r\n" % len(ev) + ev + b"\r\n")
+                unsent = 0
                 await self.drain()
                 sent += 1
                 if stall and sent == c.stall_after:
@@ -320,6 +323,10 @@ class Connection(asyncio.Protocol):
                 self.write(b"%x\r\n" % len(tail) + tail + b"\r\n")
             self.write(DONE_CHUNK)
             self.finish(keep_alive)
+        except asyncio.CancelledError:
+            if g.stream:
+                s.unsent_tokens_total += unsent
+            raise
         finally:
             s._kv_tokens -= held
             s._slots.release()

@@ -125,6 +125,10 @@ class SimState:
         self.spec_draft_tokens_total = 0
         self.spec_accepted_total = 0
         self.requests_total = 0
+        # Tokens generated for a streamed request whose client left before they were sent
+        # (held for the next multi-token delta): in the generation counter, never on the
+        # wire. A simulator figure, not vLLM's: it tells a relay's own loss from this one.
+        self.unsent_tokens_total = 0
         # Generation requests received (answered, failed by a fault, or cut): attempts.
         self.received_total = 0
         # GET /health and GET /metrics received (how often the gateway probes and scrapes).
@@ -255,6 +259,7 @@ class SimState:
                 ),
                 ("vllm:spec_decode_num_accepted_tokens_total", "counter", self.spec_accepted_total),
             ]
+        rows.append(("gateway_sim:unsent_tokens_total", "counter", self.unsent_tokens_total))
         lines = ["# simulator: gateway-sim (not a real vLLM)"]
         for name, kind, value in rows:
             lines.append(f"# TYPE {name} {kind}")

@@ -26,6 +26,7 @@ streaming hot path (docs/benchmarks.md); a run on the fast path costs a `feed`, 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
@@ -46,6 +47,11 @@ Rewrite = Callable[[bytes], tuple[bytes, bool, ServingError | None]]
 # The connection's sink for one stream, made from the attempt's buffer (the engine's).
 Sink = Callable[[SSEBuffer], Callable[[bytes], bool]]
 Opened = tuple[Endpoint, Any, bytes]
+
+# How long a stream its consumer left is still read, write side shut, for the events the
+# worker sent before it saw the close (a loopback worker closes within a millisecond or
+# two; one that ignores the half-close is cut here).
+ABANDON_DRAIN_S = 1.0
 
 
 class Attempt:
@@ -90,18 +96,22 @@ class Attempt:
         slow: bool,
         sink: Sink | None = None,
         keep: list[bytes] | None = None,
+        tail: list[bytes] | None = None,
     ) -> AsyncGenerator[bytes, None]:
         """The attempt's runs as the client gets them: plain runs as received, the others
         (every run when `slow`) through `rewrite`. `sink`: the gateway's direct path, for
         a stream that is not `slow`. `keep`: every run yielded is also appended there
-        (continuation parses them after a failure)."""
+        (continuation parses them after a failure). `tail`: should the consumer give up
+        mid-stream, the whole events the worker had sent that it never took are appended
+        there (`http1.Stream.drain_abandoned`), for the ledger's count."""
         if self.ep is None:
             await self.open()
         ep, resp, data = self.ep, self._resp, self._data
         assert ep is not None
         self._data = b""
+        buf = SSEBuffer()
+        abandoned = False
         try:
-            buf = SSEBuffer()
             read = resp.read_chunk
             if sink is not None and not slow:
                 resp.set_sink(sink(buf))
@@ -141,8 +151,15 @@ class Attempt:
             if not done:
                 why = "ended the stream before [DONE]"
                 raise self._broke(ep, why, UpstreamError(f"model {self.model!r}: a worker {why}"))
+        except (GeneratorExit, asyncio.CancelledError):
+            abandoned = True  # the consumer left (closed us, or its task was cancelled)
+            raise
         finally:
             ep.outstanding -= 1
+            if abandoned and tail is not None:
+                rest = buf.feed(await resp.drain_abandoned(ABANDON_DRAIN_S))
+                if rest:
+                    tail.append(rest)
             # A body read to its end returns the connection to the pool; anything else
             # closes it, so the upstream sees the disconnect and stops generating.
             resp.release()

@@ -338,7 +338,7 @@ async def continued_stream(
     tried: list[Endpoint] = []
     broke: ServingError | None = None
     while True:
-        runs = attempt.relay(rewrite, slow, keep=cont.runs)
+        runs = attempt.relay(rewrite, slow, keep=cont.runs, tail=req.tail)
         try:
             async for run in runs:
                 yield run

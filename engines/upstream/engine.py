@@ -467,7 +467,9 @@ class OpenAIEngine(Sender, EngineBase):
         if self._continue_streams and continuable(chat, req.body):
             return continued_stream(self, req, chat)
         rewrite, slow = self.chunk_rewrite(req)
-        return self.attempt(req).relay(rewrite, slow, lambda buf: _direct_sink(req, buf))
+        return self.attempt(req).relay(
+            rewrite, slow, lambda buf: _direct_sink(req, buf), tail=req.tail
+        )
 
     def attempt(
         self,

@@ -402,6 +402,11 @@ class _Conn(asyncio.Protocol):
             await fut
 
 
+def _wake(fut: asyncio.Future[Any]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
 class Stream:
     """A streamed answer (`Pool.stream`): status and headers now, the body through
     `read_chunk()`. Call `release()` when done with it, whatever happened: a body read to
@@ -438,6 +443,55 @@ class Stream:
         `data_received`: it must not block, and what it raises breaks the connection."""
         if self._conn.seq == self._seq:
             self._conn.sink = sink
+
+    async def drain_abandoned(self, within_s: float) -> bytes:
+        """The body bytes the worker sent after the consumer gave up, for counting only:
+        those already received, then whatever arrives once the write side is shut
+        (a half-close the worker's server reads as the client's close: uvicorn, Node's and
+        Go's servers stop the request, vLLM aborts it) until the worker closes, the body
+        ends or `within_s` passes. The connection is closed after, never pooled.
+
+        Why: a stream cut by its client is billed by what the worker sent for it; with a
+        plain close the events in flight (on the wire, in the kernel's buffers) were lost
+        to the count while the worker's counters had them (issue 25)."""
+        c = self._conn
+        if c.seq != self._seq or not c.busy:
+            return b""
+        c.sink = None
+        parts = c._chunks
+        c._chunks = []
+        c._buffered = 0
+        t = c.transport
+        if not (c.closed or c.complete or c._error is not None) and t is not None:
+            loop = c._pool._loop
+            try:
+                t.write_eof()
+            except (OSError, RuntimeError, NotImplementedError):
+                c.close()
+            if c._paused:
+                c._paused = False
+                t.resume_reading()
+            end = loop.time() + within_s
+            while not (c.closed or c.complete or c._error is not None):
+                left = end - loop.time()
+                if left <= 0:
+                    break
+                c._waiter = fut = loop.create_future()
+                timer = loop.call_later(left, _wake, fut)
+                try:
+                    await fut
+                except (ProtocolError, TimeoutError, OSError):
+                    break  # the worker's close ends a chunked body "mid-response"
+                finally:
+                    timer.cancel()
+                    parts += c._chunks
+                    c._chunks = []
+                    c._buffered = 0
+                    if c._paused and not c.closed:
+                        c._paused = False
+                        t.resume_reading()
+        c.close()
+        return b"".join(parts)
 
     def release(self) -> None:
         c = self._conn

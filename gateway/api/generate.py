@@ -95,6 +95,8 @@ def engine_request(call: Call, route: Literal["chat", "completions"]) -> Generat
         created=int(time.time()),
         trace=call.record.trace,
     )
+    if call.parsed.stream and call.record.ticket is not None:
+        req.tail = []  # a key's ledger counts a cut stream, what the worker sent after too
     routing = target.spec.routing
     if "session_affinity" in routing.scorers:
         req.session = call.inc.header(routing.session_header.lower().encode())

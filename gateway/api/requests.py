@@ -189,13 +189,17 @@ class RequestRecord(StreamObserver):
             self.release = None
         if self.ticket is not None:
             count = None
-            if usage is None and self.sent and self.engine is not None and self.req is not None:
+            sent = self.sent
+            req = self.req
+            if usage is None and req is not None and req.tail and (sent or self.ttft is None):
+                # The events the worker sent after the client left (`GenerateRequest.tail`):
+                # the worker generated them for this request, and its counters have them.
+                sent = [*(sent or ()), *req.tail]
+            if usage is None and sent and self.engine is not None and req is not None:
                 # A cut stream: counted by the model's tokenizer in the settlement's task.
-                count = partial(
-                    exact_usage, self.engine, self.req.body, self.route == "chat", self.sent
-                )
+                count = partial(exact_usage, self.engine, req.body, self.route == "chat", sent)
             self.gw.tenancy.settle_soon(
-                self.ticket, usage, error, disconnected, self.blocks, count, self.sent
+                self.ticket, usage, error, disconnected, self.blocks, count, sent
             )
         rm = self._m or self.gw.metrics.route(self.model, self.route)
         if self._began:

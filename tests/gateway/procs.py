@@ -148,6 +148,56 @@ class GatewayProcess:
         return self.proc.returncode
 
 
+class SimProcess:
+    """`python -m simulator` in a child process, as a worker runs beside the gateway (its own
+    event loop and interpreter, not a thread of the test's). `counter` reads its /metrics."""
+
+    def __init__(self, tmp: Path, *args: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = tmp / f"sim-{self.port}.log"
+        self._log = self.log.open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "simulator", "--port", str(self.port), *args],
+            cwd=REPO,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def wait_ready(self, timeout: float = 60) -> SimProcess:
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"simulator exited: {self.log.read_text()[-2000:]}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(self.log.read_text()[-2000:])
+            time.sleep(0.05)
+
+    def counter(self, name: str) -> float:
+        """A counter from the worker's own /metrics (e.g. `vllm:generation_tokens_total`)."""
+        text = httpx.get(f"{self.url}/metrics", timeout=10).text
+        for line in text.splitlines():
+            if line.startswith(name) and line[len(name) : len(name) + 1] in (" ", "{"):
+                return float(line.rsplit(" ", 1)[1])
+        raise KeyError(name)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
 def fake_adapter(root: Path, name: str = "a1") -> Path:
     """A directory the gateway accepts as a LoRA adapter (config + weights file); the
     simulator workers never read it."""

@@ -167,6 +167,76 @@ async def test_early_release_closes_and_upstream_stops() -> None:
         await sim.stop()
 
 
+async def test_drain_abandoned_reads_what_the_worker_sent_until_it_stops() -> None:
+    """A consumer that gives up mid-stream half-closes: the worker (the simulator, as
+    uvicorn and vLLM do) reads that as the client's close and stops; every event it wrote
+    before that comes back for counting, and nothing is pooled."""
+    sim = SimServer(SimConfig(model=MODEL, itl_ms=5, output_tokens=400))
+    await sim.start()
+    pool = http1.Pool(sim.url)
+    try:
+        s = await pool.stream(chat_request(pool, stream=True, max_tokens=400))
+        got = await s.read_chunk()
+        await asyncio.sleep(0.05)  # the worker goes on writing; nobody reads
+        before = sim.generation_tokens_total
+        rest = await s.drain_abandoned(5.0)
+        await _eventually(lambda: sim.running == 0)
+        events = (got + rest).count(b'"content":" ')  # a token each (not the role event)
+        # Every token the worker generated was sent in an event we now hold (one token
+        # per event), except one it may have made after it wrote the last.
+        assert before <= events <= sim.generation_tokens_total <= events + 1
+        assert sim.generation_tokens_total < 400 and b"[DONE]" not in rest
+        assert (pool.open_count, pool.idle_count) == (0, 0)
+        s.release()
+    finally:
+        pool.close()
+        await sim.stop()
+
+
+async def test_drain_abandoned_cuts_a_worker_that_ignores_the_half_close() -> None:
+    class IgnoresEOF(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.t = transport
+            self.task: asyncio.Task[None] | None = None
+
+        def data_received(self, data: bytes) -> None:
+            if self.task is None:
+                self.task = asyncio.get_running_loop().create_task(self.stream())
+
+        def eof_received(self) -> bool:
+            eofs.append(1)
+            return True  # keep the connection open and go on writing
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            lost.append(1)
+            if self.task is not None:
+                self.task.cancel()
+
+        async def stream(self) -> None:
+            self.t.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")  # type: ignore[attr-defined]
+            while True:
+                ev = b'data: {"choices":[]}\n\n'
+                self.t.write(b"%x\r\n%s\r\n" % (len(ev), ev))  # type: ignore[attr-defined]
+                await asyncio.sleep(0.01)
+
+    eofs: list[int] = []
+    lost: list[int] = []
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(IgnoresEOF, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    pool = http1.Pool(f"http://127.0.0.1:{port}")
+    try:
+        s = await pool.stream(get_request(pool))
+        assert await s.read_chunk()
+        rest = await s.drain_abandoned(0.3)
+        assert rest.count(b"data: ") >= 1 and eofs == [1]
+        await _eventually(lambda: lost == [1])  # cut by us at the bound
+        assert pool.open_count == 0
+    finally:
+        pool.close()
+        server.close()
+
+
 async def _eventually(cond: Callable[[], bool], within: float = 2.0) -> None:
     deadline = time.monotonic() + within
     while not cond():
