@@ -619,9 +619,18 @@ class OpenAIEngine(Sender, EngineBase):
             self.read_worker_metrics(ep.metrics, w)
             workers.append(w)
         serving = sum(w.healthy and not w.ejected for w in workers)
+        detail = f"{serving}/{len(workers)} endpoints serving"
+        # Panic routing (`options.panic_threshold`) still sends to healthy ejected workers:
+        # the model takes requests, so it is ready (a readiness probe that said otherwise
+        # would take the gateway out of its Service while it serves).
+        panic = 0
+        if not serving and self.opts.panic_threshold is not None:
+            panic = sum(w.healthy for w in workers)
+            if panic:
+                detail += f", panic routing over {panic} ejected"
         return EngineStatus(
-            ready=serving > 0,
-            detail=f"{serving}/{len(workers)} endpoints serving",
+            ready=serving > 0 or panic > 0,
+            detail=detail,
             running=sum(w.running or 0 for w in workers),
             waiting=sum(w.waiting or 0 for w in workers),
             workers=workers,

@@ -125,6 +125,8 @@ def test_a_lone_ejected_worker_keeps_serving_in_panic_mode(sims: SimThread, tmp_
         assert 'gateway_engine_events_total{event="panic_routes",model="m"} 5.0' in metrics
         assert 'gateway_routing_decisions_total{model="m",reason="panic"} 5.0' in metrics
         assert f'gateway_worker_ejected{{model="m",worker="{worker.url}"}} 1.0' in metrics
+        # It serves, so it is ready: Kubernetes keeps it in the Service.
+        assert httpx.get(f"{gw.url}/health/ready").status_code == 200
     finally:
         gw.stop()
         _stop(sims, workers)

@@ -104,7 +104,8 @@ class HashRing:
         get = picks.get
         m = len(candidates)
         c = self.load_factor
-        h = 1.0 + (c - 1.0) / 2  # the share's tolerance: half the in-flight one
+        import os
+        h = float(os.environ.get("GW_SHARE_H") or 0) or 1.0 + (c - 1.0) / 2
         # The common case first, exact and without a pass over the candidates: an idle
         # owner below the mean (every endpoint a candidate: the mean is the total's) is
         # under both bounds, the share bound being at least max(mean, h × floor) + 1.

@@ -395,6 +395,8 @@ async def test_one_worker_of_one_ejected_keeps_serving_in_panic_mode() -> None:
         assert server.requests_total == 6
         st = engine.status()
         assert st.workers[0].ejected and st.counters["panic_routes"] == 6
+        # Still taking requests, so ready (a readiness probe must not pull the gateway).
+        assert st.ready and st.detail == "0/1 endpoints serving, panic routing over 1 ejected"
         assert st.counters["fast_fails"] == 0 and engine.router.decisions["panic"] == 6
     finally:
         await _close(engine, [server])
