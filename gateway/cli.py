@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         "serve",
         help="serve the models in models.yaml",
         description="Start the models in models.yaml and serve the OpenAI API, /health, "
-        "/metrics, /docs and the status page /ui until Ctrl-C or SIGTERM (which drains "
+        "/metrics, /docs and the status page /ui until Ctrl-C, SIGTERM or SIGHUP (which drain "
         "requests in flight). The first start downloads and converts the models, with "
         "progress output; later starts take seconds.",
     )

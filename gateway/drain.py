@@ -2,7 +2,7 @@
 
 Owns the shutdown sequence of the process:
 
-1. SIGTERM (or the first Ctrl-C): readiness (`/health/ready`) answers 503 at once
+1. SIGTERM (or the first Ctrl-C, or SIGHUP): readiness (`/health/ready`) answers 503 at once
    (`ServedModels.draining`), while the listener keeps accepting and serving for
    `GATEWAY_DRAIN_ACCEPT_S`, so a load balancer sees the 503 and stops sending before any
    connection is refused;
@@ -18,9 +18,11 @@ cover accept + timeout + the workers' grace. Does not own readiness itself
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import threading
+from collections.abc import Generator
 from types import FrameType
 from typing import Any
 
@@ -41,6 +43,23 @@ class DrainingServer(uvicorn.Server):
         self._served = served
         self.accept_s = accept_s
         self._timer: threading.Timer | None = None
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        """uvicorn's SIGINT/SIGTERM handling, and SIGHUP as SIGTERM: a closed terminal
+        (or a hangup sent to the process group) stops the process with its drain, where
+        Python's default would end it mid-request and uvicorn's supervisor would restart
+        its processes."""
+        if threading.current_thread() is not threading.main_thread():
+            with super().capture_signals():
+                yield
+            return
+        previous = signal.signal(signal.SIGHUP, self.handle_exit)
+        try:
+            with super().capture_signals():
+                yield
+        finally:
+            signal.signal(signal.SIGHUP, previous)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self._timer is not None or self.accept_s <= 0 or self.should_exit:

@@ -45,7 +45,7 @@ and inherited by every front door: an admin request is served by whichever front
 accepts it (keys and adapter state are shared through the store, so any one will do); the
 control process never binds it.
 
-Stopping: Ctrl-C or SIGTERM to the parent makes every front door do what one process does
+Stopping: Ctrl-C, SIGTERM or SIGHUP (a closed terminal) to the parent makes every front door do what one process does
 (`gateway.drain`: readiness 503 at once, `GATEWAY_DRAIN_ACCEPT_S` of accepting, then
 in-flight requests get `GATEWAY_DRAIN_SECONDS`), all at the same time; one still there
 `FRONT_DOOR_MARGIN_S` after that is killed, with a progress line on stderr every
@@ -348,7 +348,7 @@ class _FrontDoors(Multiprocess):
         self.reuse_port = reuse_port
         self.on_stop = on_stop
         self.halted = False
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, self._stop_signal)
 
     def _stop_signal(self, sig: int, frame: Any) -> None:
@@ -356,7 +356,9 @@ class _FrontDoors(Multiprocess):
         # door or the control process that the same signal stopped is not restarted.
         self.halted = True
         self.on_stop()
-        self.signal_queue.append(sig)
+        # SIGHUP stops too (a closed terminal hangs up the whole group; the front doors
+        # drain on it, `gateway.drain`): uvicorn's supervisor would restart every process.
+        self.signal_queue.append(signal.SIGTERM if sig == signal.SIGHUP else sig)
 
     def _new(self) -> Process:
         p = _FrontDoor(self.config, self.sockets)

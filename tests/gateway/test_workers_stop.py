@@ -1,5 +1,6 @@
 """Ctrl-C on `gateway serve --workers 4` as a shell delivers it: SIGINT to the whole process
-group (the parent and the front doors at once); also SIGTERM and SIGKILL to the group. The
+group (the parent and the front doors at once); also SIGTERM, SIGHUP (the terminal closed)
+and SIGKILL to the group. The
 stop must never restart anything, must end within the drain, and must leave no process of
 the gateway behind (found in /proc by the test's own directory in their command line or
 environment, so a process started after the signal and no longer a child is found too)."""
@@ -37,7 +38,7 @@ def _ours(tmp: Path) -> set[int]:
     return {p for p in out if _alive(p)}
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGKILL])
 def test_a_signal_to_the_group_stops_everything_once(tmp_path: Path, sig: int) -> None:
     models = [{"name": "m", "engine": "sim", "options": {"itl_ms": 5}}]
     env = {"GATEWAY_DRAIN_ACCEPT_S": str(ACCEPT_S), "GATEWAY_DRAIN_SECONDS": str(DRAIN_S)}
