@@ -45,8 +45,8 @@ and inherited by every front door: an admin request is served by whichever front
 accepts it (keys and adapter state are shared through the store, so any one will do); the
 control process never binds it.
 
-Stopping: Ctrl-C, SIGTERM or SIGHUP (a closed terminal) to the parent makes every front door do what one process does
-(`gateway.drain`: readiness 503 at once, `GATEWAY_DRAIN_ACCEPT_S` of accepting, then
+Stopping: Ctrl-C, SIGTERM or SIGHUP (a closed terminal) to the parent makes every front
+door do what one process does (`gateway.drain`: readiness 503 at once, `GATEWAY_DRAIN_ACCEPT_S` of accepting, then
 in-flight requests get `GATEWAY_DRAIN_SECONDS`), all at the same time; one still there
 `FRONT_DOOR_MARGIN_S` after that is killed, with a progress line on stderr every
 `PROGRESS_S` while it is waited for. Once all have exited, the control process is stopped
