@@ -46,11 +46,12 @@ accepts it (keys and adapter state are shared through the store, so any one will
 control process never binds it.
 
 Stopping: Ctrl-C, SIGTERM or SIGHUP (a closed terminal) to the parent makes every front
-door do what one process does (`gateway.drain`: readiness 503 at once, `GATEWAY_DRAIN_ACCEPT_S` of accepting, then
-in-flight requests get `GATEWAY_DRAIN_SECONDS`), all at the same time; one still there
-`FRONT_DOOR_MARGIN_S` after that is killed, with a progress line on stderr every
-`PROGRESS_S` while it is waited for. Once all have exited, the control process is stopped
-(SIGTERM, its engines stopped, then SIGKILL after `STOP_TIMEOUT_S`). uvicorn's supervisor
+door do what one process does (`gateway.drain`: readiness 503 at once,
+`GATEWAY_DRAIN_ACCEPT_S` of accepting, then in-flight requests get
+`GATEWAY_DRAIN_SECONDS`), all at the same time; one still there `FRONT_DOOR_MARGIN_S`
+after that is killed, with a progress line on stderr every `PROGRESS_S` while it is
+waited for. Once all have exited, the control process is stopped (SIGTERM, its engines
+stopped, then SIGKILL after `STOP_TIMEOUT_S`). uvicorn's supervisor
 also restarts a front door that dies.
 
 A stop restarts nothing, whoever gets the signal. Ctrl-C signals the whole process group:
