@@ -12,7 +12,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import httpx
 import redis
@@ -73,8 +73,46 @@ class OwnRedis:
             self.proc = None
 
 
-class GatewayProcess:
+class ChildServer:
+    """A server in a child process (`url`, `proc`, its output in `log`): wait for its
+    /health, stop it with a signal."""
+
+    what = "server"
+    url: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+    _log: Any
+
+    def wait_ready(self, timeout: float = 120) -> Self:
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.what} exited: {self.log.read_text()[-2000:]}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(self.log.read_text()[-2000:])
+            time.sleep(0.05)
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+
+class GatewayProcess(ChildServer):
     """`python -m gateway serve` in a child process, on its own port."""
+
+    what = "gateway"
 
     def __init__(
         self,
@@ -122,35 +160,12 @@ class GatewayProcess:
             process_group=0 if own_group else None,
         )
 
-    def wait_ready(self, timeout: float = 120) -> GatewayProcess:
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"gateway exited: {self.log.read_text()[-2000:]}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(self.log.read_text()[-2000:])
-            time.sleep(0.1)
 
-    def stop(self, sig: int = signal.SIGTERM) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-        return self.proc.returncode
-
-
-class SimProcess:
+class SimProcess(ChildServer):
     """`python -m simulator` in a child process, as a worker runs beside the gateway (its own
     event loop and interpreter, not a thread of the test's). `counter` reads its /metrics."""
+
+    what = "simulator"
 
     def __init__(self, tmp: Path, *args: str):
         self.port = free_port()
@@ -165,20 +180,6 @@ class SimProcess:
             stderr=subprocess.STDOUT,
         )
 
-    def wait_ready(self, timeout: float = 60) -> SimProcess:
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"simulator exited: {self.log.read_text()[-2000:]}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(self.log.read_text()[-2000:])
-            time.sleep(0.05)
-
     def counter(self, name: str) -> float:
         """A counter from the worker's own /metrics (e.g. `vllm:generation_tokens_total`)."""
         text = httpx.get(f"{self.url}/metrics", timeout=10).text
@@ -186,16 +187,6 @@ class SimProcess:
             if line.startswith(name) and line[len(name) : len(name) + 1] in (" ", "{"):
                 return float(line.rsplit(" ", 1)[1])
         raise KeyError(name)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
 
 
 def fake_adapter(root: Path, name: str = "a1") -> Path:
