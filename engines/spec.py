@@ -229,7 +229,7 @@ class RoutingSpec(_Strict):
     prefix_chars: int = Field(default=512, ge=16, le=65536)
     # prefix_affinity / session_affinity: consistent hashing with bounded load — a key's
     # worker is skipped while it has more than `load_factor` × the mean outstanding, or
-    # more than (1 + (load_factor − 1) / 2) × the recent requests of the least busy worker
+    # more than `load_factor` × the recent requests of the least busy worker
     # (`engines.upstream.routing.hashring`).
     load_factor: float = Field(default=1.25, ge=1.0, le=10.0)
     # session_affinity: the request header that names the session (the body's `user` field

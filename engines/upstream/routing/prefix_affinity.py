@@ -8,7 +8,7 @@ prefix (KV) cache then already holds their common start.
 
 The bounds keep the ring's uneven ownership of few prefixes from becoming uneven load: a
 key's worker is passed over while it has more than `load_factor` × the mean outstanding,
-or more than (1 + (load_factor − 1) / 2) × the recent requests of the least busy worker;
+or more than `load_factor` × the recent requests of the least busy worker;
 the key then spills to its last spill target or the least busy worker (which warms up
 too). Combine with `least_outstanding` at a lower weight to break the rest.
 """
