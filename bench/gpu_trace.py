@@ -31,14 +31,11 @@ import asyncio
 import json
 import os
 import secrets
-import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 import traceback
-import urllib.request
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -48,65 +45,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from bench.gpu_procs import free_port, log, post, stop, wait_http  # noqa: E402
 from bench.otlp_receiver import OTLPReceiver  # noqa: E402
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def wait_http(url: str, deadline: float, proc: subprocess.Popen[bytes] | None = None) -> float:
-    """Seconds until `url` answers 200 (raises past the deadline or if `proc` exits)."""
-    t0 = time.monotonic()
-    while True:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"{url}: the process exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return time.monotonic() - t0
-        except OSError:
-            pass
-        if time.time() > deadline:
-            raise TimeoutError(f"{url} did not answer before the deadline")
-        time.sleep(0.5)
-
-
-def post(url: str, body: dict[str, Any], headers: dict[str, str]) -> bytes:
-    req = urllib.request.Request(
-        url,
-        data=json.dumps(body).encode(),
-        headers={"content-type": "application/json", **headers},
-    )
-    with urllib.request.urlopen(req, timeout=120) as r:
-        data: bytes = r.read()
-        return data
-
-
-def stop(proc: subprocess.Popen[bytes] | None) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    with_group = True
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-    except OSError:
-        with_group = False
-        proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        if with_group:
-            os.killpg(proc.pid, signal.SIGKILL)
-        else:
-            proc.kill()
-        proc.wait()
 
 
 def check(spans: list[dict[str, Any]], client_span: str) -> dict[str, Any]:
