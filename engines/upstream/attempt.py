@@ -157,6 +157,7 @@ class Attempt:
         finally:
             ep.outstanding -= 1
             if abandoned and tail is not None:
+                # The connection is closed after, whatever happens (a cancel included).
                 rest = buf.feed(await resp.drain_abandoned(ABANDON_DRAIN_S))
                 if rest:
                     tail.append(rest)

@@ -402,6 +402,40 @@ class _Conn(asyncio.Protocol):
             await fut
 
 
+async def _read_until_closed(
+    c: _Conn, t: asyncio.Transport, within_s: float, parts: list[bytes]
+) -> None:
+    """`Stream.drain_abandoned`'s wait: shut the write side, then gather body pieces into
+    `parts` until the worker closes, the body ends or `within_s` passes."""
+    loop = c._pool._loop
+    try:
+        t.write_eof()
+    except (OSError, RuntimeError, NotImplementedError):
+        return
+    if c._paused:
+        c._paused = False
+        t.resume_reading()
+    end = loop.time() + within_s
+    while not (c.closed or c.complete or c._error is not None):
+        left = end - loop.time()
+        if left <= 0:
+            return
+        c._waiter = fut = loop.create_future()
+        timer = loop.call_later(left, _wake, fut)
+        try:
+            await fut
+        except (ProtocolError, TimeoutError, OSError):
+            return  # the worker's close ends a chunked body "mid-response"
+        finally:
+            timer.cancel()
+            parts += c._chunks
+            c._chunks = []
+            c._buffered = 0
+            if c._paused and not c.closed:
+                c._paused = False
+                t.resume_reading()
+
+
 def _wake(fut: asyncio.Future[Any]) -> None:
     if not fut.done():
         fut.set_result(None)
@@ -462,35 +496,11 @@ class Stream:
         c._chunks = []
         c._buffered = 0
         t = c.transport
-        if not (c.closed or c.complete or c._error is not None) and t is not None:
-            loop = c._pool._loop
-            try:
-                t.write_eof()
-            except (OSError, RuntimeError, NotImplementedError):
-                c.close()
-            if c._paused:
-                c._paused = False
-                t.resume_reading()
-            end = loop.time() + within_s
-            while not (c.closed or c.complete or c._error is not None):
-                left = end - loop.time()
-                if left <= 0:
-                    break
-                c._waiter = fut = loop.create_future()
-                timer = loop.call_later(left, _wake, fut)
-                try:
-                    await fut
-                except (ProtocolError, TimeoutError, OSError):
-                    break  # the worker's close ends a chunked body "mid-response"
-                finally:
-                    timer.cancel()
-                    parts += c._chunks
-                    c._chunks = []
-                    c._buffered = 0
-                    if c._paused and not c.closed:
-                        c._paused = False
-                        t.resume_reading()
-        c.close()
+        try:
+            if not (c.closed or c.complete or c._error is not None) and t is not None:
+                await _read_until_closed(c, t, within_s, parts)
+        finally:
+            c.close()  # never pooled: its write side is shut (also when cancelled here)
         return b"".join(parts)
 
     def release(self) -> None:

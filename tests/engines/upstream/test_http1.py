@@ -232,6 +232,16 @@ async def test_drain_abandoned_cuts_a_worker_that_ignores_the_half_close() -> No
         assert rest.count(b"data: ") >= 1 and eofs == [1]
         await _eventually(lambda: lost == [1])  # cut by us at the bound
         assert pool.open_count == 0
+        # Cancelled while it drains (the gateway stopping): closed all the same.
+        s = await pool.stream(get_request(pool))
+        assert await s.read_chunk()
+        task = asyncio.create_task(s.drain_abandoned(30.0))
+        await _eventually(lambda: eofs == [1, 1])
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await _eventually(lambda: lost == [1, 1])
+        assert pool.open_count == 0
     finally:
         pool.close()
         server.close()
