@@ -142,7 +142,12 @@ def settled_usage(gw: str, key_id: str, deadline: float) -> dict[str, Any]:
 
 
 def one_level(
-    a: argparse.Namespace, gw: str, worker_url: str, names: tuple[str, ...], level: int
+    a: argparse.Namespace,
+    gw: str,
+    worker_url: str,
+    names: tuple[str, ...],
+    level: int,
+    name: str,
 ) -> dict[str, Any]:
     """Steps 3-5 at one concurrency, with a key of its own."""
     r = httpx.post(
@@ -189,10 +194,11 @@ def one_level(
         "drift": (counted - billed) / counted if counted else None,
     }
     log(
-        f"c={level}: outcomes {dict(seen)}; worker counted {counted:.0f} "
+        f"{name}: outcomes {dict(seen)}; worker counted {counted:.0f} "
         f"(prompt {delta[names[0]]:.0f}, generated {delta[names[1]]:.0f}); "
         f"ledger {billed} (prompt {ledger['prompt_tokens']}, completion "
         f"{ledger['completion_tokens']}); drift {out['drift']:.4%}"
+        + (f"; unsent {delta[names[2]]:.0f}" if len(names) > 2 else "")
     )
     return out
 
@@ -206,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=1500)
     p.add_argument("--concurrency", default="64,256", help="levels, one after another")
     p.add_argument("--vllm-args", default="", help="more `vllm serve` arguments")
+    p.add_argument("--compare", action="store_true", help="also without the drain (first level)")
     a = p.parse_args(argv)
     a.out.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {"dry_run": a.dry_run, "errors": []}
@@ -220,8 +227,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import subprocess
 
-    wport, gport = free_port(), free_port()
-    worker_url, gw = f"http://127.0.0.1:{wport}", f"http://127.0.0.1:{gport}"
+    wport = free_port()
+    worker_url = f"http://127.0.0.1:{wport}"
     names = ("vllm:prompt_tokens_total", "vllm:generation_tokens_total")
     try:
         # 1. the worker
@@ -250,7 +257,18 @@ def main(argv: list[str] | None = None) -> int:
         engine = "openai" if a.dry_run else "vllm"
         config.write_text(
             yaml.safe_dump(
-                {"models": [{"name": "smol", "engine": engine, "endpoints": [worker_url]}]}
+                {
+                    "models": [
+                        {
+                            "name": "smol",
+                            "engine": engine,
+                            "endpoints": [worker_url],
+                            # vLLM's extension, turned on for this model (streams to cut
+                            # must still be generating)
+                            "request_fields": {"allow_extra": [] if a.dry_run else ["ignore_eos"]},
+                        }
+                    ]
+                }
             )
         )
         genv = {
@@ -259,20 +277,35 @@ def main(argv: list[str] | None = None) -> int:
             "GATEWAY_ADMIN_KEY": ADMIN,
             "GATEWAY_KEYS_FILE": str(a.out / "keys.json"),
         }
-        gateway = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "serve", "--config", str(config),
-             "--port", str(gport)],
-            cwd=REPO,
-            env=genv,
-            stdout=opened(a.out / "gateway.log"),
-            stderr=subprocess.STDOUT,
-            process_group=0,
-        )  # fmt: skip
-        results["gateway_ready_s"] = wait_http(f"{gw}/health", a.deadline, gateway)
-        log(f"gateway ready: {gw}")
         results["levels"] = {}
-        for level in (int(c) for c in a.concurrency.split(",")):
-            results["levels"][level] = one_level(a, gw, worker_url, names, level)
+        # The gateway as shipped, then (`--compare`) one that reads nothing after the
+        # client left (ABANDON_DRAIN_S = 0: what was received is still counted, nothing in
+        # flight), to show what the half-close's read recovers.
+        for drain in (None, 0.0) if a.compare else (None,):
+            gport = free_port()
+            gw = f"http://127.0.0.1:{gport}"
+            patch = "" if drain is None else f"a.ABANDON_DRAIN_S = {drain}; "
+            code = (
+                "import runpy, sys; import engines.upstream.attempt as a; "
+                f"{patch}sys.argv[0] = 'gateway'; runpy.run_module('gateway', run_name='__main__')"
+            )
+            gateway = subprocess.Popen(
+                [sys.executable, "-c", code, "serve", "--config", str(config),
+                 "--port", str(gport)],
+                cwd=REPO,
+                env=genv,
+                stdout=opened(a.out / f"gateway-{'shipped' if drain is None else 'no-drain'}.log"),
+                stderr=subprocess.STDOUT,
+                process_group=0,
+            )  # fmt: skip
+            wait_http(f"{gw}/health", a.deadline, gateway)
+            log(f"gateway ready: {gw} (drain {'as shipped' if drain is None else drain})")
+            levels = a.concurrency.split(",") if drain is None else a.concurrency.split(",")[:1]
+            for level in map(int, levels):
+                name = f"c={level}" + ("" if drain is None else " no drain")
+                results["levels"][name] = one_level(a, gw, worker_url, names, level, name)
+            stop(gateway)
+            gateway = None
     except Exception as e:
         results["errors"].append(f"{type(e).__name__}: {e}")
         traceback.print_exc()

@@ -156,8 +156,10 @@ def test_usage_matches_engine_counters_with_aborts(fleet: dict[str, Any]) -> Non
                 chat = i % 2 == 0
                 abort = rng.random() < 0.2
                 # An aborted stream is still generating when its client leaves (cut after
-                # at most 6 chunks, 10 or 20 ms apart; it runs 30..120 tokens).
-                tokens = rng.randint(30, 120) if abort else rng.randint(4, 24)
+                # at most 6 chunks, 10 or 20 ms apart; it runs 200..400 tokens, 2 s or more,
+                # so that a client the loaded box slows still leaves mid-generation: with
+                # 30..120 a CI run saw 10 % of the streams end early instead of 20 %).
+                tokens = rng.randint(200, 400) if abort else rng.randint(4, 24)
                 body: dict[str, Any] = {"model": ("m", "m1")[i // 2 % 2], "max_tokens": tokens}
                 if chat:
                     body["messages"] = [{"role": "user", "content": text}]

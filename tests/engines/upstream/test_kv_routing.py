@@ -293,9 +293,13 @@ async def test_a_lost_batch_is_replayed() -> None:
         assert set(keys) <= set(worker.pending) and not set(keys) & set(worker.blocks.values())
         for s in servers:
             s.reconfigure(kv_events_drop_rate=0.0)
-        # The worker's next batch shows the gap; the replay socket fills it.
-        for k in range(4):
-            await where(engine, servers, chat(f"later{k} {SYSTEM}", "b"))
+        # The worker's next batch shows the gap; the replay socket fills it. (New prefixes
+        # until one lands on that worker: four could all go to the other one.)
+        landed = [await where(engine, servers, chat(f"later{k} {SYSTEM}", "b")) for k in range(4)]
+        k = 4
+        while placed not in landed and k < 64:
+            landed.append(await where(engine, servers, chat(f"later{k} {SYSTEM}", "b")))
+            k += 1
         await until(lambda: counters(engine)["kv_events_replayed"] >= 1)
         c = counters(engine)
         assert c["kv_events_gaps"] == 1 and c["kv_events_resyncs"] == 0
