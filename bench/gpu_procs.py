@@ -11,9 +11,19 @@ import socket
 import subprocess
 import time
 import urllib.request
-from typing import Any
+from pathlib import Path
+from typing import Any, BinaryIO
 
-__all__ = ["free_port", "log", "post", "stop", "wait_http"]
+__all__ = [
+    "Spawned",
+    "attached_config",
+    "free_port",
+    "log",
+    "post",
+    "stop",
+    "vllm_serve",
+    "wait_http",
+]
 
 
 def log(msg: str) -> None:
@@ -72,3 +82,40 @@ def stop(proc: subprocess.Popen[bytes] | None) -> None:
         else:
             proc.kill()
         proc.wait()
+
+
+class Spawned:
+    """The processes a GPU script starts, each in a process group of its own with its output
+    in a log file; `close()` closes the log files (stop the processes first, `stop`)."""
+
+    def __init__(self) -> None:
+        self._files: list[BinaryIO] = []
+
+    def start(
+        self, cmd: list[str], log_path: Path, env: dict[str, str], cwd: Path | None = None
+    ) -> subprocess.Popen[bytes]:
+        f = log_path.open("wb")
+        self._files.append(f)
+        return subprocess.Popen(
+            cmd, cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT, process_group=0
+        )
+
+    def close(self) -> None:
+        for f in self._files:
+            f.close()
+
+
+def vllm_serve(model: str, port: int, *more: str) -> list[str]:
+    """`vllm serve` of the bundle's model as the GPU scripts run it (served as `smol`)."""
+    return ["vllm", "serve", model, "--served-model-name", "smol", "--port", str(port),
+            "--max-model-len", "2048", "--gpu-memory-utilization", "0.4", *more]  # fmt: skip
+
+
+def attached_config(path: Path, engine: str, url: str, **fields: Any) -> Path:
+    """A models.yaml at `path` with one model `smol` of `engine` attached to `url` (and
+    any more of the model's `fields`)."""
+    import yaml  # the GPU machine has it; imported here so the helpers above need nothing
+
+    model = {"name": "smol", "engine": engine, "endpoints": [url], **fields}
+    path.write_text(yaml.safe_dump({"models": [model]}))
+    return path

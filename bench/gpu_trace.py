@@ -37,15 +37,22 @@ import threading
 import time
 import traceback
 from pathlib import Path
-from typing import Any, BinaryIO
-
-import yaml
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.gpu_procs import free_port, log, post, stop, wait_http  # noqa: E402
+from bench.gpu_procs import (  # noqa: E402
+    Spawned,
+    attached_config,
+    free_port,
+    log,
+    post,
+    stop,
+    vllm_serve,
+    wait_http,
+)
 from bench.otlp_receiver import OTLPReceiver  # noqa: E402
 
 
@@ -84,12 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     sim: Any = None
     sims: asyncio.AbstractEventLoop | None = None
     loop_thread: threading.Thread | None = None
-    files: list[BinaryIO] = []
-
-    def opened(path: Path) -> BinaryIO:
-        f = path.open("wb")
-        files.append(f)
-        return f
+    procs = Spawned()
 
     wport, gport = free_port(), free_port()
     try:
@@ -110,48 +112,24 @@ def main(argv: list[str] | None = None) -> int:
                 "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/protobuf",
                 "OTEL_SERVICE_NAME": "vllm",
             }
-            cmd = [
-                "vllm", "serve", a.model, "--served-model-name", "smol", "--port", str(wport),
-                "--max-model-len", "2048", "--gpu-memory-utilization", "0.4",
-                "--otlp-traces-endpoint", traces,
-            ]  # fmt: skip
+            cmd = vllm_serve(a.model, wport, "--otlp-traces-endpoint", traces)
             results["vllm_command"] = cmd
-            worker = subprocess.Popen(
-                cmd,
-                env=env,
-                stdout=opened(a.out / "vllm.log"),
-                stderr=subprocess.STDOUT,
-                process_group=0,
-            )
+            worker = procs.start(cmd, a.out / "vllm.log", env)
         results["worker_ready_s"] = wait_http(f"{worker_url}/health", a.deadline, worker)
         log(f"worker ready: {worker_url}")
 
         # 3. the gateway, attached
-        config = a.out / "models.yaml"
-        engine = "openai" if a.dry_run else "vllm"
-        config.write_text(
-            yaml.safe_dump(
-                {"models": [{"name": "smol", "engine": engine, "endpoints": [worker_url]}]}
-            )
+        config = attached_config(
+            a.out / "models.yaml", "openai" if a.dry_run else "vllm", worker_url
         )
         genv = {**os.environ, "GATEWAY_OTLP_ENDPOINT": receiver.url, "PYTHONPATH": str(REPO)}
-        gateway = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "gateway",
-                "serve",
-                "--config",
-                str(config),
-                "--port",
-                str(gport),
-            ],
+        gateway = procs.start(
+            [sys.executable, "-m", "gateway", "serve", "--config", str(config),
+             "--port", str(gport)],
+            a.out / "gateway.log",
+            genv,
             cwd=REPO,
-            env=genv,
-            stdout=opened(a.out / "gateway.log"),
-            stderr=subprocess.STDOUT,
-            process_group=0,
-        )
+        )  # fmt: skip
         gw = f"http://127.0.0.1:{gport}"
         results["gateway_ready_s"] = wait_http(f"{gw}/health", a.deadline, gateway)
         log(f"gateway ready: {gw}")
@@ -214,8 +192,7 @@ def main(argv: list[str] | None = None) -> int:
             if loop_thread is not None:
                 loop_thread.join(timeout=10)
             sims.close()
-        for f in files:
-            f.close()
+        procs.close()
         receiver.stop()
         results["services"] = sorted({s["service"] or "" for s in receiver.spans})
         (a.out / "results.json").write_text(json.dumps(results, indent=1, default=str))

@@ -38,16 +38,23 @@ import time
 import traceback
 from collections import Counter
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import httpx
-import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.gpu_procs import free_port, log, stop, wait_http  # noqa: E402
+from bench.gpu_procs import (  # noqa: E402
+    Spawned,
+    attached_config,
+    free_port,
+    log,
+    stop,
+    vllm_serve,
+    wait_http,
+)
 
 ADMIN = "gpu-usage-admin-key"
 WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa"]
@@ -222,14 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {"dry_run": a.dry_run, "errors": []}
     worker: Any = None
     gateway: Any = None
-    files: list[BinaryIO] = []
-
-    def opened(path: Path) -> BinaryIO:
-        f = path.open("wb")
-        files.append(f)
-        return f
-
-    import subprocess
+    procs = Spawned()
 
     wport = free_port()
     worker_url = f"http://127.0.0.1:{wport}"
@@ -241,39 +241,21 @@ def main(argv: list[str] | None = None) -> int:
                    "--itl-ms", "10", "--tokens-per-chunk", "2"]  # fmt: skip
             names += ("gateway_sim:unsent_tokens_total",)
         else:
-            cmd = ["vllm", "serve", a.model, "--served-model-name", "smol", "--port", str(wport),
-                   "--max-model-len", "2048", "--gpu-memory-utilization", "0.4",
-                   *a.vllm_args.split()]  # fmt: skip
+            cmd = vllm_serve(a.model, wport, *a.vllm_args.split())
         results["worker_command"] = cmd
-        worker = subprocess.Popen(
-            cmd,
-            cwd=REPO,
-            env={**os.environ, "PYTHONPATH": str(REPO)},
-            stdout=opened(a.out / "worker.log"),
-            stderr=subprocess.STDOUT,
-            process_group=0,
-        )
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        worker = procs.start(cmd, a.out / "worker.log", env, cwd=REPO)
         results["worker_ready_s"] = wait_http(f"{worker_url}/health", a.deadline, worker)
         log(f"worker ready: {worker_url}")
 
         # 2. the gateway, attached, with a keys file and one key
-        config = a.out / "models.yaml"
-        engine = "openai" if a.dry_run else "vllm"
-        config.write_text(
-            yaml.safe_dump(
-                {
-                    "models": [
-                        {
-                            "name": "smol",
-                            "engine": engine,
-                            "endpoints": [worker_url],
-                            # vLLM's extension, turned on for this model (streams to cut
-                            # must still be generating)
-                            "request_fields": {"allow_extra": [] if a.dry_run else ["ignore_eos"]},
-                        }
-                    ]
-                }
-            )
+        config = attached_config(
+            a.out / "models.yaml",
+            "openai" if a.dry_run else "vllm",
+            worker_url,
+            # vLLM's extension, turned on for this model (streams to cut must still be
+            # generating when their client leaves)
+            request_fields={"allow_extra": [] if a.dry_run else ["ignore_eos"]},
         )
         genv = {
             **os.environ,
@@ -293,14 +275,12 @@ def main(argv: list[str] | None = None) -> int:
                 "import runpy, sys; import engines.upstream.attempt as a; "
                 f"{patch}sys.argv[0] = 'gateway'; runpy.run_module('gateway', run_name='__main__')"
             )
-            gateway = subprocess.Popen(
+            gateway = procs.start(
                 [sys.executable, "-c", code, "serve", "--config", str(config),
                  "--port", str(gport)],
+                a.out / f"gateway-{'shipped' if drain is None else 'no-drain'}.log",
+                genv,
                 cwd=REPO,
-                env=genv,
-                stdout=opened(a.out / f"gateway-{'shipped' if drain is None else 'no-drain'}.log"),
-                stderr=subprocess.STDOUT,
-                process_group=0,
             )  # fmt: skip
             wait_http(f"{gw}/health", a.deadline, gateway)
             log(f"gateway ready: {gw} (drain {'as shipped' if drain is None else drain})")
@@ -316,8 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         stop(gateway)
         stop(worker)
-        for f in files:
-            f.close()
+        procs.close()
         (a.out / "results.json").write_text(json.dumps(results, indent=1, default=str))
         log(f"results: {a.out / 'results.json'}; errors: {results['errors']}")
     return 0 if not results["errors"] else 1
