@@ -481,9 +481,11 @@ class Stream:
     async def drain_abandoned(self, within_s: float) -> bytes:
         """The body bytes the worker sent after the consumer gave up, for counting only:
         those already received, then whatever arrives once the write side is shut
-        (a half-close the worker's server reads as the client's close: uvicorn, Node's and
-        Go's servers stop the request, vLLM aborts it) until the worker closes, the body
-        ends or `within_s` passes. The connection is closed after, never pooled.
+        (a half-close the worker's server reads as the client's close: uvicorn's
+        `eof_received` lets the transport close, so vLLM aborts, as seen on the GPU,
+        docs/gpu.md; the simulator stops; Node's and Go's servers end a request on a read
+        EOF by default, not tried here) until the worker closes, the body ends or
+        `within_s` passes. The connection is closed after, never pooled.
 
         Why: a stream cut by its client is billed by what the worker sent for it; with a
         plain close the events in flight (on the wire, in the kernel's buffers) were lost
