@@ -201,7 +201,6 @@ class RelayResponse:
         observer: StreamObserver,
         req: GenerateRequest | None = None,
         watch: DisconnectWatch | None = None,
-        keep_sent: bool = False,
     ):
         self._first = first
         self._stream = stream
@@ -223,9 +222,11 @@ class RelayResponse:
         # raw: the finish reason is in the last two blocks
         self._tail: bytes | None = first
         # Every block relayed, for an exact count should the stream end without usage
-        # (only when something bills it, `keep_sent`: an API key's ledger); None once past
-        # KEEP_BYTES (the count is then estimated), and None when nothing bills the stream.
-        self._sent: list[bytes] | None = [first] if keep_sent else None
+        # (only when a key's ledger bills it: the request then has a `tail`,
+        # `engines.base.GenerateRequest`); None once past KEEP_BYTES (the count is then
+        # estimated), and None when nothing bills the stream.
+        billed = req is not None and req.tail is not None
+        self._sent: list[bytes] | None = [first] if billed else None
         self._kept = len(first)
         self._prev: bytes | None = None
 

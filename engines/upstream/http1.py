@@ -34,7 +34,7 @@ the gateway the same change took throughput from 0.48 to 0.69 of direct (non-str
 concurrent) and from 0.62 to 0.86 (streamed, 64), with ~32 % less gateway CPU per request.
 What is left of this module in a profile is mostly the `transport.write` system call.
 
-Why one module of ~600 lines: the protocol object, the pool and the stream share private
+Why one module of ~660 lines: the protocol object, the pool and the stream share private
 per-connection state on the hot path (parser callbacks, the read-timeout stamp, pause /
 resume); splitting them would put attribute lookups across modules on every chunk.
 """

@@ -215,6 +215,5 @@ async def generate(
         headers=headers,
         observer=record,
         req=req,
-        keep_sent=record.ticket is not None,  # only a key's ledger counts a cut stream
         watch=answer.watch,
     )(scope, receive, send)
